@@ -1,0 +1,292 @@
+"""Adapter layers and their injection into a transformers model.
+
+``SBLinear`` is the LoRA-SB layer: ``y = base(x) + s · x·Aᵀ·Rᵀ·Bᵀ`` with B (m×r) and A (r×n) frozen and
+only R (r×r) trained. ``LoRALinear`` is the standard LoRA layer the baselines use
+(``y = base(x) + (α/r) · x·Aᵀ·Bᵀ``). Both wrap an ``nn.Linear`` or transformers' ``Conv1D`` (GPT-2),
+own their adapter weights, and can merge into / unmerge from the base weight, as PEFT's LoRA layer does.
+
+Trainable matrices are child ``nn.Linear`` modules (``sb_R``, ``lora_A``, ``lora_B``): Opacus has a
+per-sample gradient rule for ``nn.Linear``, so DP-SGD needs no functorch fallback (NOTES-opacus.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers store the weight transposed (in × out).
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    Conv1D = ()  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+# Default target module names per architecture (PEFT-style suffix match). All projection layers of
+# the transformer blocks: Fed-SB's per-layer cost is r², so adapting every block layer is cheap.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+# Newly initialised task heads: they stay trainable and travel with R (FedAvg of the head).
+HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
+class TargetError(ValueError):
+    """A target module name matched nothing (or something that is not a linear layer)."""
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features m, in_features n) of an nn.Linear or Conv1D."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    n, m = module.weight.shape  # Conv1D weight is (in, out)
+    return m, n
+
+
+def weight_as_mn(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight (or a tensor shaped like it, e.g. its gradient) as an m×n matrix."""
+    w = module.weight if weight is None else weight
+    return w if isinstance(module, nn.Linear) else w.t()
+
+
+class _AdapterBase(nn.Module):
+    """Shared wrapper logic: frozen base layer, merge / unmerge of ``delta_weight``."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not is_linear(base_layer):
+            raise TypeError(f"expected nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.out_features, self.in_features = linear_shape(base_layer)
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:  # m × n
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        return y + self.adapter_forward(x).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add the adapter into the base weight (inference without adapter cost)."""
+        if self.merged:
+            return
+        d = self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight += d if isinstance(self.base_layer, nn.Linear) else d.t()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        d = self.delta_weight().to(self.base_layer.weight.dtype)
+        self.base_layer.weight -= d if isinstance(self.base_layer, nn.Linear) else d.t()
+        self.merged = False
+
+
+class SBLinear(_AdapterBase):
+    """LoRA-SB: ``W = W0 + s·B·R·A``, B and A fixed, R (r×r) trainable.
+
+    ``sb_B`` (m×r) and ``sb_A`` (r×n) are frozen parameters; ``sb_R`` is an ``nn.Linear(r, r)`` whose
+    weight is R, so ``x → sb_R(x·Aᵀ) = x·Aᵀ·Rᵀ`` and the adapter output is ``s·x·Aᵀ·Rᵀ·Bᵀ``.
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, scale: float = 1.0):
+        super().__init__(base_layer)
+        m, n = self.out_features, self.in_features
+        if rank > min(m, n):
+            raise ValueError(f"rank {rank} exceeds min(out, in) = min({m}, {n}) of this layer")
+        w = base_layer.weight
+        self.rank, self.scale = rank, float(scale)
+        self.sb_B = nn.Parameter(torch.zeros(m, rank, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.sb_A = nn.Parameter(torch.zeros(rank, n, dtype=w.dtype, device=w.device), requires_grad=False)
+        self.sb_R = nn.Linear(rank, rank, bias=False, dtype=w.dtype, device=w.device)
+        nn.init.zeros_(self.sb_R.weight)
+
+    @torch.no_grad()
+    def set_basis(self, B: torch.Tensor, A: torch.Tensor, R: torch.Tensor | None = None) -> None:
+        self.sb_B.copy_(B)
+        self.sb_A.copy_(A)
+        if R is not None:
+            self.sb_R.weight.copy_(R)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.sb_B @ self.sb_R.weight @ self.sb_A
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.sb_A.dtype)
+        return self.scale * F.linear(self.sb_R(F.linear(x, self.sb_A)), self.sb_B)
+
+
+class LoRALinear(_AdapterBase):
+    """Standard LoRA (the baselines): ``W = W0 + (α/r)·B·A`` with A (r×n), B (m×r).
+
+    Kaiming-uniform A and zero B, as in the LoRA paper and PEFT. ``train_a=False`` freezes A (FFA-LoRA).
+    """
+
+    def __init__(self, base_layer: nn.Module, rank: int, alpha: float, train_a: bool = True):
+        super().__init__(base_layer)
+        m, n = self.out_features, self.in_features
+        w = base_layer.weight
+        self.rank, self.scale = rank, float(alpha) / rank
+        self.lora_A = nn.Linear(n, rank, bias=False, dtype=w.dtype, device=w.device)
+        self.lora_B = nn.Linear(rank, m, bias=False, dtype=w.dtype, device=w.device)
+        self.reset_lora(train_a=train_a)
+
+    @torch.no_grad()
+    def reset_lora(self, train_a: bool = True) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_A.weight.requires_grad_(train_a)
+        self.lora_B.weight.requires_grad_(True)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.lora_B.weight @ self.lora_A.weight
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        return self.scale * self.lora_B(self.lora_A(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Target discovery and injection
+# ----------------------------------------------------------------------------------------------
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise TargetError(
+        f"no default target modules for model_type={model_type!r}; set run-config 'target-modules' "
+        f"to some of its linear layers: {', '.join(sorted(_linear_suffixes(model)))}"
+    )
+
+
+def _head_prefixes(model: nn.Module) -> list[str]:
+    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+
+
+def _linear_suffixes(model: nn.Module) -> set[str]:
+    """Short names of the model's linear layers (e.g. 'query', 'attention.output.dense')."""
+    out = set()
+    for name, module in model.named_modules():
+        if is_linear(module):
+            parts = name.split(".")
+            out.add(".".join(p for p in parts[-3:] if not p.isdigit()))
+    return out
+
+
+def find_targets(model: nn.Module, targets: Iterable[str] | None = None) -> list[str]:
+    """Full names of the linear layers matched by ``targets`` (suffix match on a dot boundary).
+
+    Heads are never adapted (they train in full). Each target must match at least one layer, and
+    every match must be a linear layer, otherwise a TargetError lists the model's linear layers.
+    """
+    targets = list(targets) if targets is not None else default_targets(model)
+    heads = _head_prefixes(model)
+    names = []
+    for t in targets:
+        hits = [
+            n
+            for n, m in model.named_modules()
+            if (n == t or n.endswith("." + t)) and not any(n == h or n.startswith(h + ".") for h in heads)
+        ]
+        bad = [n for n in hits if not is_linear(model.get_submodule(n))]
+        if not hits or bad:
+            what = "matched no module" if not hits else f"matched non-linear modules {bad[:3]}"
+            raise TargetError(
+                f"run-config 'target-modules': {t!r} {what}. The model's linear layers are: "
+                f"{', '.join(sorted(_linear_suffixes(model)))}"
+            )
+        names.extend(hits)
+    return sorted(set(names), key=names.index)
+
+
+def inject(model: nn.Module, names: Iterable[str], make: Callable[[str, nn.Module], nn.Module]) -> None:
+    """Replace each named submodule ``m`` by ``make(name, m)`` in place."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(name, getattr(parent, child)))
+
+
+def freeze_for_adapters(model: nn.Module) -> list[str]:
+    """Freeze everything but adapter weights and task heads; return the head module names."""
+    heads = _head_prefixes(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(any(name.startswith(h + ".") for h in heads))
+    return heads
+
+
+def inject_sb(model: nn.Module, names: list[str], rank: int, scale: float = 1.0) -> dict[str, SBLinear]:
+    freeze_for_adapters(model)
+    inject(model, names, lambda n, m: SBLinear(m, rank, scale))
+    return adapter_layers(model)
+
+
+def inject_lora(model: nn.Module, names: list[str], rank: int, alpha: float, train_a: bool = True) -> dict[str, LoRALinear]:
+    freeze_for_adapters(model)
+    inject(model, names, lambda n, m: LoRALinear(m, rank, alpha, train_a=train_a))
+    return adapter_layers(model)
+
+
+def adapter_layers(model: nn.Module) -> dict:
+    return {n: m for n, m in model.named_modules() if isinstance(m, _AdapterBase)}
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Name → tensor of every trainable parameter, in the model's deterministic parameter order."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def merge_all(model: nn.Module) -> None:
+    for layer in adapter_layers(model).values():
+        layer.merge()
+
+
+@torch.no_grad()
+def unmerge_all(model: nn.Module) -> None:
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+
+
+@torch.no_grad()
+def unwrap(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base layers back (a model transformers can save)."""
+    for name, layer in list(adapter_layers(model).items()):
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    return model

@@ -1,0 +1,217 @@
+"""One typed, validated configuration object for a fedsb run.
+
+Flower hands every app a flat ``run_config`` mapping with kebab-case keys (``[tool.flwr.app.config]``
+in ``pyproject.toml``, overridden by ``--run-config``). ``FedSBConfig.from_run_config`` turns it into
+this frozen dataclass once, at the edge; nothing deeper in the code reads the raw mapping.
+
+Each field's metadata carries its kebab-case key, a help line (the README's key table is generated
+from it) and, where it applies, the accepted choices or a numeric range. A bad value raises
+``ConfigError`` naming the key, what was given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
+TASKS = ("seq-cls", "causal-lm")
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid. ``key`` names the offending (kebab-case) key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"run-config '{key}': {message}")
+
+
+def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
+    return field(
+        default=default,
+        metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open},
+    )
+
+
+@dataclass(frozen=True)
+class FedSBConfig:
+    # --- task, model, data -------------------------------------------------------------------
+    task: str = _f("seq-cls", "what is trained: sequence classification or a causal LM", choices=TASKS)
+    model: str = _f("default", "a local Hugging Face model folder, or `default` (bundled MiniLM / SmolLM2)")
+    dataset: str = _f(
+        "default",
+        "a CSV/JSONL file, or `default` (bundled tweet sentiment; `gsm`/`chatterbot` for causal-lm)",
+    )
+    text_column: str = _f("text", "column holding the input text")
+    text_pair_column: str = _f("", "optional second text column (sentence pairs, e.g. NLI); empty for none")
+    label_column: str = _f("sentiment", "column holding the class label (any strings or integers)")
+    max_length: int = _f(64, "tokens per example after truncation", lo=1, hi=8192)
+    test_fraction: float = _f(0.1, "fraction of the data held out (seeded) for server-side evaluation", lo=0.0, hi=0.9, lo_open=True)
+    eval_max_samples: int = _f(1000, "cap on held-out examples evaluated by the server (0: all)", lo=0)
+    partitioner: str = _f("iid", "how training data is split over clients", choices=("iid", "dirichlet"))
+    dirichlet_alpha: float = _f(0.5, "Dirichlet concentration over labels (smaller: more skewed)", lo=0.0, lo_open=True)
+    # --- method ------------------------------------------------------------------------------
+    method: str = _f("fed-sb", "federated fine-tuning method", choices=METHODS)
+    rank: int = _f(32, "adapter rank r (Fed-SB trains an r x r matrix per layer)", lo=1)
+    scale: float = _f(1.0, "Fed-SB scale s in W0 + s*B*R*A", lo=0.0, lo_open=True)
+    lora_alpha: float = _f(16.0, "LoRA alpha of the baseline methods (their scale is alpha/r)", lo=0.0, lo_open=True)
+    target_modules: str = _f("auto", "comma-separated module names to adapt, or `auto` for the architecture's default")
+    init_samples: int = _f(64, "examples per client whose gradients build the Fed-SB initialization", lo=1)
+    init_update: str = _f("sign", "update approximation: first Adam step (`sign`) or plain gradient (`grad`)", choices=("sign", "grad"))
+    init_lr: float = _f(1e-3, "step size eta of the approximated full fine-tuning step", lo=0.0, lo_open=True)
+    init_svd: str = _f("auto", "truncated SVD: `exact`, `randomized` or `auto` (randomized for large layers)", choices=("auto", "exact", "randomized"))
+    init_fraction: float = _f(1.0, "fraction of nodes asked for initialization gradients", lo=0.0, hi=1.0, lo_open=True)
+    basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast", choices=("float32", "bfloat16"))
+    # --- rounds ------------------------------------------------------------------------------
+    num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1)
+    fraction_train: float = _f(0.5, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
+    min_train_nodes: int = _f(2, "fewest nodes a round samples, and fewest valid replies it needs to update", lo=1)
+    min_available_nodes: int = _f(2, "nodes the server waits for before starting", lo=1)
+    round_timeout: float = _f(600.0, "seconds the server waits for a round's replies", lo=0.0, lo_open=True)
+    local_steps: int = _f(10, "optimizer steps per client per round", lo=1)
+    batch_size: int = _f(16, "local batch size", lo=1)
+    learning_rate: float = _f(5e-3, "AdamW learning rate of the local steps", lo=0.0, lo_open=True)
+    weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
+    aggregation: str = _f("mean", "how R (and head) updates are combined", choices=("mean", "median", "trimmed-mean"))
+    trim_fraction: float = _f(0.1, "fraction trimmed at each end by `trimmed-mean`", lo=0.0, hi=0.5)
+    max_update_norm: float = _f(0.0, "reject a reply whose update norm exceeds this (0: no bound)", lo=0.0)
+    eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1)
+    federated_evaluate: bool = _f(False, "also ask the sampled clients to evaluate on their local data")
+    seed: int = _f(42, "seed of data split, partition, sampling and initialization", lo=0)
+    output_dir: str = _f("", "the run directory (created if missing); empty: runs/<method>-<time>")
+    resume: bool = _f(False, "continue from the checkpoint in output-dir")
+    # --- privacy -----------------------------------------------------------------------------
+    dp: bool = _f(False, "Opacus DP-SGD on the clients (and a private initialization gradient)")
+    target_epsilon: float = _f(8.0, "privacy budget over the whole run (init + all rounds)", lo=0.0, lo_open=True)
+    target_delta: float = _f(0.0, "delta; 0: 1/(10 n) for the smallest client's n", lo=0.0, hi=1.0)
+    max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm C", lo=0.0, lo_open=True)
+    noise_multiplier: float = _f(0.0, "sigma; 0: calibrated to target-epsilon over the horizon", lo=0.0)
+    accountant: str = _f("prv", "Opacus privacy accountant", choices=("prv", "rdp"))
+    grad_sample_mode: str = _f("hooks", "Opacus per-sample gradient mode", choices=("hooks", "functorch", "ew"))
+    # --- secure aggregation ------------------------------------------------------------------
+    secagg: bool = _f(False, "SecAgg+ secure aggregation of R and head")
+    secagg_shares: int = _f(3, "SecAgg+ shares per client", lo=2)
+    secagg_threshold: int = _f(2, "SecAgg+ reconstruction threshold", lo=1)
+    secagg_clip_range: float = _f(8.0, "SecAgg+ quantization range [-c, c] of the pre-scaled values", lo=0.0, lo_open=True)
+    secagg_quantization_range: int = _f(4194304, "SecAgg+ quantization levels", lo=2)
+    # --- causal LM ---------------------------------------------------------------------------
+    eval_generate_samples: int = _f(32, "held-out problems generated for exact match (causal-lm)", lo=0)
+    max_new_tokens: int = _f(96, "generation length for exact match (causal-lm)", lo=1)
+    num_examples: int = _f(2000, "examples drawn from a generator dataset such as `gsm`", lo=1)
+
+    # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def key_of(name: str) -> str:
+        return name.replace("_", "-")
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [cls.key_of(f.name) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "FedSBConfig":
+        """Build from Flower's flat run config; unknown keys and bad values raise ConfigError."""
+        by_key = {cls.key_of(f.name): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            if key not in by_key:
+                close = [k for k in by_key if k.split("-")[0] == key.split("-")[0]][:5]
+                hint = f" Did you mean one of {close}?" if close else ""
+                raise ConfigError(key, f"unknown key.{hint} Known keys: {', '.join(sorted(by_key))}")
+            f = by_key[key]
+            values[f.name] = _coerce(key, raw, type(f.default))
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {self.key_of(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes) -> "FedSBConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            key, v, m = self.key_of(f.name), getattr(self, f.name), f.metadata
+            if m.get("choices") and v not in m["choices"]:
+                raise ConfigError(key, f"got {v!r}; accepted values: {', '.join(m['choices'])}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(key, f"got {v!r}; must be a finite number")
+            lo, hi = m.get("lo"), m.get("hi")
+            if lo is not None and (v < lo or (m.get("lo_open") and v == lo)):
+                op = ">" if m.get("lo_open") else ">="
+                raise ConfigError(key, f"got {v!r}; must be {op} {lo}")
+            if hi is not None and v > hi:
+                raise ConfigError(key, f"got {v!r}; must be <= {hi}")
+        # Combinations.
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                "min-available-nodes",
+                f"got {self.min_available_nodes}, below min-train-nodes={self.min_train_nodes}; "
+                "raise it or lower min-train-nodes",
+            )
+        if self.secagg and self.secagg_threshold > self.secagg_shares:
+            raise ConfigError(
+                "secagg-threshold",
+                f"got {self.secagg_threshold} > secagg-shares={self.secagg_shares}; it must not exceed the shares",
+            )
+        if self.secagg and self.aggregation != "mean":
+            raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
+        if self.secagg and self.max_update_norm > 0:
+            raise ConfigError("max-update-norm", "cannot be checked with secagg=true (the server sees no single update); set 0")
+        if self.method != "fed-sb" and self.init_fraction != 1.0:
+            raise ConfigError("init-fraction", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 1.0")
+
+    @property
+    def targets(self) -> list[str] | None:
+        """Explicit target module names, or None for the architecture's default."""
+        if self.target_modules.strip() in ("", "auto"):
+            return None
+        return [t.strip() for t in self.target_modules.split(",") if t.strip()]
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.rank
+
+
+def _coerce(key: str, raw: Any, typ: type) -> Any:
+    """Flower gives bool/int/float/str; accept the obvious conversions, refuse the rest."""
+    if typ is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return raw.lower() in ("true", "1", "yes")
+        if isinstance(raw, int) and raw in (0, 1):
+            return bool(raw)
+        raise ConfigError(key, f"got {raw!r}; expected true or false")
+    if typ is int:
+        if isinstance(raw, bool):
+            raise ConfigError(key, f"got {raw!r}; expected an integer")
+        if isinstance(raw, int):
+            return raw
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        if isinstance(raw, str):
+            try:
+                return int(raw)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"got {raw!r}; expected an integer")
+    if typ is float:
+        if isinstance(raw, bool):
+            raise ConfigError(key, f"got {raw!r}; expected a number")
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"got {raw!r}; expected a number")
+    if not isinstance(raw, str):
+        raise ConfigError(key, f"got {raw!r}; expected a string (quote it: {key}='...')")
+    return raw

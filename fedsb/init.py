@@ -1,0 +1,138 @@
+"""LoRA-SB's update-approximation initialization (DESIGN.md §1).
+
+1. ``G = Σ_samples ∂L/∂W0`` per adapted layer (``accumulate_gradients``; the clients do this),
+2. ``ΔW = -η·sign(Ḡ)`` (the first Adam step) or ``-η·Ḡ``,
+3. truncated SVD ``ΔW ≈ U_r S_r V_rᵀ``,
+4. ``B = U_r``, ``A = V_rᵀ``, ``R0 = S_r / s``, so ``s·B·R0·A`` is the best rank-r approximation of ΔW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from fedsb.adapters import SBLinear, weight_as_mn
+
+log = logging.getLogger(__name__)
+
+# Above this smaller dimension the randomized SVD is used by ``svd="auto"``: exact SVD of a
+# 4096×4096 matrix costs seconds per layer on a CPU, svd_lowrank a fraction of that.
+AUTO_EXACT_MAX_DIM = 1024
+
+
+@dataclass
+class Basis:
+    """The fixed part of one SB layer plus its initial R."""
+
+    B: torch.Tensor  # m × r, orthonormal columns
+    A: torch.Tensor  # r × n, orthonormal rows
+    R0: torch.Tensor  # r × r, diagonal S_r / s
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    layer_names: list[str],
+    batches: Iterable[dict],
+    loss_fn: Callable[[nn.Module, dict], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Sum over examples of ``∂L/∂W0`` (as m×n matrices) for the named linear layers.
+
+    ``loss_fn`` returns one loss per example; summing them makes the weight gradient the sum of
+    per-example gradients. The weights are made to require grad only for this pass.
+    """
+    modules = {n: model.get_submodule(n) for n in layer_names}
+    was = {n: m.weight.requires_grad for n, m in modules.items()}
+    sums = {n: torch.zeros_like(weight_as_mn(m), dtype=torch.float32) for n, m in modules.items()}
+    count = 0
+    model.eval()  # no dropout: the direction should not depend on dropout noise
+    try:
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+            m.weight.grad = None
+        for batch in batches:
+            losses = loss_fn(model, batch)
+            losses.sum().backward()
+            count += int(losses.shape[0])
+            for n, m in modules.items():
+                sums[n] += weight_as_mn(m, m.weight.grad).float()
+                m.weight.grad = None
+        model.zero_grad(set_to_none=True)
+    finally:
+        for n, m in modules.items():
+            m.weight.requires_grad_(was[n])
+    return sums, count
+
+
+def truncated_svd(M: torch.Tensor, rank: int, method: str = "auto", seed: int = 0):
+    """Top-``rank`` singular triplets of M: (U m×r, S r, Vh r×n), exact or randomized."""
+    if method == "auto":
+        method = "exact" if min(M.shape) <= AUTO_EXACT_MAX_DIM else "randomized"
+    M64 = M.double()
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(M64, full_matrices=False)
+        return U[:, :rank], S[:rank], Vh[:rank]
+    if method != "randomized":
+        raise ValueError(f"unknown SVD method {method!r}")
+    # Oversampling + power iterations: sign matrices have slowly decaying spectra, so a few
+    # subspace iterations are needed for the top-r subspace to be accurate.
+    q = min(rank + max(10, rank // 2), min(M.shape))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        U, S, V = torch.svd_lowrank(M64, q=q, niter=6)
+    return U[:, :rank], S[:rank], V[:, :rank].t()
+
+
+def update_approximation(
+    grad_sum: torch.Tensor,
+    count: int,
+    rank: int,
+    *,
+    scale: float = 1.0,
+    update: str = "sign",
+    lr: float = 1e-3,
+    svd: str = "auto",
+    seed: int = 0,
+) -> Basis:
+    """Basis from an accumulated gradient: ΔW = -η·sign(Ḡ) (or -η·Ḡ), then a rank-r SVD."""
+    if count <= 0:
+        raise ValueError("no examples contributed to the initialization gradient")
+    g = grad_sum.double() / count
+    if update == "sign":
+        dW = -lr * torch.sign(g)
+    elif update == "grad":
+        dW = -lr * g
+    else:
+        raise ValueError(f"unknown init-update {update!r}; use 'sign' or 'grad'")
+    U, S, Vh = truncated_svd(dW, rank, svd, seed)
+    return Basis(B=U.float(), A=Vh.float(), R0=torch.diag(S / scale).float())
+
+
+def compute_bases(
+    grad_sums: Mapping[str, torch.Tensor], count: int, rank: int, **kw
+) -> dict[str, Basis]:
+    return {n: update_approximation(g, count, rank, **kw) for n, g in grad_sums.items()}
+
+
+def apply_bases(layers: Mapping[str, SBLinear], bases: Mapping[str, Basis]) -> None:
+    for n, layer in layers.items():
+        b = bases[n]
+        layer.set_basis(b.B, b.A, b.R0)
+
+
+def basis_fingerprint(model_id: str, rank: int, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
+    """sha256 over the model id, the target layers, the rank and the bytes of every B and A.
+
+    A client whose basis differs in any bit reports a different fingerprint, and its R is refused.
+    """
+    h = hashlib.sha256()
+    h.update(f"{model_id}|{rank}|{','.join(bases)}".encode())
+    for name, (B, A) in bases.items():
+        h.update(name.encode())
+        h.update(B.detach().contiguous().cpu().numpy().tobytes())
+        h.update(A.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:32]

