@@ -77,7 +77,9 @@ def _load_base(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32
+                path, num_labels=num_labels, dtype=torch.float32,
+                # a saved head for another label count is replaced by a new one, not an error
+                ignore_mismatched_sizes=True,
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = load_tokenizer(path).pad_token_id

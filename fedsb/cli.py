@@ -1,0 +1,65 @@
+"""The ``fedsb`` command: what is not a plain ``flwr run`` (simulate in-process, compare, certs, checks).
+
+Flower is imported lazily, inside the commands that run a federation, so the library stays Flower-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("fedsb")
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from server.simulation import parse_run_config, simulate
+
+    run_dir = simulate(parse_run_config(args.run_config), args.num_supernodes, cpus_per_client=args.cpus_per_client,
+                       verbose=args.verbose)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(json.dumps({k: summary.get(k) for k in ("method", "final_accuracy", "final_loss", "bytes_up_per_client_round", "run_dir")}, indent=2))
+    return 0
+
+
+def _cmd_check_run(args: argparse.Namespace) -> int:
+    """Exit non-zero unless a run directory holds a complete run (``flwr run --stream`` exits 0 on failure)."""
+    run_dir = Path(args.run_dir)
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        print(f"FAILED: {run_dir} has no summary.json: the run did not complete (see the log above)", file=sys.stderr)
+        return 1
+    s = json.loads(summary.read_text())
+    print(f"run complete: {s['method']}, {s['rounds']} rounds, held-out accuracy {s.get('final_accuracy')} "
+          f"(majority class {s.get('majority_rate')}), upload/client/round {s.get('bytes_up_per_client_round')} B; {run_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="fedsb", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("simulate", help="run the ServerApp/ClientApp in an in-process Flower simulation")
+    s.add_argument("--num-supernodes", type=int, default=10)
+    s.add_argument("--run-config", default="", help='same syntax and keys as flwr run: "rank=64 method=\'fed-sb\'"')
+    s.add_argument("--cpus-per-client", type=float, default=1.0)
+    s.add_argument("--verbose", action="store_true")
+    s.set_defaults(func=_cmd_simulate)
+
+    c = sub.add_parser("check-run", help="fail unless RUN_DIR holds a completed run")
+    c.add_argument("run_dir")
+    c.set_defaults(func=_cmd_check_run)
+
+    args = p.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # ConfigError and friends: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
