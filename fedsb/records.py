@@ -70,7 +70,8 @@ class RunRecorder:
                     fh.write(json.dumps(r) + "\n")
 
     def log(self, round_: int, phase: str, **fields: Any) -> dict:
-        rec = _clean({"round": round_, "phase": phase, "method": self.method, **fields})
+        base = {k: None for k in ("loss", "accuracy", "bytes_up", "bytes_down", "clients", "seconds", "epsilon")}
+        rec = _clean({"round": round_, "phase": phase, "method": self.method, **base, **fields})
         self.records.append(rec)
         with open(self.run_dir / METRICS, "a") as fh:
             fh.write(json.dumps(rec) + "\n")

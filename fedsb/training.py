@@ -74,7 +74,7 @@ def train_steps(
         loss.backward()
         opt.step()
         total += float(loss.detach())
-        bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
     model.eval()
     return total / steps
 

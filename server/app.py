@@ -105,7 +105,7 @@ class FedSBServer:
         fed_sb = isinstance(self.method, FedSB)
         k = max(1, math.ceil(cfg.init_fraction * len(nodes))) if fed_sb else len(nodes)
         rng = np.random.default_rng(cfg.seed)
-        asked = sorted(rng.choice(nodes, size=min(k, len(nodes)), replace=False).tolist())
+        asked = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))
         content = RecordDict({
             "config": ConfigRecord({"mode": "fed-sb-init" if fed_sb else "hello", "layers": names}),
             "head": arrays(head=flatten(head_state(self.model))),
@@ -273,7 +273,7 @@ class FedSBServer:
         for n in nodes:
             content = content_for(n)
             down += nbytes(content)
-            msgs.append(Message(content=content, dst_node_id=n, message_type=mtype))
+            msgs.append(Message(content, dst_node_id=int(n), message_type=mtype))
         self.totals["bytes_down"] += down
         self.last_down = down
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))

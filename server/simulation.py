@@ -85,6 +85,7 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
             backend_config=backend,
             server_app_context=ctx,
             app_dir=app_dir,
+            is_app=True,  # makes every simulated node read its run config from app_dir
             run=run,
             verbose_logging=verbose,
         )

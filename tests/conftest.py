@@ -44,14 +44,14 @@ def make_tiny_bert(out: Path, hidden: int = 32, layers: int = 2) -> Path:
 
 
 def make_sentiment_csv(path: Path, n: int = 600, seed: int = 0) -> Path:
-    """Two classes decided by one keyword among filler words: learnable in a few steps."""
+    """Two classes decided by their sentiment words (4 of 6 words): learnable in a few steps."""
     rng = random.Random(seed)
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["text", "label"])
         for _ in range(n):
             y = rng.random() < 0.5
-            words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if y else NEGATIVE)]
+            words = rng.sample(FILLER, 2) + rng.sample(POSITIVE if y else NEGATIVE, 4)
             rng.shuffle(words)
             w.writerow([" ".join(words), "pos" if y else "neg"])
     return path
@@ -71,7 +71,7 @@ def tiny_run_config(tiny_bert: Path, csv_path: Path, out: Path, **extra) -> dict
     cfg = {
         "model": str(tiny_bert), "dataset": str(csv_path), "text-column": "text", "label-column": "label",
         "max-length": 16, "rank": 4, "init-samples": 32, "num-server-rounds": 3, "local-steps": 15,
-        "batch-size": 16, "learning-rate": 0.05, "fraction-train": 1.0, "min-train-nodes": 2, "eval-max-samples": 200,
+        "batch-size": 16, "learning-rate": 0.1, "fraction-train": 1.0, "min-train-nodes": 2, "eval-max-samples": 200,
         "test-fraction": 0.2, "output-dir": str(out), "round-timeout": 300.0, "seed": 1,
     }
     cfg.update(extra)

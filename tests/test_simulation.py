@@ -1,0 +1,70 @@
+"""A real Flower simulation (Ray, ServerApp, ClientApps) of a tiny BERT on a learnable task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import tiny_run_config
+
+
+@pytest.fixture(scope="module")
+def fedsb_run(tiny_bert, sentiment_csv, tmp_path_factory):
+    from server.simulation import simulate
+
+    out = tmp_path_factory.mktemp("runs") / "fed-sb"
+    run_dir = simulate(tiny_run_config(tiny_bert, sentiment_csv, out), num_supernodes=3)
+    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return run_dir, records, summary
+
+
+def test_accuracy_well_above_chance(fedsb_run):
+    _, records, summary = fedsb_run
+    assert summary["final_accuracy"] >= 0.8, summary
+    first = next(r for r in records if r["phase"] == "evaluate" and r["round"] == 0)
+    assert summary["final_loss"] < first["loss"]
+
+
+def test_only_r_and_head_travel_after_init(fedsb_run):
+    _, records, summary = fedsb_run
+    # 2 layers x 6 targets x r^2 + head (2x32 + 2), 4 bytes each: the floor of a Fed-SB upload
+    floor = 4 * summary["communicated_params"]
+    assert summary["communicated_params"] == 12 * 4 * 4 + 2 * 32 + 2
+    for r in records:
+        if r["phase"] == "train":
+            assert r["bytes_up_per_client"] <= 1.10 * floor + 1024, r  # measured, framing included
+            assert r["bytes_up_per_client"] >= floor
+    assert summary["bytes_up_per_client_round"] <= 1.10 * floor + 1024
+
+
+def test_each_node_got_the_basis_once(fedsb_run):
+    _, records, summary = fedsb_run
+    train = [r for r in records if r["phase"] == "train"]
+    assert train[0]["bytes_basis"] > 0
+    assert all(r["bytes_basis"] == 0 for r in train[1:])  # all 3 nodes sampled in round 1 (fraction 1.0)
+    # the basis: B and A of every layer, float32, once for each of the 3 nodes (framing within 10%)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(fedsb_run[0] / "adapter" / "fedsb_adapter.safetensors"))
+    per_node = sum(4 * t.numel() for k, t in saved.items() if k.endswith((".sb_B", ".sb_A")))
+    assert 3 * per_node <= summary["bytes_basis_total"] <= 1.10 * 3 * per_node
+
+
+def test_run_directory_contract(fedsb_run):
+    run_dir, records, summary = fedsb_run
+    phases = {(r["round"], r["phase"]) for r in records}
+    assert (0, "init") in phases and (0, "evaluate") in phases
+    for k in range(1, 4):
+        assert (k, "train") in phases and (k, "evaluate") in phases
+    for r in records:
+        for key in ("round", "phase", "loss", "accuracy", "bytes_up", "bytes_down", "clients", "seconds"):
+            assert key in r, (key, r)
+    for key in ("method", "rounds", "final_accuracy", "final_loss", "bytes_up_per_client_round", "bytes_basis_total",
+                "bytes_init_total", "trainable_params", "config", "versions"):
+        assert key in summary, key
+    assert (run_dir / "adapter" / "fedsb_adapter.safetensors").is_file()
+    assert (run_dir / "adapter" / "peft" / "adapter_config.json").is_file()
+    assert (run_dir / "adapter" / "peft" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "checkpoint.safetensors").is_file()
