@@ -6,6 +6,8 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.fedsb-installed
 # Project-local Flower home, and never let a SuperLink install dependencies per run (it would pull CUDA torch).
 export FLWR_HOME := $(CURDIR)/.flwr
+# flwr starts flower-superlink (and the simulation) from PATH: use the venv's.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1

@@ -21,7 +21,7 @@ from fedsb import adapters
 from fedsb.basis_cache import BasisCache
 from fedsb.config import FedSBConfig
 from fedsb.init import accumulate_gradients, basis_fingerprint
-from fedsb.methods import FedSB, flatten, unflatten_into
+from fedsb.methods import FLoRA, FedSB, flatten, unflatten_into
 from fedsb.task import Task, get_task
 from fedsb.training import evaluate, train_steps
 
@@ -111,9 +111,19 @@ def _model_for(cfg: FedSBConfig, task: Task, msg: Message, context: Context, rnd
     method = task.method()
     if not isinstance(method, FedSB):
         model = task.base_model()
-        layers = method.build(model, task.layer_names, round_idx=rnd)
-        if "extra" in msg.content.array_records:
-            method.apply_extra(model, {k: v.numpy() for k, v in msg.content["extra"].items()})
+        method.build(model, task.layer_names, round_idx=rnd)
+        extra = {k: v.numpy() for k, v in msg.content["extra"].items()} if "extra" in msg.content.array_records else {}
+        if isinstance(method, FLoRA):
+            # FLoRA: the node keeps every folded stack; the server sends only the ones it lacks
+            stored = context.state.array_records.get("fedsb-flora")
+            held = {k: v.numpy() for k, v in stored.items()} if stored is not None else {}
+            held.update(extra)
+            total = int(msg.content["config"].get("flora-stacks", 0))
+            if sorted(held) != sorted(f"stack-{t}" for t in range(total)):
+                return None, method  # lost state (restart): ask for all stacks again
+            context.state["fedsb-flora"] = ArrayRecord({k: _arr(v) for k, v in held.items()})
+            extra = held
+        method.apply_extra(model, extra)
         return model, method
     fp = msg.content["config"]["fingerprint"]
     key = (cfg, fp)

@@ -24,6 +24,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from server.compare import compare, parse_ranks
+    from server.simulation import parse_run_config
+
+    rows = compare([m.strip() for m in args.methods.split(",") if m.strip()], args.num_supernodes, Path(args.out),
+                   parse_run_config(args.run_config), parse_ranks(args.rank))
+    print((Path(args.out) / "compare.md").read_text())
+    return 0 if rows else 1
+
+
 def _cmd_check_run(args: argparse.Namespace) -> int:
     """Exit non-zero unless a run directory holds a complete run (``flwr run --stream`` exits 0 on failure)."""
     run_dir = Path(args.run_dir)
@@ -48,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--cpus-per-client", type=float, default=1.0)
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=_cmd_simulate)
+
+    m = sub.add_parser("compare", help="run several methods on identical partitions, seeds and rounds")
+    m.add_argument("--methods", default="fed-sb,fedit,ffa-lora,fedex-lora,flora")
+    m.add_argument("--num-supernodes", type=int, default=10)
+    m.add_argument("--out", required=True, help="directory for compare.csv, compare.md, pareto.png, curves.png")
+    m.add_argument("--run-config", default="", help="overrides shared by every method")
+    m.add_argument("--rank", default="", help="per-method ranks, e.g. fed-sb=64,fedit=8")
+    m.set_defaults(func=_cmd_compare)
 
     c = sub.add_parser("check-run", help="fail unless RUN_DIR holds a completed run")
     c.add_argument("run_dir")

@@ -86,10 +86,14 @@ def load_table(dataset: str, text_column: str, label_column: str, text_pair_colu
 
 
 def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded (train, test) index split; every process computes the same one."""
+    """Seeded (train, test) index split; every process computes the same one.
+
+    The test indices stay in random order, so any prefix of them (``eval-max-samples``) is itself a
+    random sample: files are often sorted by label, and a sorted prefix would hold one class.
+    """
     perm = np.random.default_rng(seed).permutation(n)
     n_test = max(1, int(round(n * test_fraction)))
-    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+    return np.sort(perm[n_test:]), perm[:n_test]
 
 
 def partition_indices(
@@ -182,8 +186,10 @@ class TaskData:
         idx = self.test_idx if cap <= 0 else self.test_idx[:cap]
         return self.dataset.subset(idx)
 
-    def majority_rate(self) -> float:
-        counts = np.bincount(self.dataset.labels[self.test_idx], minlength=self.num_labels)
+    def majority_rate(self, cap: int = 0) -> float:
+        """Accuracy of always predicting the most frequent class of the evaluated held-out examples."""
+        idx = self.test_idx if cap <= 0 else self.test_idx[:cap]
+        counts = np.bincount(self.dataset.labels[idx], minlength=self.num_labels)
         return float(counts.max() / counts.sum())
 
 

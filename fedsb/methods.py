@@ -171,6 +171,22 @@ class FedExLoRA(FedIT):
     def extra_download(self) -> dict[str, np.ndarray]:
         return {"residual": flatten(self.residual)} if self.residual else {}
 
+    def apply_extra(self, model, extra):
+        if "residual" in extra:
+            layers = adapters.adapter_layers(model)
+            shapes = {n: torch.zeros(l.out_features, l.in_features) for n, l in layers.items()}
+            unflatten_into(shapes, extra["residual"])
+            apply_weight_delta(model, shapes)
+
+    def server_state(self):
+        return {"residual." + n: r for n, r in self.residual.items()}
+
+    def load_server_state(self, model, state):
+        self._base_copy(model)
+        self.residual = {k[len("residual."):]: v.double() for k, v in state.items() if k.startswith("residual.")}
+        if self.residual:
+            apply_weight_delta(model, self.residual, replace_from=self._w0)
+
 
 @dataclass
 class FLoRA(Method):
@@ -204,6 +220,48 @@ class FLoRA(Method):
         # the head (non-adapter trainables) is averaged; LoRA parts restart from their init
         new = combine(vectors, weights)
         return new
+
+    def after_round(self, model, round_idx):
+        # the LoRA factors restart from a fresh init each round (the next round's seed); heads keep their mean
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed + 1000 * (round_idx + 1))
+            for layer in adapters.adapter_layers(model).values():
+                layer.reset_lora()
+
+    def stacks_since(self, held: int) -> dict[str, np.ndarray]:
+        out = {}
+        for t in range(held, len(self.stacks)):
+            out[f"stack-{t}"] = flatten({f"{n}.{i}": x for n, (B, A) in self.stacks[t].items() for i, x in (("B", B), ("A", A))})
+        return out
+
+    def apply_extra(self, model, extra):
+        """Client: fold stacks (in round order) into the base; each is Σ_layers (m+n)·K numbers."""
+        layers = adapters.adapter_layers(model)
+        per_rank = sum(l.out_features + l.in_features for l in layers.values())
+        for key in sorted((k for k in extra if k.startswith("stack-")), key=lambda k: int(k.split("-")[1])):
+            vec = extra[key]
+            K = vec.size // per_rank
+            if K * per_rank != vec.size:
+                raise ValueError(f"{key}: {vec.size} numbers is not a whole stack")
+            parts = {}
+            for n, l in layers.items():
+                parts[f"{n}.B"] = torch.zeros(l.out_features, K)
+                parts[f"{n}.A"] = torch.zeros(K, l.in_features)
+            unflatten_into(parts, vec)
+            fold_stacks(model, [{n: (parts[f"{n}.B"], parts[f"{n}.A"]) for n in layers}])
+
+    def server_state(self):
+        out = {}
+        for t, stack in enumerate(self.stacks):
+            for n, (B, A) in stack.items():
+                out[f"stack.{t}.{n}.B"], out[f"stack.{t}.{n}.A"] = B, A
+        return out
+
+    def load_server_state(self, model, state):
+        T = len({k.split(".")[1] for k in state if k.startswith("stack.")})
+        layers = list(adapters.adapter_layers(model))
+        self.stacks = [{n: (state[f"stack.{t}.{n}.B"], state[f"stack.{t}.{n}.A"]) for n in layers} for t in range(T)]
+        fold_stacks(model, self.stacks)
 
     def global_rank(self, layer: str) -> int:
         return sum(s[layer][1].shape[0] for s in self.stacks)

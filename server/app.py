@@ -62,6 +62,7 @@ class FedSBServer:
         self.fingerprint: str | None = None
         self.basis_vec: np.ndarray | None = None
         self.partition_of: dict[int, int] = {}
+        self.flora_held: dict[int, int] = {}  # FLoRA: number of folded stacks each node holds
         self.start_round = 1
         self.totals = {"bytes_up": 0, "bytes_down": 0, "bytes_basis_total": 0, "bytes_init_total": 0}
         self.up_per_client_round: list[int] = []
@@ -177,7 +178,7 @@ class FedSBServer:
         rd = RecordDict({
             "adapter": arrays(adapter=global_vec),
             "config": ConfigRecord({"round": rnd, "fingerprint": self.fingerprint or "",
-                                    "partition-order": self.partition_of.get(node, -1)}),
+                                    "flora-stacks": len(getattr(self.method, "stacks", []))}),
         })
         if with_basis:
             rd["basis"] = self.basis_record()
@@ -190,7 +191,10 @@ class FedSBServer:
         if isinstance(self.method, FedExLoRA):
             return self.method.extra_download()
         if isinstance(self.method, FLoRA):
-            return self.method.stacks_for(node)
+            # each node receives only the stacks it has not folded yet (it keeps the rest in its state)
+            held = self.flora_held.get(node, 0)
+            self.flora_held[node] = len(self.method.stacks)
+            return self.method.stacks_since(held)
         return {}
 
     def train_round(self, rnd: int) -> None:
@@ -219,6 +223,8 @@ class FedSBServer:
         if lacking:
             log.info("round %d: re-sending the basis to %d node(s) that lack it", rnd, len(lacking))
             self.basis_holders.difference_update(lacking)
+            for n in lacking:
+                self.flora_held.pop(n, None)
             replies = [x for x in replies if x[0] not in lacking] + self.send(lacking, MessageType.TRAIN, content_for, phase="train")
         vectors, weights, rejected, failed, losses, up_sizes = [], [], [], 0, [], []
         for node, reply, up in replies:
@@ -308,7 +314,7 @@ class FedSBServer:
             tensors["method." + k] = v
         state = {
             "round": rnd, "config": self.cfg.to_run_config(), "fingerprint": self.fingerprint,
-            "basis_holders": sorted(self.basis_holders), "partition_of": {str(k): v for k, v in self.partition_of.items()},
+            "basis_holders": sorted(self.basis_holders), "flora_held": {str(k): v for k, v in self.flora_held.items()}, "partition_of": {str(k): v for k, v in self.partition_of.items()},
             "totals": self.totals, "up_per_client_round": self.up_per_client_round, "records": self.rec.records,
             "rng": rng_state(),
         }
@@ -327,6 +333,7 @@ class FedSBServer:
         self.method.load_server_state(self.model, {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
         self.method.set_vector(self.model, tensors["global"].numpy())
         self.basis_holders = set(state["basis_holders"])
+        self.flora_held = {int(k): v for k, v in state.get("flora_held", {}).items()}
         self.partition_of = {int(k): v for k, v in state["partition_of"].items()}
         self.totals = state["totals"]
         self.up_per_client_round = state["up_per_client_round"]
@@ -351,7 +358,7 @@ class FedSBServer:
         summary = {
             "method": cfg.method, "rounds": cfg.num_server_rounds, "final_accuracy": ev.get("accuracy"),
             "final_loss": ev.get("loss"), "initial_accuracy": first.get("accuracy"), "initial_loss": first.get("loss"),
-            "final_perplexity": ev.get("perplexity"), "majority_rate": self.task.data.majority_rate() if cfg.task == "seq-cls" else None,
+            "final_perplexity": ev.get("perplexity"), "majority_rate": self.task.data.majority_rate(cfg.eval_max_samples) if cfg.task == "seq-cls" else None,
             "bytes_up_per_client_round": (sum(up) / len(up)) if up else None,
             "bytes_up_floor_per_client_round": 4 * self.method.get_vector(self.model).size,
             "bytes_up_total": self.totals["bytes_up"], "bytes_down_total": self.totals["bytes_down"],
@@ -379,5 +386,6 @@ def _reject(node: int, e: Exception) -> dict:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per log push otherwise
     cfg = FedSBConfig.from_run_config(context.run_config)
     FedSBServer(grid, cfg).run()

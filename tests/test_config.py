@@ -5,6 +5,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsb.config import ConfigError, FedSBConfig
@@ -69,3 +70,13 @@ def test_existing_run_is_not_overwritten(tmp_path):
         prepare_run_dir(FedSBConfig(output_dir=str(tmp_path)))
     assert e.value.key == "output-dir"
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_held_out_prefix_is_a_random_sample_of_labels():
+    from fedsb.data import split_indices
+
+    labels = np.repeat([0, 1, 2], 1000)  # a file sorted by label
+    train, test = split_indices(len(labels), 0.2, seed=3)
+    assert len(set(train) & set(test)) == 0 and len(train) + len(test) == 3000
+    counts = np.bincount(labels[test[:100]], minlength=3)
+    assert counts.min() >= 15, counts  # every class present in a capped evaluation set
