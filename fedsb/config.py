@@ -66,7 +66,7 @@ class FedSBConfig:
     basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast", choices=("float32", "bfloat16"))
     # --- rounds ------------------------------------------------------------------------------
     num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1)
-    fraction_train: float = _f(0.5, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
+    fraction_train: float = _f(0.4, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
     min_train_nodes: int = _f(2, "fewest nodes a round samples, and fewest valid replies it needs to update", lo=1)
     min_available_nodes: int = _f(2, "nodes the server waits for before starting", lo=1)
     round_timeout: float = _f(600.0, "seconds the server waits for a round's replies", lo=0.0, lo_open=True)

@@ -62,6 +62,7 @@ class FedSBServer:
         self.fingerprint: str | None = None
         self.basis_vec: np.ndarray | None = None
         self.partition_of: dict[int, int] = {}
+        self.examples_of: dict[int, int] = {}
         self.flora_held: dict[int, int] = {}  # FLoRA: number of folded stacks each node holds
         self.start_round = 1
         self.totals = {"bytes_up": 0, "bytes_down": 0, "bytes_basis_total": 0, "bytes_init_total": 0}
@@ -74,6 +75,7 @@ class FedSBServer:
         nodes = self.wait_for_nodes()
         if cfg.resume:
             self.restore()
+            self.hello(nodes)  # node ids are new after a restart; partitions are not
         else:
             self.initialize(nodes)
             self.evaluate(0, time.time() - t0)
@@ -99,56 +101,74 @@ class FedSBServer:
             time.sleep(1.0)
 
     # ------------------------------------------------------------------------------------------
+    def hello(self, nodes: list[int]) -> None:
+        """Ask every node for its partition id and size: sampling then follows partitions, not the
+        (random) node ids, so a run (or a resumed run) is deterministic under its seed."""
+        content = RecordDict({"config": ConfigRecord({"mode": "hello"})})
+        for node, reply, _ in self.send(nodes, MessageType.QUERY, lambda n: content, phase="hello"):
+            if reply.has_error():
+                log.warning("hello: node %d failed: %s", node, reply.error.reason)
+                continue
+            m = reply.content["metrics"]
+            self.partition_of[node] = int(m["partition-id"])
+            self.examples_of[node] = int(m["num-train-examples"])
+        for n in nodes:  # nodes that did not answer still take part, after the others
+            self.partition_of.setdefault(n, 10**9 + n)
+
+    def ordered(self, nodes) -> list[int]:
+        return sorted(nodes, key=lambda n: self.partition_of.get(n, 10**9 + n))
+
     def initialize(self, nodes: list[int]) -> None:
         """Fed-SB: average the clients' init gradients, update approximation, SVD -> B, A, R0."""
         cfg, t0 = self.cfg, time.time()
+        self.hello(nodes)
         names = self.task.layer_names
-        fed_sb = isinstance(self.method, FedSB)
-        k = max(1, math.ceil(cfg.init_fraction * len(nodes))) if fed_sb else len(nodes)
+        if not isinstance(self.method, FedSB):
+            self.method.build(self.model, names)
+            self.rec.log(0, "init", clients=len(nodes), bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3))
+            return
+        nodes = self.ordered(nodes)
+        k = max(1, math.ceil(cfg.init_fraction * len(nodes)))
         rng = np.random.default_rng(cfg.seed)
-        asked = sorted(nodes[int(i)] for i in rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))
+        asked = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
         content = RecordDict({
-            "config": ConfigRecord({"mode": "fed-sb-init" if fed_sb else "hello", "layers": names}),
+            "config": ConfigRecord({"mode": "fed-sb-init", "layers": names}),
             "head": arrays(head=flatten(head_state(self.model))),
         })
         shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
         total = sum(m * n for m, n in shapes.values())
-        spec = ReplySpec(shapes={"grads": (total,)} if fed_sb else {})
-        grad_sum, count, rejected = np.zeros(total, np.float64) if fed_sb else None, 0, []
+        spec = ReplySpec(shapes={"grads": (total,)})
+        grad_sum, count, rejected = np.zeros(total, np.float64), 0, []
+        down_before = self.totals["bytes_down"]
         replies = self.send(asked, MessageType.QUERY, lambda n: content, phase="init")
         for node, reply, up in replies:
+            if reply.has_error():
+                rejected.append({"node": int(node), "reason": "failed", "detail": reply.error.reason})
+                continue
             try:
-                got = check_reply(spec, _arrays_of(reply, "grads"), reply.content["metrics"]["num-examples"], None)
+                got = check_reply(spec, _arrays_of(reply, "grads"), reply.content["metrics"].get("num-examples"), None)
             except (InvalidReply, KeyError) as e:
                 rejected.append(_reject(node, e))
                 continue
-            self.partition_of[node] = int(reply.content["metrics"]["partition-id"])
-            if fed_sb:
-                grad_sum += reply.content["grads"]["grads"].numpy()
-                count += got
+            grad_sum += reply.content["grads"]["grads"].numpy()  # streamed: one reply in memory at a time
+            count += got
             self.totals["bytes_init_total"] += up
-        if fed_sb:
-            if count == 0:
-                raise RuntimeError(f"no valid initialization gradients (rejected: {rejected})")
-            grads, offset = {}, 0
-            for n, (m, k_) in shapes.items():
-                grads[n] = torch.from_numpy(grad_sum[offset : offset + m * k_].reshape(m, k_))
-                offset += m * k_
-            bases = compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update,
-                                  lr=cfg.init_lr, svd=cfg.init_svd, seed=cfg.seed)
-            layers = self.method.build(self.model, names)
-            if cfg.basis_dtype == "bfloat16":  # what clients will hold after the bfloat16 broadcast
-                for b in bases.values():
-                    b.B, b.A = b.B.bfloat16().float(), b.A.bfloat16().float()
-            apply_bases(layers, bases)
-            self.set_basis()
-        else:
-            self.method.build(self.model, names)
-        # Nodes that never answered the init query still take part in rounds (sorted after the rest).
-        for n in nodes:
-            self.partition_of.setdefault(n, 10**9 + n)
+        if count == 0:
+            raise RuntimeError(f"no valid initialization gradients (rejected: {rejected})")
+        grads, offset = {}, 0
+        for n, (m, k_) in shapes.items():
+            grads[n] = torch.from_numpy(grad_sum[offset : offset + m * k_].reshape(m, k_))
+            offset += m * k_
+        bases = compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update,
+                              lr=cfg.init_lr, svd=cfg.init_svd, seed=cfg.seed)
+        layers = self.method.build(self.model, names)
+        if cfg.basis_dtype == "bfloat16":  # what clients will hold after the bfloat16 broadcast
+            for b in bases.values():
+                b.B, b.A = b.B.bfloat16().float(), b.A.bfloat16().float()
+        apply_bases(layers, bases)
+        self.set_basis()
         self.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
-                     bytes_up=self.totals["bytes_init_total"], bytes_down=self.last_down,
+                     bytes_up=self.totals["bytes_init_total"], bytes_down=self.totals["bytes_down"] - down_before,
                      examples=count, seconds=round(time.time() - t0, 3), fingerprint=self.fingerprint)
 
     def set_basis(self) -> None:
@@ -169,7 +189,7 @@ class FedSBServer:
 
     # ------------------------------------------------------------------------------------------
     def sample(self, rnd: int) -> list[int]:
-        nodes = sorted(self.grid.get_node_ids(), key=lambda n: self.partition_of.get(n, 10**9 + n))
+        nodes = self.ordered(self.grid.get_node_ids())
         k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes)))
         rng = np.random.default_rng([self.cfg.seed, rnd])
         return [nodes[i] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
@@ -281,7 +301,6 @@ class FedSBServer:
             down += nbytes(content)
             msgs.append(Message(content, dst_node_id=int(n), message_type=mtype))
         self.totals["bytes_down"] += down
-        self.last_down = down
         replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
         out = []
         answered = set()
@@ -332,9 +351,8 @@ class FedSBServer:
                 raise RuntimeError("checkpoint basis does not reproduce its fingerprint: the file is corrupt")
         self.method.load_server_state(self.model, {k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
         self.method.set_vector(self.model, tensors["global"].numpy())
-        self.basis_holders = set(state["basis_holders"])
+        self.basis_holders = set(state["basis_holders"])  # ids of a restarted federation will not match: re-sent
         self.flora_held = {int(k): v for k, v in state.get("flora_held", {}).items()}
-        self.partition_of = {int(k): v for k, v in state["partition_of"].items()}
         self.totals = state["totals"]
         self.up_per_client_round = state["up_per_client_round"]
         self.rec = RunRecorder(self.run_dir, self.cfg.method, state["records"])

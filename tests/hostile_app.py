@@ -1,0 +1,73 @@
+"""Test-only ClientApps: the real one, but some partitions corrupt their train replies (or fail)."""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+
+from client import app as real
+
+HONEST = (0, 1)
+# every kind of bad reply the server must reject, by (partition, round)
+KINDS = ["nan", "inf", "shape", "extra-key", "missing-key", "dtype", "fingerprint", "num-examples-zero",
+         "num-examples-negative", "num-examples-fraction", "update-norm", "nan"]
+
+
+def kind_for(pid: int, rnd: int) -> str:
+    return KINDS[((pid - len(HONEST)) * 3 + (rnd - 1)) % len(KINDS)]
+
+
+def _corrupt(reply: Message, kind: str) -> Message:
+    content = reply.content
+    vec = content["adapter"]["adapter"].numpy().copy()
+    if kind == "nan":
+        vec[0] = np.nan
+    elif kind == "inf":
+        vec[-1] = np.inf
+    elif kind == "shape":
+        vec = vec[:-1]
+    elif kind == "dtype":
+        vec = vec.astype(np.float64)
+    elif kind == "update-norm":
+        vec = vec + 1e4
+    content["adapter"] = ArrayRecord({"adapter": Array(np.ascontiguousarray(vec))})
+    if kind == "extra-key":
+        content["adapter"] = ArrayRecord({"adapter": Array(vec), "smuggled": Array(np.zeros(3, np.float32))})
+    if kind == "missing-key":
+        content["adapter"] = ArrayRecord({"other": Array(vec)})
+    if kind == "fingerprint":
+        content["config"]["fingerprint"] = "0" * 32
+    metrics = dict(content["metrics"])
+    if kind.startswith("num-examples"):
+        metrics["num-examples"] = {"num-examples-zero": 0, "num-examples-negative": -5,
+                                   "num-examples-fraction": 2.5}[kind]
+    content["metrics"] = MetricRecord(metrics)
+    return reply
+
+
+def _make(mode: str) -> ClientApp:
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return real.query(msg, context)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        rnd = int(msg.content["config"]["round"])
+        if pid in HONEST:
+            return real.train(msg, context)
+        if mode == "fail":
+            raise RuntimeError("this node does not take part in training")
+        reply = real.train(msg, context)
+        if reply.content["config"].get("status") != "ok":
+            return reply
+        return _corrupt(reply, kind_for(pid, rnd))
+
+    return app
+
+
+hostile = _make("hostile")
+failing = _make("fail")

@@ -1,0 +1,104 @@
+"""Hostile replies never count; a SIGKILLed run resumes bit for bit; checkpoints are refused when wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_hostile_replies_are_rejected_and_change_nothing(tiny_bert, sentiment_csv, tmp_path):
+    from server.simulation import simulate
+    from tests.hostile_app import KINDS, failing, hostile
+
+    common = dict(fraction_train=1.0)
+    cfg = lambda out: tiny_run_config(tiny_bert, sentiment_csv, out, **{"max-update-norm": 100.0, "fraction-train": 1.0,
+                                                                       "min-available-nodes": 6})
+    bad = simulate(cfg(tmp_path / "hostile"), 6, client_app=hostile)
+    ref = simulate(cfg(tmp_path / "honest"), 6, client_app=failing)
+    # the aggregate equals the honest-only aggregate, bit for bit
+    name = "adapter/fedsb_adapter.safetensors"
+    assert (bad / name).read_bytes() == (ref / name).read_bytes()
+    reasons = [r["reason"] for rec in _records(bad) if rec["phase"] == "train" for r in rec["rejected"]]
+    expected = {"non-finite", "shape", "extra-key", "missing-key", "dtype", "fingerprint", "num-examples", "update-norm"}
+    assert expected <= set(reasons), reasons
+    assert len(reasons) == 4 * 3  # 4 hostile nodes x 3 rounds, every one rejected
+    assert all(rec["replies"] == 2 for rec in _records(bad) if rec["phase"] == "train")
+    assert all(rec["failed"] == 4 for rec in _records(ref) if rec["phase"] == "train")
+
+
+SIM_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+from server.simulation import simulate
+simulate(json.loads(sys.argv[1]), 3)
+"""
+
+
+def _run_sim(cfg: dict, wait: bool = True) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen([sys.executable, "-c", SIM_SCRIPT.format(root=str(ROOT)), json.dumps(cfg)], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path):
+    rounds = {"num-server-rounds": 4}
+    full = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "full", **rounds)
+    assert _run_sim(full).wait(timeout=600) == 0
+    crash_dir = tmp_path / "crash"
+    crash = tiny_run_config(tiny_bert, sentiment_csv, crash_dir, **rounds)
+    proc = _run_sim(crash)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # kill right after round 2 is checkpointed
+            if (crash_dir / "metrics.jsonl").exists() and any(
+                    r["round"] == 2 and r["phase"] == "evaluate" for r in _records(crash_dir)):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("round 2 never completed")
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (crash_dir / "summary.json").exists()
+    resumed = _run_sim(dict(crash, resume=True))
+    assert resumed.wait(timeout=600) == 0
+    name = "adapter/fedsb_adapter.safetensors"
+    assert (crash_dir / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    rounds_logged = [(r["round"], r["phase"]) for r in _records(crash_dir)]
+    assert rounds_logged.count((3, "train")) == 1 and rounds_logged.count((4, "evaluate")) == 1
+
+
+def test_mismatched_or_corrupt_checkpoint_is_refused(tiny_bert, sentiment_csv, tmp_path):
+    from fedsb.checkpoint import CheckpointError, CheckpointMismatch, check_compatible, load_checkpoint, save_checkpoint
+    import torch
+
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, {"global": torch.arange(5.0)}, {"round": 1, "config": {"rank": 4, "method": "fed-sb"}})
+    _, state = load_checkpoint(path)
+    with pytest.raises(CheckpointMismatch) as e:
+        check_compatible(state["config"], {"method": "fed-sb", "rank": 8})
+    assert e.value.field == "rank" and "rank" in str(e.value)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert path.read_bytes() == bytes(raw)  # refused, not overwritten
