@@ -167,16 +167,17 @@ def train(msg: Message, context: Context) -> Message:
         loader = task.loader(ds, shuffle=True, seed=seed)
         loss = train_steps(model, loader, cfg.local_steps, cfg.learning_rate, task.loss_fn, cfg.weight_decay,
                            desc=f"partition {pid} round {rnd}", progress=os.environ.get("FEDSB_PROGRESS", "1") == "1")
-    vec = method.get_vector(model)
     metrics.update({"num-examples": len(ds), "train-loss": float(loss), "seconds": time.time() - t0})
-    return Message(
-        RecordDict({
-            "adapter": ArrayRecord({"adapter": _arr(vec)}),
-            "metrics": MetricRecord(metrics),
-            "config": ConfigRecord({"status": "ok", "fingerprint": fp}),
-        }),
-        reply_to=msg,
-    )
+    return Message(train_reply_content(method.get_vector(model), metrics, fp), reply_to=msg)
+
+
+def train_reply_content(vec: np.ndarray, metrics: dict, fingerprint: str) -> RecordDict:
+    """What a client uploads each round: one flat float32 vector (R matrices and head), metrics, fingerprint."""
+    return RecordDict({
+        "adapter": ArrayRecord({"adapter": _arr(vec)}),
+        "metrics": MetricRecord(metrics),
+        "config": ConfigRecord({"status": "ok", "fingerprint": fingerprint}),
+    })
 
 
 @app.evaluate()

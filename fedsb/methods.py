@@ -68,6 +68,7 @@ class Method:
     scale: float  # s for fed-sb; alpha / r for the LoRA methods
     exact: bool = True
     seed: int = 0
+    streamable = True  # the aggregate is a running weighted mean of the vectors (no per-client state)
 
     # -- model side (client and server) --------------------------------------------------------
     def build(self, model: nn.Module, layer_names: list[str], round_idx: int = 0) -> dict[str, nn.Module]:
@@ -143,6 +144,7 @@ class FedExLoRA(FedIT):
 
     exact: bool = True
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
+    streamable = False  # the residual needs every client's own A_i, B_i
 
     def aggregate(self, model, vectors, weights, combine):
         layers = adapters.adapter_layers(model)
@@ -197,6 +199,7 @@ class FLoRA(Method):
     """
 
     stacks: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
+    streamable = False  # the stack keeps every client's factors
 
     def build(self, model, layer_names, round_idx=0):
         with torch.random.fork_rng():

@@ -29,6 +29,9 @@ from fedsb.validation import InvalidReply, ReplySpec, check_reply
 
 log = logging.getLogger("fedsb.server")
 
+# How often replies are pulled: Flower's own send_and_receive sleeps 3 s between pulls in deployment.
+POLL_SECONDS = 0.2
+
 app = ServerApp()
 
 # Checkpoint fields that must match for resume=true (anything else may change, e.g. round-timeout).
@@ -105,13 +108,16 @@ class FedSBServer:
         """Ask every node for its partition id and size: sampling then follows partitions, not the
         (random) node ids, so a run (or a resumed run) is deterministic under its seed."""
         content = RecordDict({"config": ConfigRecord({"mode": "hello"})})
-        for node, reply, _ in self.send(nodes, MessageType.QUERY, lambda n: content, phase="hello"):
+
+        def on_reply(node: int, reply: Message, up: int) -> None:
             if reply.has_error():
                 log.warning("hello: node %d failed: %s", node, reply.error.reason)
-                continue
+                return
             m = reply.content["metrics"]
             self.partition_of[node] = int(m["partition-id"])
             self.examples_of[node] = int(m["num-train-examples"])
+
+        self.send(nodes, MessageType.QUERY, lambda n: content, "hello", on_reply)
         for n in nodes:  # nodes that did not answer still take part, after the others
             self.partition_of.setdefault(n, 10**9 + n)
 
@@ -140,19 +146,22 @@ class FedSBServer:
         spec = ReplySpec(shapes={"grads": (total,)})
         grad_sum, count, rejected = np.zeros(total, np.float64), 0, []
         down_before = self.totals["bytes_down"]
-        replies = self.send(asked, MessageType.QUERY, lambda n: content, phase="init")
-        for node, reply, up in replies:
+
+        def on_reply(node: int, reply: Message, up: int) -> None:
+            nonlocal count
             if reply.has_error():
                 rejected.append({"node": int(node), "reason": "failed", "detail": reply.error.reason})
-                continue
+                return
             try:
                 got = check_reply(spec, _arrays_of(reply, "grads"), reply.content["metrics"].get("num-examples"), None)
             except (InvalidReply, KeyError) as e:
                 rejected.append(_reject(node, e))
-                continue
-            grad_sum += reply.content["grads"]["grads"].numpy()  # streamed: one reply in memory at a time
+                return
+            grad_sum[:] += reply.content["grads"]["grads"].numpy()  # streamed: one reply in memory at a time
             count += got
             self.totals["bytes_init_total"] += up
+
+        self.send(asked, MessageType.QUERY, lambda n: content, "init", on_reply)
         if count == 0:
             raise RuntimeError(f"no valid initialization gradients (rejected: {rejected})")
         grads, offset = {}, 0
@@ -225,8 +234,14 @@ class FedSBServer:
         spec = ReplySpec(shapes={"adapter": global_vec.shape}, fingerprint=self.fingerprint if fed_sb else None,
                          max_update_norm=cfg.max_update_norm)
         reference = {"adapter": global_vec}
-        down_before = self.totals["bytes_down"]
+        down_before, up_before = self.totals["bytes_down"], self.totals["bytes_up"]
         basis_bytes = 0
+        # Plain FedAvg-style rules stream every reply into a running sum (server memory does not grow
+        # with the number of clients); FedEx/FLoRA and the robust rules need all vectors at once.
+        streaming = self.method.streamable and cfg.aggregation == "mean"
+        running, vectors, weights = robust.RunningWeightedMean(), [], []
+        rejected, lacking, losses, up_sizes = [], [], [], []
+        failed = 0
 
         def content_for(node: int) -> RecordDict:
             nonlocal basis_bytes
@@ -237,53 +252,59 @@ class FedSBServer:
                 self.basis_holders.add(node)
             return rd
 
-        replies = self.send(sampled, MessageType.TRAIN, content_for, phase="train")
-        # A node that lost its basis (restart, wiped state) says so; send it again, once, this round.
-        lacking = [n for n, r, _ in replies if not r.has_error() and r.content["config"].get("status") == "need-basis"]
-        if lacking:
-            log.info("round %d: re-sending the basis to %d node(s) that lack it", rnd, len(lacking))
-            self.basis_holders.difference_update(lacking)
-            for n in lacking:
-                self.flora_held.pop(n, None)
-            replies = [x for x in replies if x[0] not in lacking] + self.send(lacking, MessageType.TRAIN, content_for, phase="train")
-        vectors, weights, rejected, failed, losses, up_sizes = [], [], [], 0, [], []
-        for node, reply, up in replies:
+        def on_reply(node: int, reply: Message, up: int) -> None:
+            nonlocal failed
             if reply.has_error():
                 failed += 1
                 log.warning("round %d: node %d failed: %s", rnd, node, reply.error.reason)
-                continue
+                return
+            if reply.content.config_records.get("config", {}).get("status") == "need-basis":
+                lacking.append(node)
+                return
             try:
                 n_ex = check_reply(spec, _arrays_of(reply, "adapter"), reply.content["metrics"].get("num-examples"),
                                    reply.content["config"].get("fingerprint"), reference)
             except (InvalidReply, KeyError) as e:
                 rejected.append(_reject(node, e))
-                continue
-            vectors.append(reply.content["adapter"]["adapter"].numpy())
+                return
+            vec = reply.content["adapter"]["adapter"].numpy()
+            if streaming:
+                running.add(vec, float(n_ex))
+            else:
+                vectors.append(vec)
             weights.append(float(n_ex))
             losses.append((float(reply.content["metrics"].get("train-loss", float("nan"))), n_ex))
             up_sizes.append(up)
+
+        timed_out = self.send(sampled, MessageType.TRAIN, content_for, "train", on_reply)
+        failed += len(timed_out)  # (not `failed += len(self.send(...))`: on_reply updates `failed` meanwhile)
+        if lacking:  # lost its basis (restart, wiped state): send it again, once, this round
+            log.info("round %d: re-sending the basis to %d node(s) that lack it", rnd, len(lacking))
+            self.basis_holders.difference_update(lacking)
+            for n in lacking:
+                self.flora_held.pop(n, None)
+            again, lacking[:] = list(lacking), []
+            timed_out = self.send(again, MessageType.TRAIN, content_for, "train", on_reply)
+            failed += len(timed_out)
         self.totals["bytes_basis_total"] += basis_bytes
-        updated = len(vectors) >= cfg.min_train_nodes
+        updated = len(weights) >= cfg.min_train_nodes
         if updated:
-            new = self.method.aggregate(self.model, vectors, weights, self.combine)
+            new = running.result() if streaming else self.method.aggregate(self.model, vectors, weights, self.combine)
             self.method.set_vector(self.model, new)
-            self.after_aggregate(rnd)
+            self.method.after_round(self.model, rnd)
         else:
             log.warning("round %d: %d valid replies < min-train-nodes=%d; keeping the previous adapter",
-                        rnd, len(vectors), cfg.min_train_nodes)
+                        rnd, len(weights), cfg.min_train_nodes)
         self.up_per_client_round.extend(up_sizes)
         self.rec.log(
             rnd, "train",
             loss=(sum(l * n for l, n in losses) / sum(n for _, n in losses)) if losses else None,
-            clients=len(sampled), replies=len(vectors), failed=failed, rejected=rejected,
-            rejected_count=len(rejected), updated=updated, examples=int(sum(weights)),
-            bytes_up=sum(up for _, _, up in replies), bytes_down=self.totals["bytes_down"] - down_before,
+            clients=len(sampled), replies=len(weights), failed=failed, lacking_basis=len(lacking),
+            rejected=rejected, rejected_count=len(rejected), updated=updated, examples=int(sum(weights)),
+            bytes_up=self.totals["bytes_up"] - up_before, bytes_down=self.totals["bytes_down"] - down_before,
             bytes_basis=basis_bytes, bytes_up_per_client=(sum(up_sizes) / len(up_sizes)) if up_sizes else None,
             seconds=round(time.time() - t0, 3),
         )
-
-    def after_aggregate(self, rnd: int) -> None:
-        self.method.after_round(self.model, rnd)
 
     def combine(self, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
         if self.cfg.aggregation == "median":
@@ -293,27 +314,29 @@ class FedSBServer:
         return robust.weighted_mean(vectors, weights)
 
     # ------------------------------------------------------------------------------------------
-    def send(self, nodes: list[int], mtype: str, content_for, phase: str) -> list[tuple[int, Message, int]]:
-        """Send one message per node, wait (bounded by round-timeout); return (node, reply, bytes up)."""
-        msgs, down = [], 0
+    def send(self, nodes: list[int], mtype: str, content_for, phase: str, on_reply) -> list[int]:
+        """Push one message per node, then hand each reply to ``on_reply(node, reply, bytes_up)`` as it
+        arrives (and let it go), until all replied or round-timeout passed. Flower's send_and_receive
+        would hold every reply at once and, in deployment, poll only every 3 s."""
+        msgs = []
         for n in nodes:
             content = content_for(n)
-            down += nbytes(content)
+            self.totals["bytes_down"] += nbytes(content)
             msgs.append(Message(content, dst_node_id=int(n), message_type=mtype))
-        self.totals["bytes_down"] += down
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.round_timeout))
-        out = []
-        answered = set()
-        for r in replies:
-            node = r.metadata.src_node_id
-            answered.add(node)
-            up = 0 if r.has_error() else nbytes(r.content)
-            self.totals["bytes_up"] += up
-            out.append((node, r, up))
-        for n in nodes:
-            if n not in answered:
-                log.warning("%s: node %d did not reply within %.0fs", phase, n, self.cfg.round_timeout)
-        return out
+        pending = {mid: int(n) for mid, n in zip(self.grid.push_messages(msgs), nodes)}
+        del msgs
+        deadline = time.time() + self.cfg.round_timeout
+        while pending and time.time() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+                up = 0 if reply.has_error() else nbytes(reply.content)
+                self.totals["bytes_up"] += up
+                on_reply(node, reply, up)
+            if pending:
+                time.sleep(POLL_SECONDS)
+        for node in pending.values():
+            log.warning("%s: node %d did not reply within %.0fs", phase, node, self.cfg.round_timeout)
+        return list(pending.values())  # the nodes that timed out
 
     @torch.no_grad()
     def evaluate(self, rnd: int, seconds: float | None = None) -> dict:
