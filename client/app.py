@@ -70,7 +70,7 @@ def query(msg: Message, context: Context) -> Message:
     if cfg.dp:
         from client.dp import private_init_gradient
 
-        sums, count, dp_metrics = private_init_gradient(cfg, task, model, layers, loader, len(ds), context, g)
+        sums, count, dp_metrics = private_init_gradient(cfg, task, model, layers, loader, len(ds), msg, context, g)
         metrics.update(dp_metrics)
     else:
         sums, count = accumulate_gradients(model, layers, loader, task.loss_fn)
@@ -160,8 +160,12 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp:
         from client.dp import private_local_train
 
-        loss, dp_metrics = private_local_train(cfg, task, model, ds, context, seed)
+        loss, dp_metrics = private_local_train(cfg, task, model, ds, msg, context, seed)
         metrics.update(dp_metrics)
+        if loss is None:  # training this round would overspend the privacy budget
+            return Message(RecordDict({"metrics": MetricRecord(dp_metrics),
+                                       "config": ConfigRecord({"status": "budget-exhausted", "fingerprint": fp})}),
+                           reply_to=msg)
     else:
         torch.manual_seed(seed)
         loader = task.loader(ds, shuffle=True, seed=seed)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import tracemalloc
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ log = logging.getLogger("fedsb.server")
 
 # How often replies are pulled: Flower's own send_and_receive sleeps 3 s between pulls in deployment.
 POLL_SECONDS = 0.2
+TRACE_MEMORY = os.environ.get("FEDSB_TRACE_MEMORY") == "1"
 
 app = ServerApp()
 
@@ -66,6 +69,8 @@ class FedSBServer:
         self.basis_vec: np.ndarray | None = None
         self.partition_of: dict[int, int] = {}
         self.examples_of: dict[int, int] = {}
+        self.dp_history: dict[int, list[float]] = {}  # partition -> flat [σ, q, steps, ...] it reported
+        self.dp_sigma: dict[int, float] = {}
         self.flora_held: dict[int, int] = {}  # FLoRA: number of folded stacks each node holds
         self.start_round = 1
         self.totals = {"bytes_up": 0, "bytes_down": 0, "bytes_basis_total": 0, "bytes_init_total": 0}
@@ -138,7 +143,7 @@ class FedSBServer:
         rng = np.random.default_rng(cfg.seed)
         asked = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
         content = RecordDict({
-            "config": ConfigRecord({"mode": "fed-sb-init", "layers": names}),
+            "config": ConfigRecord({"mode": "fed-sb-init", "layers": names, "dp-delta": self.dp_delta()}),
             "head": arrays(head=flatten(head_state(self.model))),
         })
         shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
@@ -159,6 +164,7 @@ class FedSBServer:
                 return
             grad_sum[:] += reply.content["grads"]["grads"].numpy()  # streamed: one reply in memory at a time
             count += got
+            self.note_dp(node, reply)
             self.totals["bytes_init_total"] += up
 
         self.send(asked, MessageType.QUERY, lambda n: content, "init", on_reply)
@@ -207,7 +213,9 @@ class FedSBServer:
         rd = RecordDict({
             "adapter": arrays(adapter=global_vec),
             "config": ConfigRecord({"round": rnd, "fingerprint": self.fingerprint or "",
-                                    "flora-stacks": len(getattr(self.method, "stacks", []))}),
+                                    "flora-stacks": len(getattr(self.method, "stacks", [])),
+                                    "dp-delta": self.dp_delta(),
+                                    "dp-history": self.dp_history.get(self.partition_of.get(node, -1), [])}),
         })
         if with_basis:
             rd["basis"] = self.basis_record()
@@ -228,6 +236,9 @@ class FedSBServer:
 
     def train_round(self, rnd: int) -> None:
         cfg, t0 = self.cfg, time.time()
+        if TRACE_MEMORY:  # bench.scale: peak Python/numpy memory the server allocates during a round
+            tracemalloc.start() if not tracemalloc.is_tracing() else tracemalloc.reset_peak()
+            mem0 = tracemalloc.get_traced_memory()[0]
         fed_sb = isinstance(self.method, FedSB)
         global_vec = self.method.get_vector(self.model)
         sampled = self.sample(rnd)
@@ -240,7 +251,7 @@ class FedSBServer:
         # with the number of clients); FedEx/FLoRA and the robust rules need all vectors at once.
         streaming = self.method.streamable and cfg.aggregation == "mean"
         running, vectors, weights = robust.RunningWeightedMean(), [], []
-        rejected, lacking, losses, up_sizes = [], [], [], []
+        rejected, lacking, losses, up_sizes, exhausted = [], [], [], [], []
         failed = 0
 
         def content_for(node: int) -> RecordDict:
@@ -258,8 +269,13 @@ class FedSBServer:
                 failed += 1
                 log.warning("round %d: node %d failed: %s", rnd, node, reply.error.reason)
                 return
-            if reply.content.config_records.get("config", {}).get("status") == "need-basis":
+            status = reply.content.config_records.get("config", {}).get("status")
+            if status == "need-basis":
                 lacking.append(node)
+                return
+            self.note_dp(node, reply)
+            if status == "budget-exhausted":
+                exhausted.append(node)
                 return
             try:
                 n_ex = check_reply(spec, _arrays_of(reply, "adapter"), reply.content["metrics"].get("num-examples"),
@@ -300,11 +316,42 @@ class FedSBServer:
             rnd, "train",
             loss=(sum(l * n for l, n in losses) / sum(n for _, n in losses)) if losses else None,
             clients=len(sampled), replies=len(weights), failed=failed, lacking_basis=len(lacking),
+            budget_exhausted=len(exhausted), **self.dp_round_metrics(),
             rejected=rejected, rejected_count=len(rejected), updated=updated, examples=int(sum(weights)),
             bytes_up=self.totals["bytes_up"] - up_before, bytes_down=self.totals["bytes_down"] - down_before,
             bytes_basis=basis_bytes, bytes_up_per_client=(sum(up_sizes) / len(up_sizes)) if up_sizes else None,
             seconds=round(time.time() - t0, 3),
+            **({"server_peak_bytes": tracemalloc.get_traced_memory()[1] - mem0} if TRACE_MEMORY else {}),
         )
+
+    # -- differential privacy bookkeeping (the clients add the noise; the server only keeps count) ---
+    def dp_delta(self) -> float:
+        if not self.cfg.dp:
+            return 0.0
+        if self.cfg.target_delta > 0:
+            return self.cfg.target_delta
+        from fedsb.privacy import default_delta
+
+        return default_delta(min(self.examples_of.values()) if self.examples_of else 1)
+
+    def note_dp(self, node: int, reply: Message) -> None:
+        m = reply.content.metric_records.get("metrics")
+        if self.cfg.dp and m is not None and "dp-history" in m:
+            pid = self.partition_of.get(node, -1)
+            self.dp_history[pid] = [float(x) for x in m["dp-history"]]
+            self.dp_sigma[pid] = float(m["noise-multiplier"])
+
+    def epsilons(self) -> dict[int, float]:
+        from fedsb.privacy import epsilon_from_history
+
+        return {pid: epsilon_from_history([tuple(h[i : i + 3]) for i in range(0, len(h), 3)], self.dp_delta(),
+                                          self.cfg.accountant) for pid, h in self.dp_history.items()}
+
+    def dp_round_metrics(self) -> dict:
+        if not self.cfg.dp:
+            return {}
+        eps = self.epsilons()
+        return {"epsilon": max(eps.values()) if eps else 0.0, "epsilon_per_client": {str(k): v for k, v in eps.items()}}
 
     def combine(self, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
         if self.cfg.aggregation == "median":
@@ -357,7 +404,8 @@ class FedSBServer:
         state = {
             "round": rnd, "config": self.cfg.to_run_config(), "fingerprint": self.fingerprint,
             "basis_holders": sorted(self.basis_holders), "flora_held": {str(k): v for k, v in self.flora_held.items()}, "partition_of": {str(k): v for k, v in self.partition_of.items()},
-            "totals": self.totals, "up_per_client_round": self.up_per_client_round, "records": self.rec.records,
+            "totals": self.totals, "dp_history": {str(k): v for k, v in self.dp_history.items()},
+            "dp_sigma": {str(k): v for k, v in self.dp_sigma.items()}, "up_per_client_round": self.up_per_client_round, "records": self.rec.records,
             "rng": rng_state(),
         }
         save_checkpoint(self.run_dir / CHECKPOINT, tensors, state)
@@ -377,6 +425,8 @@ class FedSBServer:
         self.basis_holders = set(state["basis_holders"])  # ids of a restarted federation will not match: re-sent
         self.flora_held = {int(k): v for k, v in state.get("flora_held", {}).items()}
         self.totals = state["totals"]
+        self.dp_history = {int(k): v for k, v in state.get("dp_history", {}).items()}
+        self.dp_sigma = {int(k): v for k, v in state.get("dp_sigma", {}).items()}
         self.up_per_client_round = state["up_per_client_round"]
         self.rec = RunRecorder(self.run_dir, self.cfg.method, state["records"])
         set_rng_state(state["rng"])
@@ -409,6 +459,17 @@ class FedSBServer:
             "seconds": round(seconds, 2), "config": cfg.to_run_config(), "versions": versions(),
             "run_dir": str(self.run_dir),
         }
+        if cfg.dp:
+            eps = self.epsilons()
+            worst = max(eps, key=eps.get) if eps else None
+            h = self.dp_history.get(worst, [])
+            summary.update({
+                "dp": True, "epsilon": eps.get(worst), "delta": self.dp_delta(), "accountant": cfg.accountant,
+                "noise_multiplier": self.dp_sigma.get(worst), "max_grad_norm": cfg.max_grad_norm,
+                "dp_history": [[h[i], h[i + 1], int(h[i + 2])] for i in range(0, len(h), 3)],
+                "delta_rule": "target-delta" if cfg.target_delta > 0 else "1/(10 n) for the smallest client's n",
+                "epsilon_per_client": {str(k): v for k, v in eps.items()},
+            })
         self.rec.write_summary(summary)
         log.info("run complete: accuracy %s, loss %s; results in %s", ev.get("accuracy"), ev.get("loss"), self.run_dir)
 

@@ -1,0 +1,99 @@
+"""Client DP glue: the node's accountant history (node state + what the server echoes back), σ, budget.
+
+The maths is in ``fedsb.privacy``; this file only decides which history, σ and δ apply to a message.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message
+
+from fedsb import privacy
+from fedsb.config import FedSBConfig
+
+log = logging.getLogger("fedsb.client.dp")
+
+STATE_KEY = "fedsb-dp"
+
+
+def _unflat(values) -> privacy.History:
+    v = list(values or [])
+    return [(float(v[i]), float(v[i + 1]), int(v[i + 2])) for i in range(0, len(v), 3)]
+
+
+def flat(history: privacy.History) -> list[float]:
+    return [float(x) for h in history for x in h]
+
+
+def history(msg: Message, context: Context) -> privacy.History:
+    """The longer of the node's own history and the one the server kept for this partition: a node
+    that lost its state (restart) must not start its privacy budget from zero."""
+    own = context.state.config_records.get(STATE_KEY)
+    mine = _unflat(own["history"]) if own is not None else []
+    server = _unflat(msg.content["config"].get("dp-history", []))
+    return mine if sum(h[2] for h in mine) >= sum(h[2] for h in server) else server
+
+
+def save(context: Context, hist: privacy.History) -> None:
+    context.state[STATE_KEY] = ConfigRecord({"history": flat(hist)})
+
+
+def delta(cfg: FedSBConfig, msg: Message, n_local: int) -> float:
+    if cfg.target_delta > 0:
+        return cfg.target_delta
+    sent = msg.content["config"].get("dp-delta", 0.0)
+    return float(sent) if sent else privacy.default_delta(n_local)
+
+
+def noise_multiplier(cfg: FedSBConfig, n_local: int, d: float) -> float:
+    """σ given, or calibrated so the whole horizon (init step + every round's local steps, as if this
+    client were sampled every round) meets target-epsilon."""
+    if cfg.noise_multiplier > 0:
+        return cfg.noise_multiplier
+    phases = [(min(1.0, cfg.batch_size / n_local), cfg.num_server_rounds * cfg.local_steps)]
+    if cfg.method == "fed-sb":
+        phases.insert(0, (min(1.0, cfg.init_samples / n_local), 1))
+    return privacy.calibrate_noise(cfg.target_epsilon, d, phases, cfg.accountant)
+
+
+def metrics(hist: privacy.History, d: float, sigma: float, cfg: FedSBConfig) -> dict:
+    return {"epsilon": privacy.epsilon_from_history(hist, d, cfg.accountant), "dp-delta": d,
+            "noise-multiplier": sigma, "dp-history": flat(hist)}
+
+
+def private_init_gradient(cfg, task, model, layers, loader, n_local, msg, context, generator):
+    d = delta(cfg, msg, n_local)
+    sigma = noise_multiplier(cfg, n_local, d)
+    sums, count = privacy.private_gradient_sum(model, layers, loader, max_grad_norm=cfg.max_grad_norm,
+                                               noise_multiplier=sigma, loss_fn=task.loss_fn, generator=generator)
+    hist = privacy.merge_history(history(msg, context) + [(sigma, min(1.0, count / n_local), 1)])
+    save(context, hist)
+    return sums, count, metrics(hist, d, sigma, cfg)
+
+
+def private_local_train(cfg, task, model, ds, msg, context, seed):
+    """Returns (loss, metrics) or (None, metrics) when this round would overspend the budget."""
+    n = len(ds)
+    d = delta(cfg, msg, n)
+    sigma = noise_multiplier(cfg, n, d)
+    hist = history(msg, context)
+    q = min(1.0, cfg.batch_size / n)
+    planned = privacy.epsilon_from_history(privacy.merge_history(hist + [(sigma, q, cfg.local_steps)]), d, cfg.accountant)
+    if planned > cfg.target_epsilon * (1 + 1e-6):
+        log.warning("privacy budget: this round would reach epsilon=%.3f > target %.3f; not training", planned,
+                    cfg.target_epsilon)
+        return None, metrics(hist, d, sigma, cfg)
+    from fedsb.data import pad_collate
+
+    res = privacy.private_train(model, ds, pad_collate(task.data.pad_id), steps=cfg.local_steps,
+                                batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, history=hist,
+                                accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
+                                loss_fn=task.loss_fn, seed=seed, delta=d)
+    save(context, res.history)
+    out = metrics(res.history, d, sigma, cfg)
+    out["empty-batches"] = res.empty_steps
+    return res.mean_loss, out
