@@ -57,6 +57,9 @@ def query(msg: Message, context: Context) -> Message:
     ds = task.data.client_dataset(pid, nparts, cfg)
     metrics = {"partition-id": pid, "num-train-examples": len(ds)}
     mode = msg.content["config"]["mode"]
+    if mode == "basis":  # the basis ahead of a SecAgg+ round (those messages carry only FitIns)
+        _basis_for(msg, context, msg.content["config"]["fingerprint"])
+        return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     if mode != "fed-sb-init":
         return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
     t0 = time.time()
@@ -143,8 +146,49 @@ def _model_for(cfg: FedSBConfig, task: Task, msg: Message, context: Context, rnd
     return _MODEL_CACHE[key], method
 
 
-@app.train()
+def secagg_if_asked(msg: Message, context: Context, call_next):
+    """SecAgg+ (Flower's secaggplus_mod) for the messages of a SecAgg+ round, a no-op for the others."""
+    from flwr.client.mod import secaggplus_mod
+
+    if "secaggplus_configs" in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _legacy_to_plain(msg: Message) -> Message:
+    """A SecAgg+ round's FitIns as the plain train message the handler understands."""
+    from flwr.common import parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    vec = parameters_to_ndarrays(fitins.parameters)[0]
+    msg.content["adapter"] = ArrayRecord({"adapter": _arr(vec)})
+    msg.content["config"] = ConfigRecord(dict(fitins.config))
+    return msg
+
+
+def _plain_to_legacy(reply: Message, msg: Message) -> Message:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    c = reply.content
+    if c["config"].get("status") != "ok":
+        raise RuntimeError(f"cannot take part in this SecAgg+ round: {c['config'].get('status')}")
+    metrics = {k: v for k, v in c["metrics"].items() if isinstance(v, (int, float))}
+    metrics["fingerprint"] = c["config"]["fingerprint"]
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([c["adapter"]["adapter"].numpy()]),
+                    int(c["metrics"]["num-examples"]), metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+@app.train(mods=[secagg_if_asked])
 def train(msg: Message, context: Context) -> Message:
+    if "fitins.parameters" in msg.content.array_records:  # a SecAgg+ round (legacy FitIns)
+        return _plain_to_legacy(_train(_legacy_to_plain(msg), context), msg)
+    return _train(msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     cfg, task, pid, nparts = _setup(context)
     rnd = int(msg.content["config"]["round"])
     model, method = _model_for(cfg, task, msg, context, rnd)

@@ -159,6 +159,9 @@ class FedSBConfig:
                 "secagg-threshold",
                 f"got {self.secagg_threshold} > secagg-shares={self.secagg_shares}; it must not exceed the shares",
             )
+        if self.secagg and self.method in ("fedex-lora", "flora"):
+            raise ConfigError("secagg", f"cannot be combined with method={self.method!r}: it needs each client's own "
+                              "A_i and B_i, which secure aggregation hides; use fed-sb, fedit or ffa-lora")
         if self.secagg and self.aggregation != "mean":
             raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
         if self.secagg and self.max_update_norm > 0:

@@ -235,6 +235,8 @@ class FedSBServer:
         return {}
 
     def train_round(self, rnd: int) -> None:
+        if self.cfg.secagg:
+            return self.secagg_train_round(rnd)
         cfg, t0 = self.cfg, time.time()
         if TRACE_MEMORY:  # bench.scale: peak Python/numpy memory the server allocates during a round
             tracemalloc.start() if not tracemalloc.is_tracing() else tracemalloc.reset_peak()
@@ -322,6 +324,56 @@ class FedSBServer:
             bytes_basis=basis_bytes, bytes_up_per_client=(sum(up_sizes) / len(up_sizes)) if up_sizes else None,
             seconds=round(time.time() - t0, 3),
             **({"server_peak_bytes": tracemalloc.get_traced_memory()[1] - mem0} if TRACE_MEMORY else {}),
+        )
+
+    def secagg_train_round(self, rnd: int) -> None:
+        """A round whose aggregate is computed by SecAgg+: the server sees only the weighted mean."""
+        from server.secagg import secagg_round
+
+        cfg, t0 = self.cfg, time.time()
+        fed_sb = isinstance(self.method, FedSB)
+        global_vec = self.method.get_vector(self.model)
+        sampled = self.sample(rnd)
+        down_before, up_before = self.totals["bytes_down"], self.totals["bytes_up"]
+        basis_bytes = 0
+        if fed_sb:  # SecAgg+ messages carry only FitIns: the basis goes first, in a plain query
+            lacking = [n for n in sampled if n not in self.basis_holders]
+            content = RecordDict({"config": ConfigRecord({"mode": "basis", "fingerprint": self.fingerprint}),
+                                  "basis": self.basis_record()})
+            basis_bytes = nbytes(RecordDict({"basis": content["basis"]})) * len(lacking)
+
+            def on_basis(node: int, reply: Message, up: int) -> None:
+                if not reply.has_error():
+                    self.basis_holders.add(node)
+
+            self.send(lacking, MessageType.QUERY, lambda n: content, "basis", on_basis)
+        config = {"round": rnd, "fingerprint": self.fingerprint or "", "dp-delta": self.dp_delta(),
+                  "flora-stacks": len(getattr(self.method, "stacks", []))}
+        max_weight = float(max([self.examples_of.get(n, 1) for n in sampled] + [1]))
+        metered = MeteredGrid(self.grid, self.totals)
+        res = secagg_round(metered, cfg, rnd, sampled, global_vec, config, max_weight)
+        self.totals["bytes_basis_total"] += basis_bytes
+        problems = []
+        if fed_sb and res.fingerprints - {self.fingerprint}:
+            problems.append(f"basis fingerprints {sorted(res.fingerprints)} != {self.fingerprint}")
+        if res.aggregate is not None and not np.isfinite(res.aggregate).all():
+            problems.append("non-finite secure aggregate")
+        updated = res.aggregate is not None and res.results >= cfg.min_train_nodes and not problems
+        if updated:
+            self.method.set_vector(self.model, res.aggregate)
+            self.method.after_round(self.model, rnd)
+        else:
+            # A single bad contribution cannot be removed from a secure sum: the round is dropped whole.
+            log.warning("round %d: secure aggregate not applied (%d results, %s)", rnd, res.results, problems)
+        up = self.totals["bytes_up"] - up_before
+        self.up_per_client_round.extend([up / max(1, res.results)] * res.results)
+        self.rec.log(
+            rnd, "train", loss=res.train_loss, clients=len(sampled), replies=res.results, failed=res.failures,
+            dropouts_recovered=(len(sampled) - res.results) if updated else 0, updated=updated,
+            rejected=[{"node": None, "reason": "secagg", "detail": p} for p in problems], rejected_count=len(problems),
+            secagg=True, strategy_saw_only_aggregate=res.saw_only_aggregate,
+            bytes_up=up, bytes_down=self.totals["bytes_down"] - down_before, bytes_basis=basis_bytes,
+            bytes_up_per_client=up / max(1, res.results), seconds=round(time.time() - t0, 3), **self.dp_round_metrics(),
         )
 
     # -- differential privacy bookkeeping (the clients add the noise; the server only keeps count) ---
@@ -457,7 +509,10 @@ class FedSBServer:
             "trainable_params": trainable, "communicated_params": int(self.method.get_vector(self.model).size),
             "head_params": heads, "adapted_layers": len(self.task.layer_names), "fingerprint": self.fingerprint,
             "seconds": round(seconds, 2), "config": cfg.to_run_config(), "versions": versions(),
-            "run_dir": str(self.run_dir),
+            "run_dir": str(self.run_dir), "secagg": cfg.secagg,
+            "secagg_settings": {"shares": cfg.secagg_shares, "threshold": cfg.secagg_threshold,
+                                "clip_range": cfg.secagg_clip_range, "quantization_range": cfg.secagg_quantization_range,
+                                "modulus_range": 2**32} if cfg.secagg else None,
         }
         if cfg.dp:
             eps = self.epsilons()
@@ -472,6 +527,38 @@ class FedSBServer:
             })
         self.rec.write_summary(summary)
         log.info("run complete: accuracy %s, loss %s; results in %s", ev.get("accuracy"), ev.get("loss"), self.run_dir)
+
+
+class MeteredGrid:
+    """A Grid that counts the bytes of every message it pushes and pulls (for the SecAgg+ workflow,
+    which talks to the grid itself)."""
+
+    def __init__(self, grid: Grid, totals: dict):
+        self._grid, self._totals = grid, totals
+
+    def __getattr__(self, name):
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self._totals["bytes_down"] += sum(nbytes(m.content) for m in messages if m.has_content())
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        replies = list(self._grid.pull_messages(message_ids))
+        self._totals["bytes_up"] += sum(nbytes(m.content) for m in replies if m.has_content())
+        return replies
+
+    def send_and_receive(self, messages, *, timeout=None):
+        ids = set(self.push_messages(messages))
+        end, out = time.time() + (timeout if timeout is not None else 1e9), []
+        while ids and time.time() < end:
+            got = self.pull_messages(list(ids))
+            out.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if ids:
+                time.sleep(POLL_SECONDS)
+        return out
 
 
 def _arrays_of(reply: Message, key: str) -> dict[str, np.ndarray]:

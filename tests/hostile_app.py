@@ -71,3 +71,35 @@ def _make(mode: str) -> ClientApp:
 
 hostile = _make("hostile")
 failing = _make("fail")
+
+
+def _make_recording(drop_partition: int | None) -> ClientApp:
+    """The real ClientApp (with SecAgg+), which also saves each client's plain vector for the test to
+    compare with what the server computed, and can drop out after sharing its keys."""
+    import os
+
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return real.query(msg, context)
+
+    def record(msg: Message, context: Context) -> Message:
+        pid = int(context.node_config["partition-id"])
+        if "fitins.parameters" in msg.content.array_records:
+            if pid == drop_partition:
+                raise RuntimeError("dropping out after sharing keys")
+            plain = real._train(real._legacy_to_plain(msg), context)
+            vec = plain.content["adapter"]["adapter"].numpy()
+            rnd = int(msg.content["config"]["round"])
+            np.save(os.path.join(os.environ["FEDSB_TEST_DUMP"], f"r{rnd}-p{pid}.npy"),
+                    np.concatenate([[float(plain.content["metrics"]["num-examples"])], vec.astype(np.float64)]))
+            return real._plain_to_legacy(plain, msg)
+        return real._train(msg, context)
+
+    app.train(mods=[real.secagg_if_asked])(record)
+    return app
+
+
+recording = _make_recording(None)
+recording_with_dropout = _make_recording(2)

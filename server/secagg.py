@@ -1,0 +1,104 @@
+"""One Fed-SB round under SecAgg+ (Flower's legacy ``SecAggPlusWorkflow``): the server learns only the
+weighted mean of the clients' flat R (+ head) vectors, never one client's vector.
+
+Flower's SecAgg+ lives in the legacy stack, so this wraps one round in a ``LegacyContext`` whose
+strategy samples exactly the nodes the fedsb server chose. Weighting survives natively: each client
+uploads ``[w, w·x]`` masked (``w = num_examples / max_weight``, quantized), and the workflow divides the
+secure sum by the securely summed weights. The basis travels beforehand in a plain (Message API)
+query, since the SecAgg+ messages carry only FitIns.
+
+Quantization error: values are clipped to ±c and stochastically rounded to a grid of step
+Δ = 2c / Q (Q = ``secagg-quantization-range``); each client's rounding error is below Δ per coordinate,
+so the mean carries at most k·Δ / Σ_i w_i of it (``quantization_error_bound``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedsb.config import FedSBConfig
+
+log = logging.getLogger("fedsb.server.secagg")
+
+
+def quantization_error_bound(num_clients: int, weights: list[float], max_weight: float, clip: float, q_range: int,
+                             max_abs: float) -> float:
+    """Worst-case |secure mean − plain weighted mean| per coordinate, for values within ±clip.
+
+    Rounding: < k·(2c/Q) / Σ r_i with r_i = w_i / max_weight. Weight quantization: each r_i is rounded
+    to a multiple of 1/Q, which moves the mean by at most max|x| · 2k / (Q · Σ r_i).
+    """
+    ratios = [w / max_weight for w in weights]
+    total = sum(ratios)
+    return num_clients * (2 * clip / q_range) / total + max_abs * 2 * num_clients / (q_range * total)
+
+
+@dataclass
+class SecAggResult:
+    aggregate: np.ndarray | None
+    sampled: int
+    results: int
+    failures: int
+    train_loss: float | None
+    fingerprints: set[str]
+    saw_only_aggregate: bool | None  # every vector the (legacy) aggregation received was the secure mean
+
+
+def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec: np.ndarray, config: dict,
+                 max_weight: float) -> SecAggResult:
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.server_config import ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    seen: list[np.ndarray] = []
+    info = {"results": 0, "failures": 0, "loss": None, "fingerprints": set()}
+
+    class ChosenNodes(FedAvg):
+        """Samples the nodes fedsb chose; records what aggregation receives (only the secure mean)."""
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            proxies = client_manager.all()
+            return [(proxies[str(n)], FitIns(parameters, dict(config))) for n in nodes if str(n) in proxies]
+
+        def aggregate_fit(self, server_round, results, failures):
+            info["results"], info["failures"] = len(results), len(failures)
+            for _, res in results:
+                seen.append(parameters_to_ndarrays(res.parameters)[0])
+                info["fingerprints"].add(str(res.metrics.get("fingerprint", "")))
+            losses = [(float(r.metrics["train-loss"]), r.num_examples) for _, r in results if "train-loss" in r.metrics]
+            if losses:
+                info["loss"] = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+            if not results:
+                return None, {}
+            # every FitRes already holds the secure mean (the workflow put it there): pass it through as is
+            # (FedAvg's re-averaging of identical vectors would only add rounding)
+            return results[0][1].parameters, {}
+
+    cm = SimpleClientManager()
+    for n in nodes:
+        cm.register(GridClientProxy(node_id=n, grid=grid, run_id=grid.run.run_id))
+    state = RecordDict({
+        "parameters": compat.parameters_to_arrayrecord(ndarrays_to_parameters([global_vec]), True),
+        "config": ConfigRecord({"current_round": rnd}),
+    })
+    ctx = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=state, run_config={}),
+                        config=ServerConfig(num_rounds=1), strategy=ChosenNodes(), client_manager=cm)
+    workflow = SecAggPlusWorkflow(num_shares=cfg.secagg_shares, reconstruction_threshold=cfg.secagg_threshold,
+                                  max_weight=max_weight, clipping_range=cfg.secagg_clip_range,
+                                  quantization_range=cfg.secagg_quantization_range, timeout=cfg.round_timeout)
+    workflow(grid, ctx)
+    out, only = None, None
+    if info["results"]:
+        raw = parameters_to_ndarrays(compat.arrayrecord_to_parameters(ctx.state["parameters"], True))[0]
+        only = bool(seen) and all(np.array_equal(v, raw) for v in seen)
+        out = raw.astype(np.float32)
+    return SecAggResult(out, len(nodes), info["results"], info["failures"], info["loss"], info["fingerprints"], only)
