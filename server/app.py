@@ -253,7 +253,7 @@ class FedSBServer:
         # with the number of clients); FedEx/FLoRA and the robust rules need all vectors at once.
         streaming = self.method.streamable and cfg.aggregation == "mean"
         running, vectors, weights = robust.RunningWeightedMean(), [], []
-        rejected, lacking, losses, up_sizes, exhausted = [], [], [], [], []
+        rejected, lacking, losses, up_sizes, exhausted, resent = [], [], [], [], [], []
         failed = 0
 
         def content_for(node: int) -> RecordDict:
@@ -302,6 +302,7 @@ class FedSBServer:
             for n in lacking:
                 self.flora_held.pop(n, None)
             again, lacking[:] = list(lacking), []
+            resent.extend(again)
             timed_out = self.send(again, MessageType.TRAIN, content_for, "train", on_reply)
             failed += len(timed_out)
         self.totals["bytes_basis_total"] += basis_bytes
@@ -317,7 +318,7 @@ class FedSBServer:
         self.rec.log(
             rnd, "train",
             loss=(sum(l * n for l, n in losses) / sum(n for _, n in losses)) if losses else None,
-            clients=len(sampled), replies=len(weights), failed=failed, lacking_basis=len(lacking),
+            clients=len(sampled), replies=len(weights), failed=failed, basis_resent=len(resent),
             budget_exhausted=len(exhausted), **self.dp_round_metrics(),
             rejected=rejected, rejected_count=len(rejected), updated=updated, examples=int(sum(weights)),
             bytes_up=self.totals["bytes_up"] - up_before, bytes_down=self.totals["bytes_down"] - down_before,

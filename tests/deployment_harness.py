@@ -1,0 +1,129 @@
+"""Real Flower deployment processes on loopback for the tests: SuperLink (TLS + node auth), SuperNodes,
+``flwr run``. Command lines come from fedsb.deploy (the same ones the compose files use). Every process
+is started in its own session and stopped by pid (its whole process group) by ``stop``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedsb.certs import make_certificates
+from fedsb.deploy import Security, connection_toml, superexec_args, supernode_args, superlink_args
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Federation:
+    workdir: Path
+    num_nodes: int = 3
+    isolation: str = "subprocess"
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.certs = self.workdir / "certs"
+        make_certificates(self.certs, self.num_nodes + 1)  # one spare key that is never registered
+        self.sec = Security(tls=True, auth=True, certs_dir=str(self.certs))
+        self.port = free_port()
+        self.node_ports = [free_port() for _ in range(self.num_nodes + 1)]
+        self.flwr_home = self.workdir / "flwr-home"
+        self.flwr_home.mkdir(exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(
+            '[superlink]\ndefault = "fedsb-test"\n\n' + connection_toml("fedsb-test", f"127.0.0.1:{self.port}", str(self.certs / "ca.crt")))
+        self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+                        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FEDSB_PROGRESS="0",
+                        PYTHONPATH=str(ROOT))
+
+    # -- processes ------------------------------------------------------------------------------
+    def _start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "ab")
+        args = [str(BIN / args[0])] + args[1:]
+        p = subprocess.Popen(args, cwd=self.workdir, env=env or self.env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs[name] = p
+        return p
+
+    def start_superlink(self) -> None:
+        self._start("superlink", superlink_args(self.port, self.sec, str(self.workdir / "state.db"), isolation=self.isolation))
+        if self.isolation == "process":
+            self._start("superexec-serverapp", superexec_args(f"127.0.0.1:{self.port}", self.sec))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"SuperLink did not open port {self.port}: {self.log('superlink')[-2000:]}")
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def register(self, i: int) -> subprocess.CompletedProcess:
+        return self.flwr("supernode", "register", str(self.certs / "keys" / f"sn{i}.pub"), "fedsb-test")
+
+    def start_supernode(self, i: int, cache_dir: Path | None = None) -> subprocess.Popen:
+        env = dict(self.env, FEDSB_CACHE_DIR=str(cache_dir or self.workdir / f"cache-{i}"))
+        p = self._start(f"supernode-{i}", supernode_args(f"127.0.0.1:{self.port}", self.node_ports[i], i, self.num_nodes,
+                                                         self.sec, key=str(self.certs / "keys" / f"sn{i}"),
+                                                         isolation=self.isolation), env)
+        if self.isolation == "process":
+            self._start(f"superexec-clientapp-{i}", superexec_args(f"127.0.0.1:{self.node_ports[i]}", self.sec), env)
+        return p
+
+    def kill(self, name: str) -> None:
+        p = self.procs.pop(name, None)
+        if p is not None and p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=30)
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    # -- runs -----------------------------------------------------------------------------------
+    def run(self, run_config: dict) -> int:
+        """``flwr run . fedsb-test``; returns the run id."""
+        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+        res = self.flwr("run", ".", "fedsb-test", "--run-config", rc, "--format", "json", timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {res.stdout}\n{res.stderr}")
+        return int(json.loads(res.stdout)["run-id"])
+
+    def status(self, run_id: int) -> str:
+        res = self.flwr("ls", "fedsb-test", "--run-id", str(run_id), "--format", "json")
+        data = json.loads(res.stdout)
+        runs = data.get("runs", [data])
+        return str(runs[0].get("status", "")) if runs else ""
+
+    def wait(self, run_id: int, timeout: float) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            s = self.status(run_id)
+            if s.startswith("finished"):
+                return s
+            time.sleep(2)
+        raise TimeoutError(f"run {run_id} did not finish in {timeout}s (status {self.status(run_id)!r})")

@@ -1,0 +1,66 @@
+"""The same app under Flower's Deployment Engine, on loopback: SuperLink with TLS and SuperNode
+authentication, three registered SuperNodes, ``flwr run``; one node killed mid-run, then restarted with
+empty state and an empty basis cache; an unregistered key refused. Real processes, stopped by pid."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.conftest import tiny_run_config
+from tests.deployment_harness import Federation
+
+pytestmark = pytest.mark.deployment
+
+
+def _records(path):
+    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def federation(tmp_path):
+    fed = Federation(tmp_path / "fed", num_nodes=3)
+    yield fed
+    fed.stop()
+    assert all(p.poll() is not None for p in fed.procs.values())
+
+
+def test_tls_auth_federation_survives_lost_and_restarted_node(federation, tiny_bert, sentiment_csv, tmp_path):
+    fed = federation
+    fed.start_superlink()
+    for i in range(3):
+        assert fed.register(i).returncode == 0
+    # a SuperNode whose key was never registered is refused
+    intruder = fed.start_supernode(3)
+    for i in range(3):
+        fed.start_supernode(i)
+    out = tmp_path / "run"
+    run_id = fed.run(tiny_run_config(tiny_bert, sentiment_csv, out, **{
+        "num-server-rounds": 4, "local-steps": 5, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
+        "min-available-nodes": 3, "round-timeout": 90.0}))
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not any(r["phase"] == "train" and r["round"] == 1 for r in _records(metrics)):
+        assert time.time() < deadline, fed.log("superlink")[-3000:]
+        time.sleep(1)
+    fed.kill("supernode-2")  # lost mid-run
+    while not any(r["phase"] == "train" and r["round"] == 2 for r in _records(metrics)):
+        assert time.time() < deadline
+        time.sleep(1)
+    fed.start_supernode(2, cache_dir=tmp_path / "empty-cache")  # back, with no state and no cached basis
+    status = fed.wait(run_id, timeout=400)
+    assert status == "finished:completed", status
+    summary = json.loads((out / "summary.json").read_text())
+    train = {r["round"]: r for r in _records(metrics) if r["phase"] == "train"}
+    assert train[1]["replies"] == 3 and train[1]["bytes_basis"] > 0
+    assert train[2]["failed"] >= 1 and train[2]["replies"] == 2 and train[2]["updated"]
+    # the restarted node said it lacked the basis, got it again, and its reply counted
+    assert sum(r["basis_resent"] for r in train.values()) >= 1
+    assert train[4]["replies"] == 3
+    assert summary["rounds"] == 4 and summary["final_accuracy"] is not None
+    assert intruder.wait(timeout=60) != 0  # refused: the SuperLink answers 412 to an unregistered key
+    assert "Failed to activate SuperNode" in fed.log("supernode-3")
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in fed.log("superlink")
+    assert not any(r.get("clients") == 4 for r in train.values())  # the intruder never joined a round
