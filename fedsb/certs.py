@@ -44,7 +44,7 @@ def _pem_key(key) -> bytes:
 def make_certificates(out_dir: str | Path, num_nodes: int, hostnames: list[str] | None = None,
                       ips: list[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
     out = Path(out_dir)
-    hostnames = hostnames or ["superlink", "localhost"]
+    hostnames = list(dict.fromkeys(hostnames or ["superlink", "localhost"]))
     ips = ips or ["127.0.0.1", "::1"]
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())

@@ -34,6 +34,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0 if rows else 1
 
 
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from fedsb.certs import make_certificates
+
+    out = Path(args.out)
+    if args.keep_existing and (out / "ca.crt").exists():
+        print(f"{out} already holds certificates; keeping them")
+        return 0
+    files = make_certificates(out, args.nodes, hostnames=[*(args.host or ["superlink"]), "localhost"], ips=args.ip, overwrite=args.overwrite)
+    print("\n".join(str(p) for p in files.values()))
+    return 0
+
+
+def _cmd_compose(args: argparse.Namespace) -> int:
+    from fedsb.deploy import write_compose
+
+    for p in write_compose(args.out, args.nodes):
+        print(p)
+    return 0
+
+
 def _cmd_check_run(args: argparse.Namespace) -> int:
     """Exit non-zero unless a run directory holds a complete run (``flwr run --stream`` exits 0 on failure)."""
     run_dir = Path(args.run_dir)
@@ -67,6 +87,20 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--rank", default="", help="per-method ranks, e.g. fed-sb=64,fedit=8")
     m.set_defaults(func=_cmd_compare)
 
+    k = sub.add_parser("certs", help="CA, SuperLink TLS certificate and SuperNode auth keys")
+    k.add_argument("--out", default="certs")
+    k.add_argument("--nodes", type=int, default=3)
+    k.add_argument("--host", action="append", default=[], help="DNS name in the SuperLink certificate (repeatable)")
+    k.add_argument("--ip", action="append", default=["127.0.0.1"], help="IP in the SuperLink certificate (repeatable)")
+    k.add_argument("--overwrite", action="store_true")
+    k.add_argument("--keep-existing", action="store_true", help="do nothing if certificates exist")
+    k.set_defaults(func=_cmd_certs)
+
+    d = sub.add_parser("compose", help="(re)generate docker/compose.yml and compose.tls.yml from fedsb.deploy")
+    d.add_argument("--out", default="docker")
+    d.add_argument("--nodes", type=int, default=3)
+    d.set_defaults(func=_cmd_compose)
+
     c = sub.add_parser("check-run", help="fail unless RUN_DIR holds a completed run")
     c.add_argument("run_dir")
     c.set_defaults(func=_cmd_check_run)
@@ -74,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # ConfigError and friends: one clear line, no traceback
+    except (ValueError, FileExistsError) as e:  # ConfigError and friends: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

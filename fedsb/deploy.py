@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FLWR_VERSION = "1.41.0"
-IMAGE = "fedsb:latest"  # built from docker/Dockerfile
+APP_IMAGE = "fedsb-superexec:latest"  # built from docker/Dockerfile
 CERTS_IN_CONTAINER = "/certs"
 
 
@@ -70,32 +70,49 @@ def connection_toml(name: str, address: str, root_ca: str | None) -> str:
 def compose_spec(num_nodes: int, tls: bool) -> dict:
     """docker compose services: SuperLink + ServerApp executor, N SuperNodes + ClientApp executors.
 
-    Process isolation: each SuperLink/SuperNode hands its app to a separate executor container.
+    Process isolation: the SuperLink and SuperNodes (Flower's own images, entrypoint = the binary) hand
+    the apps to executor containers built from docker/Dockerfile (Flower's superexec image + torch CPU +
+    fedsb). ``tls=True`` gives the overlay for ``compose.tls.yml``: the same services with TLS and
+    SuperNode authentication flags, certificate volumes, and a one-shot ``certs`` service.
     """
     sec = Security(tls=tls, auth=tls, certs_dir=CERTS_IN_CONTAINER)
     env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "FEDSB_CACHE_DIR": "/cache"}
     certs = [f"./certs:{CERTS_IN_CONTAINER}:ro"] if tls else []
-    services: dict = {
-        "superlink": {
-            "image": IMAGE, "command": superlink_args(9093, sec, "/state/state.db", host="0.0.0.0", isolation="process"),
-            "ports": ["9093:9093"], "volumes": ["superlink-state:/state", *certs], "environment": env,
-        },
-        "superexec-serverapp": {
-            "image": IMAGE, "command": superexec_args("superlink:9093", sec),
-            "volumes": ["./runs:/app/runs", *certs], "environment": env, "depends_on": ["superlink"],
-        },
+    services: dict = {}
+    if tls:
+        services["certs"] = {
+            "image": APP_IMAGE, "entrypoint": ["fedsb"], "volumes": [f"./certs:{CERTS_IN_CONTAINER}"],
+            "command": ["certs", "--out", CERTS_IN_CONTAINER, "--nodes", str(num_nodes), "--host", "superlink",
+                        "--keep-existing"],
+        }
+    after_certs = {"certs": {"condition": "service_completed_successfully"}} if tls else {}
+    services["superlink"] = {
+        "image": f"flwr/superlink:{FLWR_VERSION}",
+        "command": superlink_args(9093, sec, "/state/state.db", host="0.0.0.0", isolation="process")[1:],
+        "ports": ["9093:9093"], "volumes": ["superlink-state:/state", *certs], "depends_on": after_certs or None,
+    }
+    services["superexec-serverapp"] = {
+        "image": APP_IMAGE, "build": {"context": "..", "dockerfile": "docker/Dockerfile"},
+        "command": superexec_args("superlink:9093", sec)[1:],
+        "volumes": ["./runs:/app/runs", *certs], "environment": env, "depends_on": ["superlink"],
     }
     for i in range(num_nodes):
         key = f"{CERTS_IN_CONTAINER}/keys/sn{i}" if tls else None
         services[f"supernode-{i}"] = {
-            "image": IMAGE,
-            "command": supernode_args("superlink:9093", 9094, i, num_nodes, sec, key=key, host="0.0.0.0", isolation="process"),
-            "volumes": [f"cache-{i}:/cache", *certs], "environment": env, "depends_on": ["superlink"],
+            "image": f"flwr/supernode:{FLWR_VERSION}",
+            "command": supernode_args("superlink:9093", 9094, i, num_nodes, sec, key=key, host="0.0.0.0",
+                                      isolation="process")[1:],
+            "volumes": [*certs], "depends_on": ["superlink"],
         }
         services[f"superexec-clientapp-{i}"] = {
-            "image": IMAGE, "command": superexec_args(f"supernode-{i}:9094", sec),
+            "image": APP_IMAGE, "command": superexec_args(f"supernode-{i}:9094", sec)[1:],
             "volumes": [f"cache-{i}:/cache", *certs], "environment": env, "depends_on": [f"supernode-{i}"],
         }
+    for svc in services.values():
+        for k in [k for k, v in svc.items() if v in (None, [])]:
+            del svc[k]
+    if tls:  # an overlay: only what changes (compose replaces `command`, merges volumes)
+        return {"services": services}
     volumes = {"superlink-state": {}, **{f"cache-{i}": {} for i in range(num_nodes)}}
     return {"name": "fedsb", "services": services, "volumes": volumes}
 

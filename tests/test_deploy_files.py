@@ -1,0 +1,78 @@
+"""The docker files agree with fedsb.deploy and with the installed Flower binaries; certificates verify."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedsb.deploy import compose_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("name, tls", [("compose.yml", False), ("compose.tls.yml", True)])
+def test_committed_compose_files_are_the_generated_ones(name, tls):
+    committed = yaml.safe_load((ROOT / "docker" / name).read_text())
+    assert committed == yaml.safe_load(yaml.safe_dump(compose_spec(3, tls))), f"run `fedsb compose` to regenerate {name}"
+
+
+@lru_cache
+def _help(binary: str) -> str:
+    return subprocess.run([str(BIN / binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+BINARY_OF_IMAGE = {"flwr/superlink": "flower-superlink", "flwr/supernode": "flower-supernode",
+                   "fedsb-superexec": "flower-superexec"}
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_every_flag_is_accepted_by_the_installed_binaries(tls):
+    spec = compose_spec(3, tls)
+    checked = 0
+    for name, svc in spec["services"].items():
+        if svc.get("entrypoint") == ["fedsb"]:
+            continue
+        binary = BINARY_OF_IMAGE[svc["image"].split(":")[0]]
+        for tok in svc["command"]:
+            if tok.startswith("--"):
+                assert f"  {tok}" in _help(binary), f"{name}: {binary} does not accept {tok}"
+                checked += 1
+    assert checked > 20
+    services = spec["services"]
+    if tls:
+        assert "--enable-supernode-auth" in services["superlink"]["command"]
+        assert "--auth-supernode-private-key" in services["supernode-2"]["command"]
+    else:
+        assert "--insecure" in services["superlink"]["command"]
+        assert "partition-id=2 num-partitions=3" in services["supernode-2"]["command"]
+        assert "--disable-runtime-dependency-installation" in services["superlink"]["command"]
+
+
+def test_certificates_verify_and_refuse_to_overwrite(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from fedsb.certs import make_certificates
+
+    files = make_certificates(tmp_path, 2, hostnames=["superlink", "localhost"], ips=["127.0.0.1"])
+    ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())
+    srv = x509.load_pem_x509_certificate(files["server.pem"].read_bytes())
+    srv.verify_directly_issued_by(ca)
+    sans = srv.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"superlink", "localhost"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert "127.0.0.1" in {str(i) for i in sans.get_values_for_type(x509.IPAddress)}
+    key = load_ssh_private_key(files["keys/sn1"].read_bytes(), None)
+    pub = load_ssh_public_key(files["keys/sn1.pub"].read_bytes())
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.public_key().public_numbers() == pub.public_numbers()
+    assert files["keys/sn1"].stat().st_mode & 0o077 == 0
+    before = files["ca.crt"].read_bytes()
+    with pytest.raises(FileExistsError):
+        make_certificates(tmp_path, 2)
+    assert files["ca.crt"].read_bytes() == before
