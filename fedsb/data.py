@@ -175,6 +175,7 @@ class TaskData:
     num_labels: int
     label_names: list[str]
     pad_id: int
+    records: list | None = None  # causal-lm: the held-out prompt/answer records (exact match)
 
     def client_dataset(self, partition_id: int, num_partitions: int, cfg: FedSBConfig) -> EncodedDataset:
         local = partition_indices(

@@ -442,9 +442,18 @@ class FedSBServer:
     def evaluate(self, rnd: int, seconds: float | None = None) -> dict:
         t0 = time.time()
         m = evaluate(self.model, self.test_loader, self.task.loss_fn, self.cfg.task)
+        if self.cfg.task == "causal-lm" and self.cfg.eval_generate_samples > 0 and self.task.data.records:
+            # generation-based exact match on a bounded number of held-out problems (math data)
+            from fedsb.causal import evaluate_exact_match
+
+            recs = [r for r in self.task.data.records if r.final][: self.cfg.eval_generate_samples]
+            if recs:
+                m["exact_match"] = evaluate_exact_match(self.model, self.task.tokenizer, recs, self.cfg.max_new_tokens,
+                                                        16, use_chat_template=True)
         log.info("round %d: held-out loss %.4f accuracy %s", rnd, m["loss"], f"{m.get('accuracy', float('nan')):.4f}")
         return self.rec.log(rnd, "evaluate", loss=m["loss"], accuracy=m.get("accuracy"),
-                            perplexity=m.get("perplexity"), examples=m["num-examples"], bytes_up=0, bytes_down=0,
+                            perplexity=m.get("perplexity"), exact_match=m.get("exact_match"),
+                            examples=m["num-examples"], bytes_up=0, bytes_down=0,
                             clients=0, seconds=round((seconds or 0) + time.time() - t0, 3))
 
     # ------------------------------------------------------------------------------------------
@@ -502,7 +511,8 @@ class FedSBServer:
         summary = {
             "method": cfg.method, "rounds": cfg.num_server_rounds, "final_accuracy": ev.get("accuracy"),
             "final_loss": ev.get("loss"), "initial_accuracy": first.get("accuracy"), "initial_loss": first.get("loss"),
-            "final_perplexity": ev.get("perplexity"), "majority_rate": self.task.data.majority_rate(cfg.eval_max_samples) if cfg.task == "seq-cls" else None,
+            "final_perplexity": ev.get("perplexity"), "final_exact_match": ev.get("exact_match"),
+            "initial_exact_match": first.get("exact_match"), "majority_rate": self.task.data.majority_rate(cfg.eval_max_samples) if cfg.task == "seq-cls" else None,
             "bytes_up_per_client_round": (sum(up) / len(up)) if up else None,
             "bytes_up_floor_per_client_round": 4 * self.method.get_vector(self.model).size,
             "bytes_up_total": self.totals["bytes_up"], "bytes_down_total": self.totals["bytes_down"],
