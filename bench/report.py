@@ -1,0 +1,180 @@
+"""Render BENCHMARKS.md from bench/results/*.json (no number in it is typed by hand).
+
+    python -m bench.report
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+R = Path("bench/results")
+
+
+def _load(name):
+    p = R / name
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _b(n) -> str:
+    return "—" if n is None else f"{n:,.0f}"
+
+
+def _f(x, d=3) -> str:
+    return "—" if x is None else f"{x:.{d}f}"
+
+
+def _missing(cmd: str) -> list[str]:
+    return [f"*Not measured yet: run `{cmd}`.*", ""]
+
+
+def main() -> None:
+    out = ["# fedsb benchmarks", "",
+           "Every figure below is rendered by `python -m bench.report` from the JSON that the command beside it",
+           "wrote into `bench/results/`. Machine: the project's CPU machine (2 cores, 24 GiB, no GPU), shared and",
+           "noisy: timings are medians of interleaved repeats, and the results are ratios measured side by side.", ""]
+
+    comm = _load("comm.json")
+    out += ["## Wire bytes per client per round vs the floor", "",
+            "Command: `python -m bench.comm` (Fed-SB rank 32, LoRA baselines rank 8, FLoRA stack of 4 clients).",
+            "Measured from the serialized Flower message contents the apps build (`client.app.train_reply_content`,",
+            "the server's records), against the raw floor of 4 bytes per number (`r²·layers + head` for Fed-SB).",
+            "Goal: Fed-SB ≤ 1.10× the floor.", ""]
+    if comm:
+        out += ["| method | rank | numbers up | floor up (B) | measured up (B) | ratio | measured down (B) |", "|---|---|---|---|---|---|---|"]
+        for r in comm["rows"]:
+            out.append(f"| {r['method']} | {r['rank']} | {_b(r['numbers_up'])} | {_b(r['floor_up_bytes'])} | "
+                       f"{_b(r['measured_up_bytes'])} | {r['ratio_up']:.4f} | {_b(r['measured_down_bytes'])} |")
+        fs = comm["rows"][0]
+        out += ["", f"Fed-SB's upload is {fs['ratio_up']:.4f}× its floor: **goal met** (all R matrices and the head",
+                "travel as one flat float32 array, so Flower's per-array framing is paid once). FedEx-LoRA's download",
+                "carries the dense residual (m·n per layer) every round; FLoRA's the stacked factors of all clients.", ""]
+        out += ["## One-time costs", "", "Command: `python -m bench.comm`. Default model, measured vs the formula",
+                "(basis `4·r·(m+n)` per layer, init gradient `4·m·n` per layer):", "",
+                "| what | measured (B) | formula (B) |", "|---|---|---|",
+                f"| basis B, A (float32), per node | {_b(fs['basis_measured_bytes'])} | {_b(fs['basis_formula_bytes'])} |",
+                f"| basis as bfloat16 (`basis-dtype=bfloat16`), per node | {_b(fs['basis_bf16_measured_bytes'])} | {_b(fs['basis_formula_bytes'] // 2)} |",
+                f"| init gradient upload, per client | {_b(fs['init_gradient_measured_bytes'])} | {_b(fs['init_gradient_formula_bytes'])} |",
+                "", "Extrapolated by the same formula (checked above to within framing) to the paper's models and ranks:", "",
+                "| model | rank | adapted layers | Fed-SB upload / round | basis float32 | basis bfloat16 | init gradient |",
+                "|---|---|---|---|---|---|---|"]
+        for m, e in comm["extrapolated"].items():
+            out.append(f"| {m} | {e['rank']} | {e['layers']} | {_b(e['fed_sb_up_per_round_bytes'])} | {_b(e['basis_bytes_float32'])} | "
+                       f"{_b(e['basis_bytes_bfloat16'])} | {_b(e['init_gradient_bytes'])} |")
+        out += ["", "The init gradient dominates the one-time cost (a dense m×n per layer from each queried client);",
+                "`init-fraction` queries only a sampled subset of clients, and `basis-dtype=bfloat16` halves the",
+                "broadcast. Their effect on accuracy was not measured in this session (see the note at the end).", ""]
+    else:
+        out += _missing("python -m bench.comm")
+
+    ov = _load("overhead.json")
+    out += ["## Adapter overhead", "", "Command: `python -m bench.overhead` (batch 16, seq 64, default model, one AdamW step).", ""]
+    if ov:
+        res = ov["results"]
+        out += ["| variant | trainable params | median step (s) | vs no-adapter | vs frozen-backward |", "|---|---|---|---|---|"]
+        for k in ("no-adapter", "frozen-backward", "fed-sb", "lora"):
+            if k in res:
+                out.append(f"| {k}{' r=' + str(ov['fed_sb_rank']) if k == 'fed-sb' else ''}{' r=' + str(ov['lora_rank']) if k == 'lora' else ''} | "
+                           f"{_b(ov['trainable_params'].get(k))} | {res[k]['median_s']:.4f} | {res[k]['median_s'] / res['no-adapter']['median_s']:.2f}× | "
+                           f"{res[k]['median_s'] / res['frozen-backward']['median_s']:.2f}× |" if "frozen-backward" in res else "")
+        out += ["", f"Goal ≤ 1.15× the no-adapter step: **not met** ({ov['ratio_fed_sb_vs_no_adapter']:.2f}×). The no-adapter",
+                "step trains only the head, so its backward stops at the classifier; any adapter needs the backward",
+                "through all six blocks. Against the frozen base with that full backward (`frozen-backward`), Fed-SB costs",
+                f"{ov.get('ratio_fed_sb_vs_frozen_backward', float('nan')):.2f}× and standard LoRA at a similar budget "
+                f"{ov.get('ratio_lora_vs_frozen_backward', float('nan')):.2f}×: the three extra thin",
+                "matmuls per layer (x·Aᵀ, ·Rᵀ, ·Bᵀ) are what remains.", ""]
+    else:
+        out += _missing("python -m bench.overhead")
+
+    dp = _load("dp_overhead.json")
+    out += ["## DP overhead", "", "Command: `python -m bench.dp_overhead` (10 steps, batch 16, seq 64, Fed-SB r=32 on the default model).", ""]
+    if dp:
+        out += ["| mode | median of 10 steps (s) | vs plain |", "|---|---|---|"]
+        for k, v in dp["results"].items():
+            out.append(f"| {k} | {v['median_s']:.3f} | {dp['ratios'][k]:.3f}× |")
+        hooks = dp["ratios"].get("dp-hooks")
+        out += ["", f"Goal ≤ 1.3×: **{'met' if hooks and hooks <= 1.3 else 'not met'}** with the default `grad-sample-mode=hooks` "
+                f"({_f(hooks)}×): per-sample gradients are needed only for R and the head.", ""]
+    else:
+        out += _missing("python -m bench.dp_overhead")
+
+    ic = _load("init_cost.json")
+    out += ["## Initialization cost", "", "Command: `python -m bench.init_cost` (64 examples, rank 32, 36 layers).", ""]
+    if ic:
+        res = ic["results"]
+        out += ["| part | median (s) |", "|---|---|"] + [f"| {k} | {v['median_s']:.3f} |" for k, v in res.items()]
+        out += ["", f"Init (gradient accumulation + exact SVD) = {ic['init_exact_in_train_steps']:.1f} training steps; with the",
+                f"randomized SVD {ic['init_randomized_in_train_steps']:.1f} steps. Goal ≤ 2 steps: **not met** — accumulating the",
+                "gradient over 64 examples is itself 4 batches of forward+backward with full weight gradients. It runs once",
+                "per run (seconds), and `init-samples=16` brings it near 2 steps. Randomized vs exact SVD: the",
+                f"randomized rank-r error exceeds the optimal (Eckart–Young) error by {ic['randomized_svd_excess_error_median']:.2e}",
+                f"(median over layers; max {ic['randomized_svd_excess_error_max']:.2e}).", ""]
+    else:
+        out += _missing("python -m bench.init_cost")
+
+    sc = _load("scale.json")
+    out += ["## Scale", "", "Command: `python -m bench.scale` (tiny BERT, every client sampled, 1 local step, 2 rounds).",
+            "Server seconds per round and the server process's peak allocation during a round (tracemalloc).", ""]
+    if sc:
+        out += ["| clients | method | round seconds (median) | server peak during a round (B) | upload / client (B) |", "|---|---|---|---|---|"]
+        for r in sc["rows"]:
+            out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds_median']:.2f} | {_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
+        out += ["", "Replies are pulled as they arrive and folded into a running weighted sum (`fedsb.robust.RunningWeightedMean`),",
+                "so fedsb's own aggregation holds one reply at a time; what still grows with the client count is",
+                "Flower's in-memory state of the simulated federation (messages queued in the link state).", ""]
+    else:
+        out += _missing("python -m bench.scale")
+
+    out += ["## Accuracy vs communication (all methods, default task)", "",
+            "Command: `fedsb compare --methods fed-sb,fedit,ffa-lora,fedex-lora,flora --num-supernodes 10 --out runs/compare "
+            "--rank fed-sb=32,fedit=24,ffa-lora=24,fedex-lora=24,flora=24 --run-config \"num-server-rounds=8\"`", ""]
+    cmp_md = R / "compare.md"
+    if cmp_md.exists():
+        out += [cmp_md.read_text().strip(), "", "![pareto](bench/results/pareto.png)", "", "![curves](bench/results/curves.png)", ""]
+        rows = list(csv.DictReader(open(R / "compare.csv")))
+        by = {r["method"]: r for r in rows}
+        if "fed-sb" in by and "fedit" in by:
+            ratio = float(by["fedit"]["bytes_up_per_client_round"]) / float(by["fed-sb"]["bytes_up_per_client_round"])
+            out += [f"Fed-SB r=32 uploads 1/{ratio:.1f} of FedIT r=24 per client and round.", ""]
+    else:
+        out += _missing("fedsb compare ... (above)")
+
+    pc = _load("private_compare.json")
+    out += ["## Private comparison (DP-SGD)", "", "Command: `python -m bench.private_compare` "
+            "(6 clients, 4 rounds, fraction 0.5, 10 local steps, LoRA baselines r=8, δ = 1/(10·n_min)).", ""]
+    if pc:
+        out += ["| method | target ε | ε spent (worst client) | σ | accuracy | majority rate | upload total (B) |", "|---|---|---|---|---|---|---|"]
+        for r in pc["rows"]:
+            out.append(f"| {r['method']} | {r['target_epsilon']:g} | {_f(r['epsilon'])} | {_f(r['noise_multiplier'])} | "
+                       f"{_f(r['final_accuracy'])} | {_f(r['majority_rate'])} | {_b(r['bytes_up_total'])} |")
+        out.append("")
+    else:
+        out += _missing("python -m bench.private_compare")
+
+    sm = _load("smollm2.json")
+    out += ["## Causal LM: SmolLM2-135M with Fed-SB on GSM-style math", ""]
+    if sm:
+        s = sm["summary"]
+        out += [f"Command: `{sm['command']}`", "", f"Wall time {sm['wall_seconds'] / 60:.1f} min on 2 CPU cores.", "",
+                "| round | held-out loss | perplexity | exact match |", "|---|---|---|---|"]
+        out += [f"| {e['round']} | {_f(e['loss'])} | {_f(e['perplexity'], 2)} | {_f(e['exact_match'])} |" for e in sm["evaluate"]]
+        out += ["", f"Upload per client per round {_b(s['bytes_up_per_client_round'])} B (floor {_b(s['bytes_up_floor_per_client_round'])} B); "
+                f"basis {_b(s['bytes_basis_total'])} B in all; init gradients {_b(s['bytes_init_total'])} B in all.", ""]
+    else:
+        out += _missing("python -m bench.smollm2")
+
+    do = _load("deploy_overhead.json")
+    out += ["## Deployment round vs simulation round", "", "Command: `python -m bench.deploy_overhead` (default model, 3 clients, 10 local steps).", ""]
+    if do:
+        out += [f"Simulation train rounds: {', '.join(f'{x:.1f}' for x in do['simulation_round_seconds'])} s; deployment (SuperLink +",
+                f"3 SuperNodes, TLS + node auth, loopback): {', '.join(f'{x:.1f}' for x in do['deployment_round_seconds'])} s —",
+                f"{do['ratio_median']:.1f}× per round. What dominates: {do['note']}.", ""]
+    else:
+        out += _missing("python -m bench.deploy_overhead")
+    Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
+    print("wrote BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
