@@ -64,7 +64,7 @@ def main() -> None:
                        f"{_b(e['basis_bytes_bfloat16'])} | {_b(e['init_gradient_bytes'])} |")
         out += ["", "The init gradient dominates the one-time cost (a dense m×n per layer from each queried client);",
                 "`init-fraction` queries only a sampled subset of clients, and `basis-dtype=bfloat16` halves the",
-                "broadcast. Their effect on accuracy was not measured in this session (see the note at the end).", ""]
+                "broadcast; their measured effect on accuracy is in the Options section below.", ""]
     else:
         out += _missing("python -m bench.comm")
 
@@ -163,6 +163,27 @@ def main() -> None:
                 f"basis {_b(s['bytes_basis_total'])} B in all; init gradients {_b(s['bytes_init_total'])} B in all.", ""]
     else:
         out += _missing("python -m bench.smollm2")
+
+    op = _load("options.json")
+    out += ["## Options: SecAgg+, bfloat16 basis, sampled initialization", "",
+            "Command: `python -m bench.options` (default task, 6 clients, 3 rounds, fraction 0.5; every variant on the",
+            "same partitions and seeds as the baseline).", ""]
+    if op:
+        base = next(r for r in op["rows"] if r["variant"] == "baseline")
+        out += ["| variant | accuracy | upload / round (B) | download / round (B) | train round (s) | basis total (B) | init total (B) |",
+                "|---|---|---|---|---|---|---|"]
+        for r in op["rows"]:
+            out.append(f"| {r['variant']} | {_f(r['final_accuracy'])} | {_b(r['bytes_up_per_round'])} | {_b(r['bytes_down_per_round'])} | "
+                       f"{_f(r['train_round_seconds_median'], 1)} | {_b(r['bytes_basis_total'])} | {_b(r['bytes_init_total'])} |")
+        sa = next((r for r in op["rows"] if r["variant"] == "secagg"), None)
+        if sa:
+            out += ["", f"SecAgg+ costs {sa['bytes_up_per_round'] / base['bytes_up_per_round']:.2f}× the upload and "
+                    f"{sa['bytes_down_per_round'] / max(1, base['bytes_down_per_round']):.2f}× the download per round "
+                    f"(key exchange, shares and the masked vector), and {sa['train_round_seconds_median'] / base['train_round_seconds_median']:.2f}× "
+                    "the round time (four round trips instead of one)."]
+        out.append("")
+    else:
+        out += _missing("python -m bench.options")
 
     do = _load("deploy_overhead.json")
     out += ["## Deployment round vs simulation round", "", "Command: `python -m bench.deploy_overhead` (default model, 3 clients, 10 local steps).", ""]

@@ -27,7 +27,7 @@ from fedsb.methods import FedExLoRA, FLoRA, FedSB, flatten, unflatten_into
 from fedsb.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
 from fedsb.task import get_task
 from fedsb.training import evaluate
-from fedsb.validation import InvalidReply, ReplySpec, check_reply
+from fedsb.validation import InvalidReply, ReplySpec, check_num_examples, check_reply
 
 log = logging.getLogger("fedsb.server")
 
@@ -92,6 +92,8 @@ class FedSBServer:
             self.train_round(rnd)
             if rnd % cfg.eval_every == 0 or rnd == cfg.num_server_rounds:
                 self.evaluate(rnd)
+                if cfg.federated_evaluate:
+                    self.federated_evaluate(rnd)
             self.checkpoint(rnd)
         self.finish(time.time() - t0)
 
@@ -455,6 +457,36 @@ class FedSBServer:
                             perplexity=m.get("perplexity"), exact_match=m.get("exact_match"),
                             examples=m["num-examples"], bytes_up=0, bytes_down=0,
                             clients=0, seconds=round((seconds or 0) + time.time() - t0, 3))
+
+    def federated_evaluate(self, rnd: int) -> dict:
+        """The sampled clients evaluate the global adapter on their local data (example-weighted)."""
+        t0 = time.time()
+        down0, up0 = self.totals["bytes_down"], self.totals["bytes_up"]
+        global_vec = self.method.get_vector(self.model)
+        fed_sb = isinstance(self.method, FedSB)
+        results: list[tuple[dict, int]] = []
+
+        def content_for(node: int) -> RecordDict:
+            with_basis = fed_sb and node not in self.basis_holders
+            if with_basis:
+                self.basis_holders.add(node)
+            return self.train_content(node, rnd, global_vec, with_basis)
+
+        def on_reply(node: int, reply: Message, up: int) -> None:
+            if reply.has_error() or reply.content.config_records.get("config", {}).get("status") != "ok":
+                return
+            m = dict(reply.content["metrics"])
+            try:
+                results.append((m, check_num_examples(m.get("num-examples"))))
+            except InvalidReply as e:
+                _reject(node, e)
+
+        self.send(self.sample(rnd), MessageType.EVALUATE, content_for, "federated-evaluate", on_reply)
+        total = sum(n for _, n in results)
+        mean = (lambda k: sum(m[k] * n for m, n in results) / total if total and all(k in m for m, _ in results) else None)
+        return self.rec.log(rnd, "federated-evaluate", loss=mean("loss"), accuracy=mean("accuracy"), clients=len(results),
+                            examples=total, bytes_up=self.totals["bytes_up"] - up0,
+                            bytes_down=self.totals["bytes_down"] - down0, seconds=round(time.time() - t0, 3))
 
     # ------------------------------------------------------------------------------------------
     def checkpoint(self, rnd: int) -> None:

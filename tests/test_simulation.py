@@ -14,7 +14,7 @@ def fedsb_run(tiny_bert, sentiment_csv, tmp_path_factory):
     from server.simulation import simulate
 
     out = tmp_path_factory.mktemp("runs") / "fed-sb"
-    run_dir = simulate(tiny_run_config(tiny_bert, sentiment_csv, out), num_supernodes=3)
+    run_dir = simulate(tiny_run_config(tiny_bert, sentiment_csv, out, **{"federated-evaluate": True}), num_supernodes=3)
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     return run_dir, records, summary
@@ -68,3 +68,11 @@ def test_run_directory_contract(fedsb_run):
     assert (run_dir / "adapter" / "peft" / "adapter_config.json").is_file()
     assert (run_dir / "adapter" / "peft" / "adapter_model.safetensors").is_file()
     assert (run_dir / "checkpoint.safetensors").is_file()
+
+
+def test_federated_evaluation_reports_weighted_client_metrics(fedsb_run):
+    _, records, summary = fedsb_run
+    fed = [r for r in records if r["phase"] == "federated-evaluate"]
+    assert [r["round"] for r in fed] == [1, 2, 3]
+    assert all(r["clients"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["examples"] > 0 for r in fed)
+    assert fed[-1]["accuracy"] >= 0.8
