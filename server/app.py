@@ -452,7 +452,8 @@ class FedSBServer:
             if recs:
                 m["exact_match"] = evaluate_exact_match(self.model, self.task.tokenizer, recs, self.cfg.max_new_tokens,
                                                         16, use_chat_template=True)
-        log.info("round %d: held-out loss %.4f accuracy %s", rnd, m["loss"], f"{m.get('accuracy', float('nan')):.4f}")
+        shown = {k: round(v, 4) for k, v in m.items() if k in ("accuracy", "perplexity", "exact_match") and v is not None}
+        log.info("round %d: held-out loss %.4f %s", rnd, m["loss"], shown)
         return self.rec.log(rnd, "evaluate", loss=m["loss"], accuracy=m.get("accuracy"),
                             perplexity=m.get("perplexity"), exact_match=m.get("exact_match"),
                             examples=m["num-examples"], bytes_up=0, bytes_down=0,

@@ -39,19 +39,29 @@ def compare(methods: list[str], num_supernodes: int, out: Path, overrides: dict[
         raise ValueError(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)}")
     ranks = ranks or {}
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves = [], {}
     for i, method in enumerate(methods, 1):
         cfg = dict(overrides, method=method, **{"output-dir": str((out / method).resolve())})
         if method in ranks:
             cfg["rank"] = ranks[method]
         log.info("=== compare: method %s (%d/%d), rank %s ===", method, i, len(methods), cfg.get("rank", "default"))
-        run_dir = simulate(cfg, num_supernodes)
+        simulate(cfg, num_supernodes)
+    return summarize(out, methods)
+
+
+def summarize(out: Path, methods: list[str]) -> list[dict]:
+    """Rows, curves and plots from the run directories ``out/<method>`` (re-runnable without training)."""
+    rows, curves = [], {}
+    for method in methods:
+        run_dir = out / method
         s = json.loads((run_dir / "summary.json").read_text())
+        one_time = s["bytes_basis_total"] + s["bytes_init_total"]
         rows.append({
             "method": method, "rank": s["config"]["rank"], "final_accuracy": s["final_accuracy"],
-            "final_loss": s["final_loss"], "bytes_up_total": s["bytes_up_total"],
+            "final_loss": s["final_loss"],
+            # per-round traffic only; the one-time basis broadcast and init gradients are their own column
+            "bytes_up_total": s["bytes_up_total"] - s["bytes_init_total"],
             "bytes_down_total": s["bytes_down_total"] - s["bytes_basis_total"],
-            "bytes_one_time": s["bytes_basis_total"] + s["bytes_init_total"],
+            "bytes_one_time": one_time,
             "bytes_up_per_client_round": s["bytes_up_per_client_round"], "trainable_params": s["trainable_params"],
             "communicated_params": s["communicated_params"], "seconds": s["seconds"],
         })
@@ -75,17 +85,19 @@ def write_outputs(out: Path, rows: list[dict], curves: dict[str, list]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        total = r["bytes_up_total"] + r["bytes_down_total"] + r["bytes_one_time"]
-        ax.scatter(total, r["final_accuracy"] or 0, s=40)
-        ax.annotate(f"{r['method']} r={r['rank']}", (total, r["final_accuracy"] or 0), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("total bytes (up + down + one-time), log scale")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.set_title("accuracy vs communication")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (title, key) in zip(axes, (("total bytes (rounds + one-time), log scale", "total"),
+                                      ("per-round bytes only (up + down), log scale", "rounds"))):
+        for r in rows:
+            x = r["bytes_up_total"] + r["bytes_down_total"] + (r["bytes_one_time"] if key == "total" else 0)
+            ax.scatter(x, r["final_accuracy"] or 0, s=40)
+            ax.annotate(f"{r['method']} r={r['rank']}", (x, r["final_accuracy"] or 0), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy")
+    fig.suptitle("accuracy vs communication")
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=110)
     plt.close(fig)
