@@ -25,6 +25,12 @@ def _f(x, d=3) -> str:
     return "—" if x is None else f"{x:.{d}f}"
 
 
+def _command(bench: str, data: dict) -> str:
+    """The command line that produced ``data`` (a bench result that records its supernodes and run config)."""
+    rc = " ".join(f"{k}={v}" for k, v in data["run_config"].items())
+    return f"Command: `python -m bench.{bench} --num-supernodes {data['num_supernodes']} --run-config \"{rc}\"`"
+
+
 def _missing(cmd: str) -> list[str]:
     return [f"*Not measured yet: run `{cmd}`.*", ""]
 
@@ -165,9 +171,8 @@ def main() -> None:
     pc = _load("private_compare.json")
     out += ["## Private comparison (DP-SGD)", ""]
     if pc:
-        rc = " ".join(f"{k}={v}" for k, v in pc["run_config"].items())
-        out += [f"Command: `python -m bench.private_compare --num-supernodes {pc['num_supernodes']} --run-config \"{rc}\"` "
-                "(LoRA baselines r=8, δ = 1/(10·n_min), σ calibrated per client over init + all rounds).", ""]
+        out += [_command("private_compare", pc) + " (LoRA baselines r=8, δ = 1/(10·n_min), σ calibrated per client "
+                "over init + all rounds).", ""]
         out += ["| method | target ε | ε spent (worst client) | σ | accuracy | majority rate | upload total incl. init gradients (B) |", "|---|---|---|---|---|---|---|"]
         for r in pc["rows"]:
             out.append(f"| {r['method']} | {r['target_epsilon']:g} | {_f(r['epsilon'])} | {_f(r['noise_multiplier'])} | "
@@ -201,9 +206,8 @@ def main() -> None:
     op = _load("options.json")
     out += ["## Options: SecAgg+, bfloat16 basis, sampled initialization", ""]
     if op:
-        rc = " ".join(f"{k}={v}" for k, v in op["run_config"].items())
-        out += [f"Command: `python -m bench.options --num-supernodes {op['num_supernodes']} --run-config \"{rc}\"` "
-                "(default task; every variant on the same partitions and seeds as the baseline).", ""]
+        out += [_command("options", op) + " (default task; every variant on the same partitions and seeds as the "
+                "baseline).", ""]
         base = next(r for r in op["rows"] if r["variant"] == "baseline")
         out += ["| variant | accuracy | upload / round (B) | download / round (B) | train round (s) | basis total (B) | init total (B) |",
                 "|---|---|---|---|---|---|---|"]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -174,40 +175,62 @@ def calibrate_noise(target_epsilon: float, delta: float, history_without_sigma: 
             log.debug("accountant %s failed at sigma=%g (%s): treated as infeasible", acc, sigma, e)
             return math.inf
 
-    def bisect(acc: str, lo: float, hi: float) -> float:
-        """Invariant: eps(hi) <= target < eps(lo) (lo = 0 counts as infeasible)."""
-        while True:
-            mid = (lo + hi) / 2
+    def bracket(acc: str, guess: float, factor: float):
+        """(lo, ε(lo), hi, ε(hi)) with ε(hi) <= target < ε(lo), found from ``guess`` in steps of ``factor``;
+        None if even σ below 1e-3 meets the target (then ``hi`` is returned as is)."""
+        lo, e_lo, hi, e_hi = None, math.inf, guess, eps(guess, acc)
+        while e_hi > target_epsilon:
+            lo, e_lo, hi = hi, e_hi, hi * factor
+            if hi > 1e4:
+                raise ValueError(f"target_epsilon={target_epsilon} cannot be met for this horizon; raise it")
+            e_hi = eps(hi, acc)
+        while lo is None:
+            cand = hi / factor
+            if cand < 1e-3:
+                return None, hi
+            e = eps(cand, acc)
+            if e > target_epsilon:
+                lo, e_lo = cand, e
+            else:
+                hi, e_hi = cand, e
+        return (lo, e_lo, hi, e_hi), hi
+
+    def search(acc: str, lo: float, e_lo: float, hi: float, e_hi: float) -> float:
+        """Safeguarded false position. Invariant: ε(hi) <= target < ε(lo); returns hi once ε(hi) is
+        within the tolerance of the target (or the bracket is 1e-4 narrow)."""
+        goal = math.log(target_epsilon * (1 - tolerance / 2))  # aim inside the accepted band
+        while hi - lo > 1e-4 * hi:
+            if math.isfinite(e_lo):
+                # ε falls roughly as a power of σ: interpolate log ε linearly in log σ, but stay 10% away
+                # from the ends so the bracket shrinks every step even where the model is poor.
+                t = (math.log(e_lo) - goal) / (math.log(e_lo) - math.log(e_hi))
+                t = min(max(t, 0.1), 0.9)
+                mid = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+            else:
+                mid = (lo + hi) / 2
             e = eps(mid, acc)
             if e > target_epsilon:
-                lo = mid
+                lo, e_lo = mid, e
             else:
-                hi = mid
+                hi, e_hi = mid, e
                 if target_epsilon - e <= tolerance * target_epsilon:
-                    return hi
-            if hi - lo <= 1e-4 * hi:
-                return hi
+                    break
+        return hi
 
-    # Bracket with RDP, which is cheap at every σ (PRV can take tens of seconds at small σ).
-    lo, hi = 0.0, 1.0
-    while eps(hi, "rdp") > target_epsilon:
-        lo, hi = hi, 2 * hi
-        if hi > 1e4:
-            raise ValueError(f"target_epsilon={target_epsilon} cannot be met for this horizon; raise it")
-    sigma = bisect("rdp", lo, hi)
-    if accountant == "rdp":
-        return sigma
-    # PRV is tighter than RDP in practice, so σ_rdp is normally feasible for PRV too and the PRV σ lies
-    # a little below it. Check both ends of the bracket instead of assuming it.
-    hi = sigma
-    while eps(hi, accountant) > target_epsilon:
-        hi *= 1.25
-    lo = 0.5 * hi
-    while eps(lo, accountant) <= target_epsilon:
-        hi, lo = lo, 0.5 * lo
-        if lo < 1e-3:
-            return hi
-    return bisect(accountant, lo, hi)
+    # Bracket and solve with RDP first: it is cheap at every σ, while PRV can take tens of seconds at
+    # small σ. PRV is tighter than RDP in practice, so the PRV σ lies a little below the RDP one;
+    # both ends of its bracket are checked rather than assumed.
+    with warnings.catch_warnings():
+        # RDP warns when the best order is at the edge of its range, which happens while probing
+        # σ far from the answer; the final answer is checked against the same accountant anyway.
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        found, sigma = bracket("rdp", 1.0, 2.0)
+        if found is not None:
+            sigma = search("rdp", *found)
+        if accountant == "rdp":
+            return sigma
+        found, sigma = bracket(accountant, sigma, 1.15)
+        return sigma if found is None else search(accountant, *found)
 
 
 # --------------------------------------------------------------------------------------------------
