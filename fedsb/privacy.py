@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -126,7 +127,8 @@ def epsilon_from_history(history: Iterable[Sequence], delta: float, accountant: 
         return 0.0
     if any(sigma <= 0.0 for sigma, _, _ in hist):
         return math.inf
-    return float(make_accountant(accountant, hist).get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q), -inf at q = 1, and handles it
+        return float(make_accountant(accountant, hist).get_epsilon(delta=delta))
 
 
 def default_delta(min_client_examples: int) -> float:
@@ -335,42 +337,46 @@ def private_train(model: nn.Module, dataset, collate_fn: Callable[[list], dict],
     hooks = None
     losses: list[float] = []
     empty = 0
-    try:
-        if grad_sample_mode == "ew":
-            caller = _ExpandedWeightsCaller(model)
-        else:
-            # Attached to the model itself (no wrapper): the loss function gets the caller's model.
-            # strict: refuse trainable modules with buffers, whose per-sample gradients Opacus cannot do.
-            hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True,
-                                    force_functorch=grad_sample_mode == "functorch")
-            caller = model
-        model.train()  # Opacus' hooks only record in training mode
-        for _ in tqdm(range(steps), desc="DP-SGD steps", leave=False, disable=not progress, mininterval=1.0):
-            idx = torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist()  # Poisson sampling
-            opt.zero_grad(set_to_none=True)
-            if idx:
-                batch = collate_fn([dataset[i] for i in idx])
-                loss = loss_fn(caller, batch).mean()
-                loss.backward()
-                losses.append(float(loss.detach()))
-                missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
-                if missing:
-                    raise RuntimeError(f"{len(missing)} trainable parameters got no per-sample gradient "
-                                       "(unused in the forward pass?): freeze them or use them")
+    with warnings.catch_warnings():
+        # Opacus' full backward hooks sit on modules whose inputs need no grad (frozen layers below R);
+        # torch warns that they fire on output gradients, which is all Opacus uses.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        try:
+            if grad_sample_mode == "ew":
+                caller = _ExpandedWeightsCaller(model)
             else:
-                empty += 1
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-            opt.step()
-            acc.step(noise_multiplier=noise_multiplier, sample_rate=q)
-    finally:
-        if hooks is not None:
-            hooks.cleanup()  # removes the hooks and grad_sample / _forward_counter / ... from the params
-        for p in params:
-            for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-        model.train(was_training)
+                # Attached to the model itself (no wrapper): the loss function gets the caller's model.
+                # strict: refuse trainable modules with buffers, whose per-sample gradients Opacus cannot do.
+                hooks = GradSampleHooks(model, batch_first=True, loss_reduction="mean", strict=True,
+                                        force_functorch=grad_sample_mode == "functorch")
+                caller = model
+            model.train()  # Opacus' hooks only record in training mode
+            for _ in tqdm(range(steps), desc="DP-SGD steps", leave=False, disable=not progress, mininterval=1.0):
+                idx = torch.nonzero(torch.rand(n, generator=gen) < q).flatten().tolist()  # Poisson sampling
+                opt.zero_grad(set_to_none=True)
+                if idx:
+                    batch = collate_fn([dataset[i] for i in idx])
+                    loss = loss_fn(caller, batch).mean()
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                    missing = [i for i, p in enumerate(params) if getattr(p, "grad_sample", None) is None]
+                    if missing:
+                        raise RuntimeError(f"{len(missing)} trainable parameters got no per-sample gradient "
+                                           "(unused in the forward pass?): freeze them or use them")
+                else:
+                    empty += 1
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+                opt.step()
+                acc.step(noise_multiplier=noise_multiplier, sample_rate=q)
+        finally:
+            if hooks is not None:
+                hooks.cleanup()  # removes the hooks and grad_sample / _forward_counter / ... from the params
+            for p in params:
+                for attr in ("grad_sample", "summed_grad", "_forward_counter", "_current_grad_sample", "_norm_sample"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+            model.train(was_training)
 
     hist = merge_history(acc.history)
     acc.history = hist
