@@ -232,7 +232,7 @@ def main() -> None:
     if do:
         out += [f"Simulation train rounds: {', '.join(f'{x:.1f}' for x in do['simulation_round_seconds'])} s; deployment (SuperLink +",
                 f"3 SuperNodes, TLS + node auth, loopback): {', '.join(f'{x:.1f}' for x in do['deployment_round_seconds'])} s —",
-                f"{do['ratio_median']:.1f}× per round. What dominates: {do['note']}.", ""]
+                f"{do['ratio_median']:.1f}× per round. Caveat and what dominates: {do['note']}. Status: {do['status']}.", ""]
     else:
         out += _missing("python -m bench.deploy_overhead")
     Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
