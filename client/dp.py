@@ -67,8 +67,12 @@ def metrics(hist: privacy.History, d: float, sigma: float, cfg: FedSBConfig) -> 
 def private_init_gradient(cfg, task, model, layers, loader, n_local, msg, context, generator):
     d = delta(cfg, msg, n_local)
     sigma = noise_multiplier(cfg, n_local, d)
+    import os
+
+    # noise from OS entropy: a generator seeded from the run config could be replayed by the server
+    noise_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
     sums, count = privacy.private_gradient_sum(model, layers, loader, max_grad_norm=cfg.max_grad_norm,
-                                               noise_multiplier=sigma, loss_fn=task.loss_fn, generator=generator)
+                                               noise_multiplier=sigma, loss_fn=task.loss_fn, generator=noise_gen)
     hist = privacy.merge_history(history(msg, context) + [(sigma, min(1.0, count / n_local), 1)])
     save(context, hist)
     return sums, count, metrics(hist, d, sigma, cfg)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -110,7 +111,9 @@ def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_si
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=grad_sample_mode == "functorch")
     gen = torch.Generator().manual_seed(seed)
     opt = DPOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), noise_multiplier=noise_multiplier,
-                      max_grad_norm=max_grad_norm, expected_batch_size=max(1, round(q * n)), generator=gen)
+                      max_grad_norm=max_grad_norm, expected_batch_size=max(1, round(q * n)),
+                      # the noise must not be reproducible by the server (it knows every seed): OS entropy
+                      generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1))
     acc = make_accountant(accountant, history)
     model.train()
     losses, empty = [], 0
