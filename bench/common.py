@@ -29,3 +29,24 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "n": len(v)} for k, v in times.items()}
+
+
+def merge_rows(path, new: dict, key: Callable[[dict], object]) -> dict:
+    """Merge freshly measured rows into an existing results file measured under the same settings, so a
+    long comparison can be finished in parts. Rows whose key is measured again are replaced; a file
+    measured with other settings is refused rather than mixed (its numbers would not be comparable)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())
+    for field in ("run_config", "num_supernodes"):
+        if old.get(field) != new.get(field):
+            raise SystemExit(f"--merge: {path} was measured with {field}={old.get(field)!r}, this run uses "
+                             f"{new.get(field)!r}; run with the same settings, or without --merge to replace it")
+    fresh = {key(r) for r in new["rows"]}
+    merged = dict(new, rows=[r for r in old["rows"] if key(r) not in fresh] + new["rows"])
+    merged.pop("partial", None)
+    return merged

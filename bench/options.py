@@ -4,6 +4,7 @@ initialization from a sampled subset of clients (one-time bytes and accuracy).
 Writes bench/results/options.json.
 
     python -m bench.options [--num-supernodes 6] [--run-config "num-server-rounds=3 ..."]
+        [--variants basis-bfloat16,init-fraction-0.34] [--merge]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--num-supernodes", type=int, default=6)
     p.add_argument("--run-config", default="num-server-rounds=3 fraction-train=0.5 local-steps=10")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--merge", action="store_true", help="keep the other variants already measured (same settings)")
     args = p.parse_args()
     from server.simulation import parse_run_config, simulate
 
@@ -44,8 +46,13 @@ def main() -> None:
                      "train_round_seconds_median": statistics.median(r["seconds"] for r in train),
                      "bytes_basis_total": s["bytes_basis_total"], "bytes_init_total": s["bytes_init_total"]})
         print(json.dumps(rows[-1]), flush=True)
-    Path("bench/results/options.json").write_text(json.dumps(
-        {"what": "options on the default task", "num_supernodes": args.num_supernodes, "run_config": base, "rows": rows}, indent=1))
+    out = {"what": "options on the default task", "num_supernodes": args.num_supernodes, "run_config": base, "rows": rows}
+    if args.merge:
+        from bench.common import merge_rows
+
+        out = merge_rows("bench/results/options.json", out, key=lambda r: r["variant"])
+        out["rows"].sort(key=lambda r: list(VARIANTS).index(r["variant"]))
+    Path("bench/results/options.json").write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

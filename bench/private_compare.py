@@ -2,7 +2,7 @@
 (same clients, partitions, seeds and rounds for all). Writes bench/results/private_compare.json.
 
     python -m bench.private_compare [--eps 1,3,10] [--methods fed-sb,ffa-lora,fedit] [--num-supernodes 6]
-        [--run-config "num-server-rounds=4 ..."]
+        [--run-config "num-server-rounds=4 ..."] [--merge]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ def main() -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--run-config", default="num-server-rounds=4 fraction-train=0.5 local-steps=10 batch-size=16")
     p.add_argument("--out", default="bench/results/private_compare.json")
+    p.add_argument("--merge", action="store_true", help="keep the rows of other ε already in --out (same settings)")
     args = p.parse_args()
     from server.simulation import parse_run_config, simulate
 
@@ -43,6 +44,11 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     out = {"what": "DP-SGD comparison on the default task (MiniLM, tweet sentiment)", "num_supernodes": args.num_supernodes,
            "run_config": base, "rows": rows}
+    if args.merge:
+        from bench.common import merge_rows
+
+        out = merge_rows(args.out, out, key=lambda r: (r["method"], r["target_epsilon"]))
+        out["rows"].sort(key=lambda r: (r["target_epsilon"], r["method"]))
     Path(args.out).write_text(json.dumps(out, indent=1))
 
 
