@@ -215,7 +215,13 @@ def _train(msg: Message, context: Context) -> Message:
         loader = task.loader(ds, shuffle=True, seed=seed)
         loss = train_steps(model, loader, cfg.local_steps, cfg.learning_rate, task.loss_fn, cfg.weight_decay,
                            desc=f"partition {pid} round {rnd}", progress=os.environ.get("FEDSB_PROGRESS", "1") == "1")
-    metrics.update({"num-examples": len(ds), "train-loss": float(loss), "seconds": time.time() - t0})
+    metrics.update({"num-examples": len(ds), "seconds": time.time() - t0})
+    if not cfg.dp:
+        # Under DP the loss on the raw local batches is not privatized, so it stays on the client (logged
+        # here, never uploaded); only the noised update and the accountant's figures leave the node.
+        metrics["train-loss"] = float(loss)
+    else:
+        log.info("partition %d round %d: local train loss %.4f (kept on this node: dp=true)", pid, rnd, loss)
     return Message(train_reply_content(method.get_vector(model), metrics, fp), reply_to=msg)
 
 

@@ -166,6 +166,12 @@ class FedSBConfig:
             raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
         if self.secagg and self.max_update_norm > 0:
             raise ConfigError("max-update-norm", "cannot be checked with secagg=true (the server sees no single update); set 0")
+        if self.dp and self.federated_evaluate:
+            # Local evaluation reads the clients' private data outside DP-SGD, so its loss and accuracy
+            # would be released without any guarantee (there is no silent non-private path).
+            raise ConfigError("federated-evaluate", "cannot be combined with dp=true: clients would report "
+                              "loss/accuracy on their private data outside the DP guarantee; set it to false "
+                              "(the server's held-out evaluation still runs)")
         if self.method != "fed-sb" and self.init_fraction != 1.0:
             raise ConfigError("init-fraction", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 1.0")
 

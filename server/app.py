@@ -293,7 +293,8 @@ class FedSBServer:
             else:
                 vectors.append(vec)
             weights.append(float(n_ex))
-            losses.append((float(reply.content["metrics"].get("train-loss", float("nan"))), n_ex))
+            if "train-loss" in reply.content["metrics"]:  # absent under dp (not privatized, kept on the client)
+                losses.append((float(reply.content["metrics"]["train-loss"]), n_ex))
             up_sizes.append(up)
 
         timed_out = self.send(sampled, MessageType.TRAIN, content_for, "train", on_reply)

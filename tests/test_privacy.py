@@ -133,3 +133,13 @@ def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp
     assert rebuilt == pytest.approx(s["epsilon"], rel=1e-9)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["epsilon"] is not None for r in recs if r["phase"] == "train")
+    # the loss on raw local batches is not privatized, so no client uploads it under dp
+    assert all(r["loss"] is None for r in recs if r["phase"] == "train")
+
+
+def test_dp_refuses_federated_evaluation_on_private_data():
+    from fedsb.config import ConfigError, FedSBConfig
+
+    with pytest.raises(ConfigError, match="federated-evaluate"):
+        FedSBConfig.from_run_config({"dp": True, "federated-evaluate": True})
+    assert FedSBConfig.from_run_config({"dp": True}).federated_evaluate is False
