@@ -77,6 +77,7 @@ class FedSBConfig:
     aggregation: str = _f("mean", "how R (and head) updates are combined", choices=("mean", "median", "trimmed-mean"))
     trim_fraction: float = _f(0.1, "fraction trimmed at each end by `trimmed-mean`", lo=0.0, hi=0.5)
     max_update_norm: float = _f(0.0, "reject a reply whose update norm exceeds this (0: no bound)", lo=0.0)
+    max_num_examples: int = _f(0, "reject a reply claiming more examples than this as its weight (0: no bound)", lo=0)
     eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1)
     federated_evaluate: bool = _f(False, "also ask the sampled clients to evaluate on their local data")
     seed: int = _f(42, "seed of data split, partition, sampling and initialization", lo=0)

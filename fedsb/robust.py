@@ -1,26 +1,43 @@
-"""Aggregation rules over flat update vectors: weighted mean (streaming), coordinate median, trimmed mean."""
+"""Aggregation rules over flat update vectors: weighted mean (streaming), coordinate median, trimmed mean.
+
+All rules accumulate in float64 and return float32 (the wire dtype). Inputs are expected to have passed
+:func:`fedsb.validation.check_reply` (same shape, finite); shapes are still checked here, with a clear
+``ValueError``, because numpy broadcasting would otherwise silently average a ``(1,)`` vector into the rest.
+The weighted mean is deterministic: the same vectors in the same order give bit-identical results, streamed
+(:class:`RunningWeightedMean`) or not (:func:`weighted_mean`).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
 
 class RunningWeightedMean:
-    """Σ w_i v_i / Σ w_i accumulated one reply at a time: memory independent of the number of clients."""
+    """``Σ wᵢ vᵢ / Σ wᵢ`` accumulated one reply at a time: memory independent of the number of clients.
 
-    def __init__(self):
+    ``add(vec, weight)`` (weight finite and > 0), ``result()`` (float32), ``count``, ``total_weight``.
+    """
+
+    def __init__(self) -> None:
         self.total: np.ndarray | None = None
         self.total_weight = 0.0
         self.count = 0
 
     def add(self, vec: np.ndarray, weight: float) -> None:
-        if weight <= 0:
-            raise ValueError(f"weight must be positive, got {weight}")
-        v = np.asarray(vec, dtype=np.float64)
-        self.total = v * weight if self.total is None else self.total + v * weight
-        self.total_weight += float(weight)
+        w = float(weight)
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"weight must be a finite positive number, got {weight!r}")
+        v = np.asarray(vec)
+        if self.total is None:
+            self.total = v.astype(np.float64) * w  # a fresh float64 buffer (never aliases the caller's array)
+        else:
+            if v.shape != self.total.shape:
+                raise ValueError(f"vector of shape {v.shape} added to a mean of shape {self.total.shape}")
+            self.total += v.astype(np.float64, copy=False) * w
+        self.total_weight += w
         self.count += 1
 
     def result(self) -> np.ndarray:
@@ -30,21 +47,40 @@ class RunningWeightedMean:
 
 
 def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """``Σ wᵢ vᵢ / Σ wᵢ`` (float64 accumulation, float32 result); bit-identical to :class:`RunningWeightedMean`."""
+    if len(vectors) != len(weights):
+        raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
     acc = RunningWeightedMean()
     for v, w in zip(vectors, weights):
         acc.add(v, w)
     return acc.result()
 
 
+def _stack(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    if len(vectors) == 0:
+        raise ValueError("no vectors to aggregate")
+    arrs = [np.asarray(v, dtype=np.float64) for v in vectors]
+    shapes = {a.shape for a in arrs}
+    if len(shapes) != 1:
+        raise ValueError(f"vectors of different shapes: {sorted(shapes)}")
+    return np.stack(arrs)
+
+
 def coordinate_median(vectors: Sequence[np.ndarray]) -> np.ndarray:
-    return np.median(np.stack([np.asarray(v, np.float64) for v in vectors]), axis=0).astype(np.float32)
+    """Per-coordinate median (mean of the two middle values for an even count); float32 result."""
+    return np.median(_stack(vectors), axis=0).astype(np.float32)
 
 
 def trimmed_mean(vectors: Sequence[np.ndarray], trim_fraction: float) -> np.ndarray:
-    """Per coordinate, drop the floor(k·trim) smallest and largest values and average the rest."""
-    stack = np.sort(np.stack([np.asarray(v, np.float64) for v in vectors]), axis=0)
+    """Per coordinate, drop the ``floor(k·trim_fraction)`` smallest and largest values and average the rest.
+
+    ``trim_fraction`` must lie in ``[0, 0.5)`` (so at least one value per coordinate always remains); ``0`` is
+    the plain unweighted mean. With few vectors nothing may be trimmed: ``k = 4``, ``0.2`` drops ``floor(0.8) = 0``.
+    """
+    tf = float(trim_fraction)
+    if not (0.0 <= tf < 0.5):
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+    stack = np.sort(_stack(vectors), axis=0)
     k = stack.shape[0]
-    t = int(np.floor(k * trim_fraction))
-    if k - 2 * t <= 0:
-        raise ValueError(f"trim-fraction {trim_fraction} leaves no values of {k}")
+    t = int(math.floor(k * tf))  # tf < 0.5 => 2t < k
     return stack[t : k - t].mean(axis=0).astype(np.float32)

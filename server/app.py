@@ -97,17 +97,22 @@ class FedSBServer:
             self.checkpoint(rnd)
         self.finish(time.time() - t0)
 
-    def wait_for_nodes(self) -> list[int]:
+    def wait_for_nodes(self, required: bool = True) -> list[int]:
+        """The connected nodes, once at least min-available-nodes are (waiting up to round-timeout).
+        Before the first round too few is an error; later (a node restarting) the round goes on with
+        the nodes there are, after the wait."""
         deadline = time.time() + self.cfg.round_timeout
         while True:
             nodes = sorted(self.grid.get_node_ids())
             if len(nodes) >= self.cfg.min_available_nodes:
                 return nodes
             if time.time() > deadline:
-                raise RuntimeError(
-                    f"only {len(nodes)} node(s) connected after {self.cfg.round_timeout:.0f}s; "
-                    f"min-available-nodes={self.cfg.min_available_nodes}"
-                )
+                msg = (f"only {len(nodes)} node(s) connected after {self.cfg.round_timeout:.0f}s; "
+                       f"min-available-nodes={self.cfg.min_available_nodes}")
+                if required:
+                    raise RuntimeError(msg)
+                log.warning("%s: going on with them", msg)
+                return nodes
             time.sleep(1.0)
 
     # ------------------------------------------------------------------------------------------
@@ -150,7 +155,9 @@ class FedSBServer:
         })
         shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
         total = sum(m * n for m, n in shapes.values())
-        spec = ReplySpec(shapes={"grads": (total,)})
+        # each client sums the gradient over at most init-samples examples; a larger claimed count would
+        # shrink everyone else's share of the mean gradient
+        spec = ReplySpec(shapes={"grads": (total,)}, max_num_examples=cfg.init_samples)
         grad_sum, count, rejected = np.zeros(total, np.float64), 0, []
         down_before = self.totals["bytes_down"]
 
@@ -206,7 +213,11 @@ class FedSBServer:
 
     # ------------------------------------------------------------------------------------------
     def sample(self, rnd: int) -> list[int]:
-        nodes = self.ordered(self.grid.get_node_ids())
+        nodes = self.wait_for_nodes(required=False)
+        new = [n for n in nodes if n not in self.partition_of]
+        if new:  # joined (or re-joined under a new id) since the hello: learn their partitions first
+            self.hello(new)
+        nodes = self.ordered(nodes)
         k = max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(nodes)))
         rng = np.random.default_rng([self.cfg.seed, rnd])
         return [nodes[i] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
@@ -247,7 +258,7 @@ class FedSBServer:
         global_vec = self.method.get_vector(self.model)
         sampled = self.sample(rnd)
         spec = ReplySpec(shapes={"adapter": global_vec.shape}, fingerprint=self.fingerprint if fed_sb else None,
-                         max_update_norm=cfg.max_update_norm)
+                         max_update_norm=cfg.max_update_norm, max_num_examples=cfg.max_num_examples)
         reference = {"adapter": global_vec}
         down_before, up_before = self.totals["bytes_down"], self.totals["bytes_up"]
         basis_bytes = 0

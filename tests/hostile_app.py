@@ -11,7 +11,7 @@ from client import app as real
 HONEST = (0, 1)
 # every kind of bad reply the server must reject, by (partition, round)
 KINDS = ["nan", "inf", "shape", "extra-key", "missing-key", "dtype", "fingerprint", "num-examples-zero",
-         "num-examples-negative", "num-examples-fraction", "update-norm", "nan"]
+         "num-examples-negative", "num-examples-fraction", "update-norm", "num-examples-huge"]
 
 
 def kind_for(pid: int, rnd: int) -> str:
@@ -41,7 +41,7 @@ def _corrupt(reply: Message, kind: str) -> Message:
     metrics = dict(content["metrics"])
     if kind.startswith("num-examples"):
         metrics["num-examples"] = {"num-examples-zero": 0, "num-examples-negative": -5,
-                                   "num-examples-fraction": 2.5}[kind]
+                                   "num-examples-fraction": 2.5, "num-examples-huge": 10**9}[kind]
     content["metrics"] = MetricRecord(metrics)
     return reply
 

@@ -26,7 +26,7 @@ def test_hostile_replies_are_rejected_and_change_nothing(tiny_bert, sentiment_cs
     from tests.hostile_app import KINDS, failing, hostile
 
     common = dict(fraction_train=1.0)
-    cfg = lambda out: tiny_run_config(tiny_bert, sentiment_csv, out, **{"max-update-norm": 100.0, "fraction-train": 1.0,
+    cfg = lambda out: tiny_run_config(tiny_bert, sentiment_csv, out, **{"max-update-norm": 100.0, "max-num-examples": 10**6, "fraction-train": 1.0,
                                                                        "min-available-nodes": 6})
     bad = simulate(cfg(tmp_path / "hostile"), 6, client_app=hostile)
     ref = simulate(cfg(tmp_path / "honest"), 6, client_app=failing)
