@@ -42,8 +42,13 @@ def load_gsm(num_examples: int, seed: int) -> list[PromptAnswer]:
     ds = reasoning_gym.create_dataset("gsm_symbolic", size=num_examples, seed=seed)
     out = []
     for x in ds:
-        cot = x["metadata"].get("answer_cot") or ""
-        out.append(PromptAnswer(x["question"], f"{cot.strip()}\n#### {x['answer']}".strip(), str(x["answer"])))
+        final = str(x["answer"]).strip()
+        cot = (x["metadata"].get("answer_cot") or "").strip()
+        # reasoning-gym's answer_cot usually ends with "#### <answer>" already: add the line only where
+        # it does not, so the model never learns to write the final answer twice
+        if not re.search(r"####\s*" + re.escape(final) + r"\s*$", cot):
+            cot = f"{cot}\n#### {final}".strip()
+        out.append(PromptAnswer(x["question"], cot, final))
     return out
 
 
@@ -57,10 +62,12 @@ def load_chatterbot() -> list[PromptAnswer]:
         raise FileNotFoundError("the chatterbot corpus needs `pip install --no-deps chatterbot-corpus==1.3.3`")
     out = []
     for path in sorted((d / "data" / "english").glob("*.yml")):
-        for conv in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations", []):
+        for conv in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations") or []:
+            if not isinstance(conv, list):  # a malformed YAML entry parses as one string: its characters are no pairs
+                continue
             for q, a in zip(conv[:-1], conv[1:]):
-                if isinstance(q, str) and isinstance(a, str):
-                    out.append(PromptAnswer(q, a))
+                if isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip():
+                    out.append(PromptAnswer(q.strip(), a.strip()))
     return out
 
 
@@ -82,7 +89,14 @@ def format_prompt(tokenizer, prompt: str, use_chat_template: bool) -> str:
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-    return f"Question: {prompt}\nAnswer: "
+    # No trailing space: the answer text carries it (answer_text), so BPE splits prompt + answer as it
+    # would the joined text, rather than ending the prompt on a lone-space token rarely seen in training.
+    return f"Question: {prompt}\nAnswer:"
+
+
+def answer_text(tokenizer, answer: str, use_chat_template: bool) -> str:
+    chat = use_chat_template and getattr(tokenizer, "chat_template", None)
+    return answer if chat else " " + answer
 
 
 def tokenize_prompt_answer(tokenizer, records: list[PromptAnswer], max_length: int, use_chat_template: bool) -> list[dict]:
@@ -94,7 +108,7 @@ def tokenize_prompt_answer(tokenizer, records: list[PromptAnswer], max_length: i
     out = []
     for r in records:
         p = tokenizer(format_prompt(tokenizer, r.prompt, use_chat_template), add_special_tokens=False)["input_ids"]
-        a = tokenizer(r.answer + eos, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer_text(tokenizer, r.answer, use_chat_template) + eos, add_special_tokens=False)["input_ids"]
         a = a[:max_length]
         p = p[max(0, len(p) - (max_length - len(a))):] if len(p) + len(a) > max_length else p
         ids = p + a

@@ -109,7 +109,11 @@ def test_datasets(tmp_path):
     a, b = load_gsm(5, seed=3), load_gsm(5, seed=3)
     assert [r.prompt for r in a] == [r.prompt for r in b] and a[0].prompt != load_gsm(5, seed=4)[0].prompt
     assert all(extract_number(r.answer) == float(r.final) for r in a)
-    assert len(load_chatterbot()) > 1000
+    assert all(r.answer.count("####") == 1 and r.answer.endswith(f"#### {r.final}") for r in a)  # never twice
+    chat = load_chatterbot()
+    assert len(chat) > 1000
+    # a malformed YAML entry (one long string) must not turn into pairs of its characters
+    assert all(len(r.prompt) > 1 or len(r.answer) > 1 for r in chat)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(ValueError, match="line 2 has no 'answer'"):
