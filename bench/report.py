@@ -185,6 +185,8 @@ def main() -> None:
                        + ", ".join(f"{r['method']} {_f(r['final_accuracy'])}" for r in at if r is not best) + ".")
         if pc.get("partial"):
             out += ["", f"**Incomplete:** {pc['partial']}. Produce the rest with `python -m bench.private_compare --eps 3,10`."]
+        if pc.get("note"):
+            out += ["", f"**Read with care:** {pc['note']}."]
         out += ["", "Every ε above is the worst client's, computed by Opacus from the history in `summary.json`",
                 "(`dp_history`), and stays at or below its target. Fed-SB's initialization gradient is itself private",
                 "(one noisy step in that history), which the LoRA baselines do not pay for.", ""]
@@ -221,8 +223,16 @@ def main() -> None:
                     f"(key exchange, shares and the masked vector), and {sa['train_round_seconds_median'] / base['train_round_seconds_median']:.2f}× "
                     "the round time (four round trips instead of one), with the same accuracy: the secure mean equals the",
                     "plain one to within the quantization bound."]
+        for name, what in (("basis-bfloat16", "sending the basis in bfloat16"), ("init-fraction-0.34", "asking a third of the clients for init gradients")):
+            r = next((r for r in op["rows"] if r["variant"] == name), None)
+            if r:
+                out += ["", f"{what[0].upper() + what[1:]}: basis {r['bytes_basis_total'] / base['bytes_basis_total']:.2f}× and init gradients "
+                        f"{r['bytes_init_total'] / base['bytes_init_total']:.2f}× the baseline's one-time bytes; accuracy "
+                        f"{_f(r['final_accuracy'])} vs {_f(base['final_accuracy'])}, held-out loss {r['final_loss']:.4f} vs {base['final_loss']:.4f}."]
         if op.get("partial"):
             out += ["", f"**Incomplete:** {op['partial']}."]
+        if op.get("note"):
+            out += ["", f"Note: {op['note']}."]
         out.append("")
     else:
         out += _missing("python -m bench.options")
