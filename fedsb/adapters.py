@@ -142,6 +142,66 @@ class SBLinear(_AdapterBase):
         x = x.to(self.sb_A.dtype)
         return self.scale * F.linear(self.sb_R(F.linear(x, self.sb_A)), self.sb_B)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or not self._can_fuse(x):
+            return super().forward(x)
+        w0 = weight_as_mn(self.base_layer)
+        return _SBFused.apply(x, w0, self.base_layer.bias, self.sb_B, self.sb_R.weight, self.sb_A, self.scale)
+
+    def _can_fuse(self, x: torch.Tensor) -> bool:
+        """Whether the one-matmul path (``_SBFused``) may replace base + adapter for this input.
+
+        Only when nothing needs the modules to be called: a hook on ``sb_R`` (Opacus' per-sample
+        gradients, a user's hook) or on the base layer must see its own forward, so those keep the
+        plain path. Only frozen base, B and A (their gradients are not computed), one dtype, and only
+        when building ``W0 + s·B·R·A`` (m·n·r) costs less than the two thin matmuls it saves
+        (tokens·r·(m+n)), i.e. not for a handful of tokens (generation).
+        """
+        R, base = self.sb_R, self.base_layer
+        if R._forward_hooks or R._forward_pre_hooks or R._backward_hooks or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        w = base.weight
+        if w.requires_grad or self.sb_B.requires_grad or self.sb_A.requires_grad:
+            return False
+        if base.bias is not None and base.bias.requires_grad:
+            return False
+        if not (x.dtype == w.dtype == self.sb_A.dtype == R.weight.dtype):
+            return False
+        m, n = self.out_features, self.in_features
+        tokens = x.numel() // n
+        return tokens * (m + n) >= m * n
+
+
+class _SBFused(torch.autograd.Function):
+    """``y = x·(W0 + s·B·R·A)ᵀ + b`` in one matmul, with a hand-written backward that gives R only its
+    r×r gradient ``s·(dy·B)ᵀ·(x·Aᵀ)``.
+
+    Written by hand because autograd through ``F.linear(x, W0 + s·B·R·A)`` would form the dense m×n
+    weight gradient ``dyᵀ·x`` (a full extra matmul) before projecting it to r×r; and the unfused path
+    pays two thin matmuls in the forward and three in the backward, plus an elementwise add, per layer.
+    Saved for backward: ``x·Aᵀ`` (tokens×r), not x, and not the effective weight either: it is rebuilt
+    in the backward (m·n·r, cheaper than the tokens·r·n of the unfused path) so that activation memory
+    does not hold a second copy of every adapted weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, B, R, A, scale):
+        y = F.linear(x, torch.addmm(w0, B @ R, A, alpha=scale), bias)  # W0 + s·(B·R)·A
+        xa = F.linear(x, A) if ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(xa, w0, B, R, A)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xa, w0, B, R, A = ctx.saved_tensors
+        dx = dR = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ torch.addmm(w0, B @ R, A, alpha=ctx.scale)
+        if ctx.needs_input_grad[4]:
+            dR = ctx.scale * (dy.reshape(-1, dy.shape[-1]) @ B).t() @ xa.reshape(-1, xa.shape[-1])
+        return dx, None, None, None, dR, None, None
+
 
 class LoRALinear(_AdapterBase):
     """Standard LoRA (the baselines): ``W = W0 + (α/r)·B·A`` with A (r×n), B (m×r).

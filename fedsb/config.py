@@ -90,7 +90,7 @@ class FedSBConfig:
     max_grad_norm: float = _f(1.0, "per-sample gradient clipping norm C", lo=0.0, lo_open=True)
     noise_multiplier: float = _f(0.0, "sigma; 0: calibrated to target-epsilon over the horizon", lo=0.0)
     accountant: str = _f("prv", "Opacus privacy accountant", choices=("prv", "rdp"))
-    grad_sample_mode: str = _f("hooks", "Opacus per-sample gradient mode", choices=("hooks", "functorch", "ew"))
+    grad_sample_mode: str = _f("hooks", "Opacus per-sample gradient mode", choices=("hooks", "functorch"))
     # --- secure aggregation ------------------------------------------------------------------
     secagg: bool = _f(False, "SecAgg+ secure aggregation of R and head")
     secagg_shares: int = _f(3, "SecAgg+ shares per client", lo=2)
