@@ -3,13 +3,14 @@ against 10 plain steps, on the default model with Fed-SB adapters, per grad-samp
 
 The DP steps use Poisson rate 1 (batch = the whole 16-example set) so both paths see the same batch size.
 
-    python -m bench.dp_overhead [--repeats 5] [--modes hooks,functorch]
+    python -m bench.dp_overhead [--repeats 5] [--modes hooks,functorch] [--out bench/results/dp_overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--modes", default="hooks,functorch")
+    p.add_argument("--out", default="bench/results/dp_overhead.json")
     args = p.parse_args()
     path = resolve_model_path("default")
     model = load_base_model(path, "seq-cls", 3, 0)
@@ -50,6 +52,7 @@ def main() -> None:
     out = {"what": f"{args.steps} training steps, DP-SGD vs plain, Fed-SB r={args.rank} on the default model",
            "batch_size": args.batch_size, "seq_len": args.seq_len, "machine": machine(), "results": res,
            "ratios": {k: v["median_s"] / ref for k, v in res.items()}, "goal": "dp <= 1.3x plain"}
+    Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 

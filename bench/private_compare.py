@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -28,11 +29,25 @@ def main() -> None:
     base = parse_run_config(args.run_config)
     tmp = Path(tempfile.mkdtemp(prefix="fedsb-private-"))
     rows = []
+    out = {"what": "DP-SGD comparison on the default task (MiniLM, tweet sentiment)", "num_supernodes": args.num_supernodes,
+           "run_config": base, "lora_rank": args.lora_rank, "rows": rows}
+
+    def save() -> None:
+        # written after every run: a long comparison cut short keeps what it measured
+        res = out
+        if args.merge:
+            from bench.common import merge_rows
+
+            res = merge_rows(args.out, out, key=lambda r: (r["method"], r["target_epsilon"]))
+            res["rows"].sort(key=lambda r: (r["target_epsilon"], r["method"]))
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
     for eps in [float(e) for e in args.eps.split(",")]:
         for method in args.methods.split(","):
             cfg = dict(base, method=method, dp=True, **{"target-epsilon": eps, "output-dir": str(tmp / f"{method}-{eps}")})
             if method != "fed-sb":
                 cfg["rank"] = args.lora_rank
+            t0 = time.perf_counter()
             run = simulate(cfg, args.num_supernodes)
             s = json.loads((run / "summary.json").read_text())
             rows.append({"method": method, "target_epsilon": eps, "epsilon": s["epsilon"], "delta": s["delta"],
@@ -40,16 +55,9 @@ def main() -> None:
                          "final_accuracy": s["final_accuracy"], "initial_accuracy": s["initial_accuracy"],
                          "majority_rate": s["majority_rate"], "bytes_up_total": s["bytes_up_total"],
                          "bytes_up_per_client_round": s["bytes_up_per_client_round"],
-                         "trainable_params": s["trainable_params"]})
+                         "trainable_params": s["trainable_params"], "seconds": time.perf_counter() - t0})
             print(json.dumps(rows[-1]), flush=True)
-    out = {"what": "DP-SGD comparison on the default task (MiniLM, tweet sentiment)", "num_supernodes": args.num_supernodes,
-           "run_config": base, "rows": rows}
-    if args.merge:
-        from bench.common import merge_rows
-
-        out = merge_rows(args.out, out, key=lambda r: (r["method"], r["target_epsilon"]))
-        out["rows"].sort(key=lambda r: (r["target_epsilon"], r["method"]))
-    Path(args.out).write_text(json.dumps(out, indent=1))
+            save()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ log = logging.getLogger("fedsb.server")
 
 # How often replies are pulled: Flower's own send_and_receive sleeps 3 s between pulls in deployment.
 POLL_SECONDS = 0.2
+PUSH_CHUNK = 64  # messages built and pushed at a time (see FedSBServer.send)
 TRACE_MEMORY = os.environ.get("FEDSB_TRACE_MEMORY") == "1"
 
 app = ServerApp()
@@ -432,13 +433,17 @@ class FedSBServer:
         """Push one message per node, then hand each reply to ``on_reply(node, reply, bytes_up)`` as it
         arrives (and let it go), until all replied or round-timeout passed. Flower's send_and_receive
         would hold every reply at once and, in deployment, poll only every 3 s."""
-        msgs = []
-        for n in nodes:
-            content = content_for(n)
-            self.totals["bytes_down"] += nbytes(content)
-            msgs.append(Message(content, dst_node_id=int(n), message_type=mtype))
-        pending = {mid: int(n) for mid, n in zip(self.grid.push_messages(msgs), nodes)}
-        del msgs
+        pending: dict[str, int] = {}
+        # built and pushed a chunk at a time: every message carries its own copy of the global vector, so
+        # building all of them first would hold (number of nodes) copies in this process at once
+        for i in range(0, len(nodes), PUSH_CHUNK):
+            chunk, msgs = nodes[i : i + PUSH_CHUNK], []
+            for n in chunk:
+                content = content_for(n)
+                self.totals["bytes_down"] += nbytes(content)
+                msgs.append(Message(content, dst_node_id=int(n), message_type=mtype))
+            pending.update((mid, int(n)) for mid, n in zip(self.grid.push_messages(msgs), chunk))
+            del msgs
         deadline = time.time() + self.cfg.round_timeout
         while pending and time.time() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
