@@ -46,7 +46,7 @@ def main() -> None:
         fns[f"dp-{mode}"] = (lambda m=mode: privacy.private_train(
             model, ds, collate, steps=args.steps, batch_size=args.batch_size, lr=1e-3, weight_decay=0.0,
             noise_multiplier=1.0, max_grad_norm=1.0, history=[], accountant="rdp", grad_sample_mode=m,
-            loss_fn=seq_cls_per_example_loss, seed=0, delta=1e-5))
+            loss_fn=seq_cls_per_example_loss, delta=1e-5))
     res = interleaved(fns, args.repeats, warmup=1)
     ref = res["plain"]["median_s"]
     out = {"what": f"{args.steps} training steps, DP-SGD vs plain, Fed-SB r={args.rank} on the default model",

@@ -67,16 +67,15 @@ def query(msg: Message, context: Context) -> Message:
     head = {n: p for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in adapters._head_prefixes(model))}
     unflatten_into(head, msg.content["head"]["head"].numpy())  # same head as the server's, so same gradient
     layers = list(msg.content["config"]["layers"])
-    g = torch.Generator().manual_seed(_client_seed(cfg, pid, 0))
-    idx = torch.randperm(len(ds), generator=g)[: cfg.init_samples].numpy()
-    loader = task.loader(ds.subset(idx), shuffle=False)
     if cfg.dp:
         from client.dp import private_init_gradient
 
-        sums, count, dp_metrics = private_init_gradient(cfg, task, model, layers, loader, len(ds), msg, context, g)
+        sums, count, dp_metrics = private_init_gradient(cfg, task, model, layers, ds, msg, context)
         metrics.update(dp_metrics)
     else:
-        sums, count = accumulate_gradients(model, layers, loader, task.loss_fn)
+        g = torch.Generator().manual_seed(_client_seed(cfg, pid, 0))
+        idx = torch.randperm(len(ds), generator=g)[: cfg.init_samples].numpy()
+        sums, count = accumulate_gradients(model, layers, task.loader(ds.subset(idx), shuffle=False), task.loss_fn)
     vec = np.concatenate([sums[n].reshape(-1).numpy() for n in layers]).astype(np.float32)
     log.info("partition %d: init gradient over %d examples in %.1fs", pid, count, time.time() - t0)
     return Message(
@@ -204,7 +203,7 @@ def _train(msg: Message, context: Context) -> Message:
     if cfg.dp:
         from client.dp import private_local_train
 
-        loss, dp_metrics = private_local_train(cfg, task, model, ds, msg, context, seed)
+        loss, dp_metrics = private_local_train(cfg, task, model, ds, msg, context)
         metrics.update(dp_metrics)
         if loss is None:  # training this round would overspend the privacy budget
             return Message(RecordDict({"metrics": MetricRecord(dp_metrics),

@@ -64,21 +64,24 @@ def metrics(hist: privacy.History, d: float, sigma: float, cfg: FedSBConfig) -> 
             "noise-multiplier": sigma, "dp-history": flat(hist)}
 
 
-def private_init_gradient(cfg, task, model, layers, loader, n_local, msg, context, generator):
+def private_init_gradient(cfg, task, model, layers, ds, msg, context):
+    """The init gradient under DP: a Poisson sample (q = init-samples/n, secret) of the local examples,
+    each one's gradient clipped, summed, noised. Returns (sums, count, metrics); ``count`` is the expected
+    sample size q·n, a function of n alone, because the drawn size would tell the server about the sample."""
+    n_local = len(ds)
     d = delta(cfg, msg, n_local)
     sigma = noise_multiplier(cfg, n_local, d)
-    import os
-
-    # noise from OS entropy: a generator seeded from the run config could be replayed by the server
-    noise_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-    sums, count = privacy.private_gradient_sum(model, layers, loader, max_grad_norm=cfg.max_grad_norm,
-                                               noise_multiplier=sigma, loss_fn=task.loss_fn, generator=noise_gen)
-    hist = privacy.merge_history(history(msg, context) + [(sigma, min(1.0, count / n_local), 1)])
+    q = min(1.0, cfg.init_samples / n_local)
+    gen = privacy.secret_generator()
+    loader = task.loader(ds.subset(np.asarray(privacy.poisson_indices(n_local, q, gen), dtype=np.int64)), shuffle=False)
+    sums, _ = privacy.private_gradient_sum(model, layers, loader, max_grad_norm=cfg.max_grad_norm,
+                                           noise_multiplier=sigma, loss_fn=task.loss_fn, generator=gen)
+    hist = privacy.merge_history(history(msg, context) + [(sigma, q, 1)])
     save(context, hist)
-    return sums, count, metrics(hist, d, sigma, cfg)
+    return sums, max(1, round(q * n_local)), metrics(hist, d, sigma, cfg)
 
 
-def private_local_train(cfg, task, model, ds, msg, context, seed):
+def private_local_train(cfg, task, model, ds, msg, context):
     """Returns (loss, metrics) or (None, metrics) when this round would overspend the budget."""
     n = len(ds)
     d = delta(cfg, msg, n)
@@ -96,7 +99,7 @@ def private_local_train(cfg, task, model, ds, msg, context, seed):
                                 batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, history=hist,
                                 accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
-                                loss_fn=task.loss_fn, seed=seed, delta=d)
+                                loss_fn=task.loss_fn, delta=d)
     save(context, res.history)
     out = metrics(res.history, d, sigma, cfg)
     out["empty-batches"] = res.empty_steps

@@ -6,7 +6,11 @@
   batch is a noise-only step, which the accountant counts like any other.
 - Initialization: each example's gradient of the frozen target weights (all layers jointly) is clipped to
   C, the clipped gradients are summed, and N(0, σ²C²) noise is added per coordinate before the sum
-  leaves the client. That is one Gaussian-mechanism step with sampling rate m/n (m examples of n).
+  leaves the client. The examples are Poisson-sampled at q = init-samples/n, so that is one step of the
+  subsampled Gaussian mechanism, accounted exactly as such.
+- Secrecy: amplification by subsampling holds only if nobody who sees the updates can tell which examples
+  were sampled, and the noise only if nobody can replay it; the server knows every seed of the run, so
+  both the Poisson masks and the noise are drawn from OS entropy (``secret_generator``), never from seeds.
 - Accounting: one Opacus accountant per client whose history ``[(σ, q, steps), ...]`` persists across
   rounds (node state and checkpoints); ε of the whole run is computed from it, and σ can be calibrated
   beforehand so that the whole horizon (init + every round's local steps) meets ``target-epsilon``.
@@ -27,6 +31,17 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 History = list[tuple[float, float, int]]
+
+
+def secret_generator() -> torch.Generator:
+    """A generator seeded from OS entropy: for DP noise and Poisson sampling, which must not be derivable
+    from the run config (the server knows its seeds)."""
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+def poisson_indices(n: int, q: float, generator: torch.Generator) -> list[int]:
+    """Poisson sampling: each of the n examples is included independently with probability q."""
+    return torch.nonzero(torch.rand(n, generator=generator) < q).flatten().tolist()
 
 
 def make_accountant(name: str, history: History | None = None):
@@ -98,9 +113,13 @@ class PrivateTrainResult:
 
 def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_size: int, lr: float,
                   weight_decay: float, noise_multiplier: float, max_grad_norm: float, history: History,
-                  accountant: str, grad_sample_mode: str, loss_fn: Callable, seed: int, delta: float,
-                  progress: bool = False) -> PrivateTrainResult:
-    """``steps`` DP-SGD steps (AdamW on the clipped, noised gradients) with Poisson sampling."""
+                  accountant: str, grad_sample_mode: str, loss_fn: Callable, delta: float,
+                  sampling_generator: torch.Generator | None = None, progress: bool = False) -> PrivateTrainResult:
+    """``steps`` DP-SGD steps (AdamW on the clipped, noised gradients) with Poisson sampling.
+
+    ``sampling_generator`` draws the Poisson masks; leave it ``None`` (OS entropy) outside tests: masks the
+    server could reproduce would void the amplification by subsampling that the accountant counts.
+    """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from tqdm.auto import tqdm
@@ -109,18 +128,17 @@ def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_si
     q = min(1.0, batch_size / n)
     params = [p for p in model.parameters() if p.requires_grad]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=grad_sample_mode == "functorch")
-    gen = torch.Generator().manual_seed(seed)
+    gen = sampling_generator if sampling_generator is not None else secret_generator()
     opt = DPOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), noise_multiplier=noise_multiplier,
                       max_grad_norm=max_grad_norm, expected_batch_size=max(1, round(q * n)),
                       # the noise must not be reproducible by the server (it knows every seed): OS entropy
-                      generator=torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1))
+                      generator=secret_generator())
     acc = make_accountant(accountant, history)
     model.train()
     losses, empty = [], 0
     try:
         for _ in tqdm(range(steps), desc="DP-SGD steps", leave=False, disable=not progress):
-            mask = torch.rand(n, generator=gen) < q  # Poisson sampling
-            idx = torch.nonzero(mask).flatten().tolist()
+            idx = poisson_indices(n, q, gen)
             opt.zero_grad(set_to_none=True)
             if idx:
                 batch = collate_fn([dataset[i] for i in idx])

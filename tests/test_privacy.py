@@ -80,7 +80,7 @@ def test_dp_step_without_noise_and_huge_clip_equals_plain_step(tiny_bert):
     # batch_size = n: Poisson rate 1, every example in the one step
     res = privacy.private_train(dp_model, ds, pad_collate(0), steps=1, batch_size=8, lr=0.01, weight_decay=0.0,
                                 noise_multiplier=0.0, max_grad_norm=1e6, history=[], accountant="rdp",
-                                grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, seed=0, delta=1e-5)
+                                grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, sampling_generator=torch.Generator().manual_seed(0), delta=1e-5)
     loader = torch.utils.data.DataLoader(ds, batch_size=8, collate_fn=pad_collate(0))
     train_steps(plain_model, loader, 1, 0.01, seq_cls_per_example_loss, progress=False)
     trained = [(n, p, q) for (n, p), (_, q) in zip(dp_model.named_parameters(), plain_model.named_parameters())
@@ -96,12 +96,34 @@ def test_empty_poisson_batches_are_noise_only_steps_and_history_accumulates(tiny
     ds = _dataset(50)
     r1 = privacy.private_train(model, ds, pad_collate(0), steps=20, batch_size=1, lr=0.01, weight_decay=0.0,
                                noise_multiplier=1.0, max_grad_norm=1.0, history=[], accountant="prv",
-                               grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, seed=3, delta=1e-4)
+                               grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, sampling_generator=torch.Generator().manual_seed(3), delta=1e-4)
     assert r1.empty_steps > 0 and r1.history == [(1.0, 0.02, 20)]
     r2 = privacy.private_train(model, ds, pad_collate(0), steps=5, batch_size=1, lr=0.01, weight_decay=0.0,
                                noise_multiplier=1.0, max_grad_norm=1.0, history=r1.history, accountant="prv",
-                               grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, seed=4, delta=1e-4)
+                               grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, sampling_generator=torch.Generator().manual_seed(4), delta=1e-4)
     assert r2.history == [(1.0, 0.02, 25)] and r2.epsilon > r1.epsilon
+
+
+def test_poisson_masks_are_secret_unless_a_generator_is_given(tiny_bert):
+    """The accountant's amplification by subsampling needs masks the server cannot reproduce from the
+    run's seeds: by default two identical calls sample differently; with one explicit generator seed they
+    agree (so tests stay deterministic). No noise and a huge clip, so only the masks differ."""
+    ds = _dataset(16)
+    model = _sb_model(tiny_bert)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+
+    def run(gen):
+        m = copy.deepcopy(model)
+        privacy.private_train(m, ds, pad_collate(0), steps=4, batch_size=8, lr=0.01, weight_decay=0.0,
+                              noise_multiplier=0.0, max_grad_norm=1e6, history=[], accountant="rdp",
+                              grad_sample_mode="hooks", loss_fn=seq_cls_per_example_loss, delta=1e-5,
+                              sampling_generator=gen)
+        return torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
+
+    assert torch.equal(run(torch.Generator().manual_seed(5)), run(torch.Generator().manual_seed(5)))
+    assert not torch.allclose(run(None), run(None))
 
 
 def test_accounting_matches_opacus_and_calibration_meets_target():
