@@ -243,8 +243,10 @@ def main() -> None:
             out.append("")
             for e in sorted({r["target_epsilon"] for r in lg["rows"]}):
                 at = sorted((r for r in lg["rows"] if r["target_epsilon"] == e), key=lambda r: -(r["final_accuracy"] or 0))
-                out.append(f"- ε = {e:g}: " + " > ".join(f"{r['method']} {_f(r['final_accuracy'])}" for r in at)
-                           + f" (majority {_f(at[0]['majority_rate'])}).")
+                ranked = f"{at[0]['method']} {_f(at[0]['final_accuracy'])}"
+                for prev, r in zip(at, at[1:]):  # "=" where the shown accuracies tie
+                    ranked += (" = " if _f(prev["final_accuracy"]) == _f(r["final_accuracy"]) else " > ") + f"{r['method']} {_f(r['final_accuracy'])}"
+                out.append(f"- ε = {e:g}: {ranked} (majority {_f(at[0]['majority_rate'])}).")
             if lg.get("note"):
                 out += ["", f"Note: {lg['note']}."]
         out += ["", "Every ε above is the worst client's, computed by Opacus from the history in `summary.json`",
