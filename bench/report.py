@@ -271,6 +271,22 @@ def main() -> None:
                 out += ["", f"Replaced by a re-run: {r['method']} at ε = {r['target_epsilon']:g} had ended at accuracy "
                         f"{_f(r['final_accuracy'])} ({r['why']}), {abs(r['final_accuracy'] - now['final_accuracy']):.3f} from the "
                         "re-run: with one run per cell, differences of that size may be run-to-run noise."]
+        pi = _load("private_init.json")
+        if pi:
+            out += ["", "### What survives of the basis under DP", "",
+                    f"Command: `python -m bench.private_init --clients {pi['clients']} --init-samples {pi['init_samples']}` "
+                    "(default model and data, the σ of the Fed-SB rows above; the clients' clipped init gradients summed, "
+                    "with and without the noise they would add; overlap = ‖B_privᵀ·B_clean‖²_F / r, median over layers).", "",
+                    f"| target ε | σ | noise norm (all clients) | overlap of B | overlap of A | random subspace |", "|---|---|---|---|---|---|"]
+            for r in pi["rows"]:
+                out.append(f"| {r['target_epsilon']:g} | {_f(r['noise_multiplier'])} | {_b(r['noise_norm_expected'])} | "
+                           f"{_f(r['overlap_B_median'])} | {_f(r['overlap_A_median'])} | {_f(pi['random_overlap_B'])} |")
+            out += ["", f"The clipped signal of {pi['clients']} × {pi['init_samples']} examples has norm "
+                    f"{pi['clipped_signal_norm']:.0f} against that noise spread over {pi['numbers']:,} numbers: at these ε the "
+                    "private basis is no closer to the clean one than a random subspace is, so private Fed-SB trains R in an "
+                    "essentially random r-dimensional subspace of each layer (and pays for the init step in σ), while FFA-LoRA "
+                    "and FedIT train r·m or r·(m+n) numbers per layer." if max(r["overlap_B_median"] for r in pi["rows"])
+                    < 1.5 * pi["random_overlap_B"] else "at the largest ε the private basis keeps part of the clean subspace."]
         out += ["", "Every ε above is the worst client's, computed by Opacus from the history in `summary.json`",
                 "(`dp_history`), and stays at or below its target. Fed-SB's initialization gradient is itself private",
                 "(one noisy step in that history), which the LoRA baselines do not pay for.", ""]
