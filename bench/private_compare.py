@@ -1,7 +1,7 @@
 """Private comparison on the default task: Fed-SB vs FFA-LoRA vs FedIT under DP-SGD at several ε
 (same clients, partitions, seeds and rounds for all). Writes bench/results/private_compare.json.
 
-    python -m bench.private_compare [--eps 1,3,10] [--methods fed-sb,ffa-lora,fedit] [--num-supernodes 6]
+    python -m bench.private_compare [--eps 1,3,10] [--methods fed-sb,ffa-lora,fedit,fed-sb:random] [--num-supernodes 6]
         [--run-config "num-server-rounds=4 ..."] [--merge]
 """
 
@@ -43,14 +43,18 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=1))
 
     for eps in [float(e) for e in args.eps.split(",")]:
-        for method in args.methods.split(","):
-            cfg = dict(base, method=method, dp=True, **{"target-epsilon": eps, "output-dir": str(tmp / f"{method}-{eps}")})
+        for label in args.methods.split(","):
+            # "fed-sb:random" is Fed-SB with init-basis=random (no private init step)
+            method, _, init_basis = label.partition(":")
+            cfg = dict(base, method=method, dp=True, **{"target-epsilon": eps, "output-dir": str(tmp / f"{method}-{init_basis}-{eps}")})
+            if init_basis:
+                cfg["init-basis"] = init_basis
             if method != "fed-sb":
                 cfg["rank"] = args.lora_rank
             t0 = time.perf_counter()
             run = simulate(cfg, args.num_supernodes)
             s = json.loads((run / "summary.json").read_text())
-            rows.append({"method": method, "target_epsilon": eps, "epsilon": s["epsilon"], "delta": s["delta"],
+            rows.append({"method": label, "target_epsilon": eps, "epsilon": s["epsilon"], "delta": s["delta"],
                          "noise_multiplier": s["noise_multiplier"], "rank": s["config"]["rank"],
                          "final_accuracy": s["final_accuracy"], "initial_accuracy": s["initial_accuracy"],
                          "majority_rate": s["majority_rate"], "bytes_up_total": s["bytes_up_total"],

@@ -233,7 +233,10 @@ def main() -> None:
         if lg:
             eps = ",".join(format(e, "g") for e in sorted({r["target_epsilon"] for r in lg["rows"]}))
             out += ["", "### A longer horizon", "",
-                    _command("private_compare", lg).rstrip("`") + f" --eps {eps} --out bench/results/private_compare_long.json`", "",
+                    _command("private_compare", lg).rstrip("`") + f" --eps {eps} --methods "
+                    + ",".join(dict.fromkeys(r["method"] for r in lg["rows"])) + " --out bench/results/private_compare_long.json`"
+                    + (" (`fed-sb:random`: Fed-SB with `init-basis=random`, no init step)"
+                       if any(r["method"] == "fed-sb:random" for r in lg["rows"]) else ""), "",
                     "| method | target ε | ε spent | σ | accuracy | majority rate | upload per client-round (B) | upload total incl. init (B) | run (s) |",
                     "|---|---|---|---|---|---|---|---|---|"]
             for r in lg["rows"]:
@@ -256,7 +259,7 @@ def main() -> None:
             if "fed-sb" in per and len(per) > 1:
                 sb_up = per["fed-sb"][0]["bytes_up_per_client_round"]
                 sb_total = max(r["bytes_up_total"] for r in per["fed-sb"])
-                others = [m for m in per if m != "fed-sb"]
+                others = [m for m in per if not m.startswith("fed-sb")]
                 out += ["", f"At each ε the three methods end within {spread:.3f} accuracy of each other. Per client and round Fed-SB "
                         "uploads " + ", ".join(f"{per[m][0]['bytes_up_per_client_round'] / sb_up:.1f}× less than {m}" for m in others)
                         + "; but with its private init gradient (a dense m×n per layer, once per client) its total upload over this "
@@ -264,6 +267,15 @@ def main() -> None:
                         + (". At this horizon and one shared learning rate the private runs do not separate the methods on "
                            "accuracy (all within 0.02 at every ε); Fed-SB's edge here is the per-round upload." if spread < 0.02 else
                            ". Where they differ by more than 0.02, the per-ε lines above say which is ahead.")]
+            if "fed-sb:random" in per and "fed-sb" in per:
+                acc = {(r["method"], r["target_epsilon"]): r["final_accuracy"] for r in lg["rows"]}
+                eps_both = sorted(e for m, e in acc if m == "fed-sb:random" and ("fed-sb", e) in acc)
+                rnd_total = max(r["bytes_up_total"] for r in per["fed-sb:random"])
+                out += ["", "With `init-basis=random` (no init gradients, so no init step in σ and no 42 MB upload per client) "
+                        "Fed-SB ends at " + ", ".join(f"{_f(acc[('fed-sb:random', e)])} (ε = {e:g}; {_f(acc[('fed-sb', e)])} with the "
+                                                     f"private gradient basis)" for e in eps_both)
+                        + f"; its total upload is {rnd_total:,} B, "
+                        + ", ".join(f"{max(r['bytes_up_total'] for r in per[m]) / rnd_total:.1f}× less than {m}'s" for m in others) + "."]
             if lg.get("note"):
                 out += ["", f"Note: {lg['note']}."]
             for r in lg.get("replaced_rows", []):

@@ -63,6 +63,9 @@ class FedSBConfig:
     init_lr: float = _f(1e-3, "step size eta of the approximated full fine-tuning step", lo=0.0, lo_open=True)
     init_svd: str = _f("auto", "truncated SVD: `exact`, `randomized` or `auto` (randomized for large layers)", choices=("auto", "exact", "randomized"))
     init_fraction: float = _f(1.0, "fraction of nodes asked for initialization gradients", lo=0.0, hi=1.0, lo_open=True)
+    init_basis: str = _f("gradient", "Fed-SB basis: `gradient` (update approximation from the clients' init gradients) or "
+                         "`random` (seeded orthonormal B, A and R0 = 0: no init upload, no privacy spent on it)",
+                         choices=("gradient", "random"))
     basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast", choices=("float32", "bfloat16"))
     # --- rounds ------------------------------------------------------------------------------
     num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1)
@@ -175,6 +178,8 @@ class FedSBConfig:
                               "(the server's held-out evaluation still runs)")
         if self.method != "fed-sb" and self.init_fraction != 1.0:
             raise ConfigError("init-fraction", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 1.0")
+        if self.method != "fed-sb" and self.init_basis != "gradient":
+            raise ConfigError("init-basis", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 'gradient'")
 
     @property
     def targets(self) -> list[str] | None:

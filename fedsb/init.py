@@ -118,6 +118,22 @@ def compute_bases(
     return {n: update_approximation(g, count, rank, **kw) for n, g in grad_sums.items()}
 
 
+def random_bases(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) -> dict[str, Basis]:
+    """Data-independent bases (``init-basis = "random"``): B, A orthonormal from a seeded Gaussian (QR), R0 = 0.
+
+    For when the update approximation cannot see the data: under DP at the ε measured in BENCHMARKS.md the
+    noised init gradient yields a basis no closer to the clean one than a random subspace, so drawing one
+    at random gives the same subspace for no upload and no privacy spent. R0 = 0: the adapter starts at W0.
+    """
+    out = {}
+    for i, (name, (m, n)) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        B, _ = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))
+        A, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
+        out[name] = Basis(B=B.float(), A=A.t().contiguous().float(), R0=torch.zeros(rank, rank))
+    return out
+
+
 def apply_bases(layers: Mapping[str, SBLinear], bases: Mapping[str, Basis]) -> None:
     for n, layer in layers.items():
         b = bases[n]

@@ -22,7 +22,7 @@ from fedsb import adapters, robust
 from fedsb.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fedsb.config import FedSBConfig
 from fedsb.export import export_peft, head_state, save_fedsb_adapter
-from fedsb.init import apply_bases, basis_fingerprint, compute_bases
+from fedsb.init import apply_bases, basis_fingerprint, compute_bases, random_bases
 from fedsb.methods import FedExLoRA, FLoRA, FedSB, flatten, unflatten_into
 from fedsb.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
 from fedsb.task import get_task
@@ -146,6 +146,12 @@ class FedSBServer:
             self.method.build(self.model, names)
             self.rec.log(0, "init", clients=len(nodes), bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3))
             return
+        if cfg.init_basis == "random":  # no query: nothing about the clients' data goes into the basis
+            shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
+            self.install_bases(random_bases(shapes, cfg.rank, cfg.seed))
+            self.rec.log(0, "init", clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
+                         fingerprint=self.fingerprint, init_basis="random")
+            return
         nodes = self.ordered(nodes)
         k = max(1, math.ceil(cfg.init_fraction * len(nodes)))
         rng = np.random.default_rng(cfg.seed)
@@ -184,17 +190,19 @@ class FedSBServer:
         for n, (m, k_) in shapes.items():
             grads[n] = torch.from_numpy(grad_sum[offset : offset + m * k_].reshape(m, k_))
             offset += m * k_
-        bases = compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update,
-                              lr=cfg.init_lr, svd=cfg.init_svd, seed=cfg.seed)
-        layers = self.method.build(self.model, names)
-        if cfg.basis_dtype == "bfloat16":  # what clients will hold after the bfloat16 broadcast
+        self.install_bases(compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update,
+                                         lr=cfg.init_lr, svd=cfg.init_svd, seed=cfg.seed))
+        self.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
+                     bytes_up=self.totals["bytes_init_total"], bytes_down=self.totals["bytes_down"] - down_before,
+                     examples=count, seconds=round(time.time() - t0, 3), fingerprint=self.fingerprint)
+
+    def install_bases(self, bases: dict) -> None:
+        layers = self.method.build(self.model, self.task.layer_names)
+        if self.cfg.basis_dtype == "bfloat16":  # what clients will hold after the bfloat16 broadcast
             for b in bases.values():
                 b.B, b.A = b.B.bfloat16().float(), b.A.bfloat16().float()
         apply_bases(layers, bases)
         self.set_basis()
-        self.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
-                     bytes_up=self.totals["bytes_init_total"], bytes_down=self.totals["bytes_down"] - down_before,
-                     examples=count, seconds=round(time.time() - t0, 3), fingerprint=self.fingerprint)
 
     def set_basis(self) -> None:
         layers = adapters.adapter_layers(self.model)

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedsb import adapters
 from fedsb.adapters import SBLinear
-from fedsb.init import accumulate_gradients, basis_fingerprint, truncated_svd, update_approximation
+from fedsb.init import accumulate_gradients, basis_fingerprint, random_bases, truncated_svd, update_approximation
 from fedsb.methods import flatten, unflatten_into
 
 torch.set_default_dtype(torch.float64)
@@ -74,6 +74,19 @@ def test_init_is_the_best_rank_r_approximation():
     tail_g = torch.linalg.svdvals(-lr * G)[r:]
     assert torch.allclose(torch.linalg.norm(-lr * G - g.B.double() @ g.R0.double() @ g.A.double()),
                           torch.linalg.norm(tail_g), rtol=1e-5)
+
+
+def test_random_bases_are_orthonormal_seeded_and_start_at_W0():
+    shapes = {"a": (12, 9), "b": (7, 10)}
+    one, again, other = random_bases(shapes, 3, seed=1), random_bases(shapes, 3, seed=1), random_bases(shapes, 3, seed=2)
+    for name, (m, n) in shapes.items():
+        B, A, R0 = one[name].B.double(), one[name].A.double(), one[name].R0
+        assert B.shape == (m, 3) and A.shape == (3, n)
+        assert torch.allclose(B.t() @ B, torch.eye(3), atol=1e-6) and torch.allclose(A @ A.t(), torch.eye(3), atol=1e-6)
+        assert torch.count_nonzero(R0) == 0  # s·B·R0·A = 0: the adapted model starts as the base model
+        assert torch.equal(one[name].B, again[name].B) and torch.equal(one[name].A, again[name].A)
+        assert not torch.allclose(one[name].B, other[name].B)
+    assert not torch.allclose(one["a"].B[:7], one["b"].B)  # layers draw different bases
 
 
 def test_randomized_svd_agrees_with_exact():

@@ -159,6 +159,24 @@ def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp
     assert all(r["loss"] is None for r in recs if r["phase"] == "train")
 
 
+def test_random_basis_spends_no_privacy_and_uploads_no_init_gradient(tiny_bert, sentiment_csv, tmp_path):
+    from client.dp import noise_multiplier
+    from fedsb.config import FedSBConfig
+    from server.simulation import simulate
+
+    base = {"dp": True, "target-epsilon": 3.0, "num-server-rounds": 2, "local-steps": 5}
+    grad_cfg = FedSBConfig.from_run_config(base)
+    rand_cfg = FedSBConfig.from_run_config(dict(base, **{"init-basis": "random"}))
+    # no init step in the horizon: the same target is met with less noise per local step
+    assert noise_multiplier(rand_cfg, 500, 1e-4) < noise_multiplier(grad_cfg, 500, 1e-4)
+    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "rand", **dict(base, **{"init-basis": "random"})), 3)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["epsilon"] <= 3.0 and s["bytes_init_total"] == 0
+    assert s["dp_history"] and all(h[2] != 1 for h in s["dp_history"])  # only local DP-SGD steps, no init entry
+    init = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()][0]
+    assert init["phase"] == "init" and init["bytes_up"] == 0
+
+
 def test_dp_refuses_federated_evaluation_on_private_data():
     from fedsb.config import ConfigError, FedSBConfig
 
