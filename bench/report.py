@@ -260,7 +260,7 @@ def main() -> None:
                 sb_up = per["fed-sb"][0]["bytes_up_per_client_round"]
                 sb_total = max(r["bytes_up_total"] for r in per["fed-sb"])
                 others = [m for m in per if not m.startswith("fed-sb")]
-                out += ["", f"At each ε the three methods end within {spread:.3f} accuracy of each other. Per client and round Fed-SB "
+                out += ["", f"At each ε the methods end within {spread:.3f} accuracy of each other. Per client and round Fed-SB "
                         "uploads " + ", ".join(f"{per[m][0]['bytes_up_per_client_round'] / sb_up:.1f}× less than {m}" for m in others)
                         + "; but with its private init gradient (a dense m×n per layer, once per client) its total upload over this "
                         "run is " + ", ".join(f"{sb_total / max(r['bytes_up_total'] for r in per[m]):.1f}× {m}'s" for m in others)
