@@ -231,7 +231,8 @@ def main() -> None:
             out += ["", f"**Read with care:** {pc['note']}."]
         lg = _load("private_compare_long.json")
         if lg:
-            eps = ",".join(format(e, "g") for e in sorted({r["target_epsilon"] for r in lg["rows"]}))
+            eps_values = sorted({r["target_epsilon"] for r in lg["rows"]})
+            eps = ",".join(format(e, "g") for e in eps_values)
             out += ["", "### A longer horizon", "",
                     _command("private_compare", lg).rstrip("`") + f" --eps {eps} --methods "
                     + ",".join(dict.fromkeys(r["method"] for r in lg["rows"])) + " --out bench/results/private_compare_long.json`"
@@ -244,15 +245,14 @@ def main() -> None:
                            f"{_f(r['final_accuracy'])} | {_f(r['majority_rate'])} | {_b(r['bytes_up_per_client_round'])} | "
                            f"{_b(r['bytes_up_total'])} | {_b(r.get('seconds'))} |")
             out.append("")
-            for e in sorted({r["target_epsilon"] for r in lg["rows"]}):
+            spread = 0.0  # the largest best-minus-worst accuracy gap at one ε
+            for e in eps_values:
                 at = sorted((r for r in lg["rows"] if r["target_epsilon"] == e), key=lambda r: -(r["final_accuracy"] or 0))
+                spread = max(spread, at[0]["final_accuracy"] - at[-1]["final_accuracy"])
                 ranked = f"{at[0]['method']} {_f(at[0]['final_accuracy'])}"
                 for prev, r in zip(at, at[1:]):  # "=" where the shown accuracies tie
                     ranked += (" = " if _f(prev["final_accuracy"]) == _f(r["final_accuracy"]) else " > ") + f"{r['method']} {_f(r['final_accuracy'])}"
                 out.append(f"- ε = {e:g}: {ranked} (majority {_f(at[0]['majority_rate'])}).")
-            spread = max(max(r["final_accuracy"] for r in lg["rows"] if r["target_epsilon"] == e)
-                         - min(r["final_accuracy"] for r in lg["rows"] if r["target_epsilon"] == e)
-                         for e in {r["target_epsilon"] for r in lg["rows"]})
             per = {}
             for r in lg["rows"]:
                 per.setdefault(r["method"], []).append(r)

@@ -138,7 +138,8 @@ class FedSBServer:
         return sorted(nodes, key=lambda n: self.partition_of.get(n, 10**9 + n))
 
     def initialize(self, nodes: list[int]) -> None:
-        """Fed-SB: average the clients' init gradients, update approximation, SVD -> B, A, R0."""
+        """Fed-SB: average the clients' init gradients, update approximation, SVD -> B, A, R0 (or, with
+        init-basis=random, a seeded random basis and no query)."""
         cfg, t0 = self.cfg, time.time()
         self.hello(nodes)
         names = self.task.layer_names
@@ -146,8 +147,8 @@ class FedSBServer:
             self.method.build(self.model, names)
             self.rec.log(0, "init", clients=len(nodes), bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3))
             return
+        shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
         if cfg.init_basis == "random":  # no query: nothing about the clients' data goes into the basis
-            shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
             self.install_bases(random_bases(shapes, cfg.rank, cfg.seed))
             self.rec.log(0, "init", clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
                          fingerprint=self.fingerprint, init_basis="random")
@@ -160,7 +161,6 @@ class FedSBServer:
             "config": ConfigRecord({"mode": "fed-sb-init", "layers": names, "dp-delta": self.dp_delta()}),
             "head": arrays(head=flatten(head_state(self.model))),
         })
-        shapes = {n: adapters.linear_shape(self.model.get_submodule(n)) for n in names}
         total = sum(m * n for m, n in shapes.values())
         # each client sums the gradient over at most init-samples examples; a larger claimed count would
         # shrink everyone else's share of the mean gradient
