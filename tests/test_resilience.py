@@ -42,17 +42,35 @@ def test_hostile_replies_are_rejected_and_change_nothing(tiny_bert, sentiment_cs
 
 
 SIM_SCRIPT = """
-import json, sys
+import json, sys, time
+from pathlib import Path
 sys.path.insert(0, {root!r})
+import server.app
 from server.simulation import simulate
-simulate(json.loads(sys.argv[1]), 3)
+
+cfg, hold_after = json.loads(sys.argv[1]), int(sys.argv[2])
+save = server.app.save_checkpoint
+
+def save_then_hold(path, tensors, state):
+    # Deterministic crash point: once round `hold_after` is on disk, say so and stop making progress,
+    # so the test's SIGKILL lands mid-run however fast the machine is (polling a log raced a fast run).
+    save(path, tensors, state)
+    if state["round"] == hold_after:
+        (Path(path).parent / "held").write_text(str(hold_after))
+        while True:
+            time.sleep(60)
+
+if hold_after >= 0:
+    server.app.save_checkpoint = save_then_hold
+simulate(cfg, 3)
 """
 
 
-def _run_sim(cfg: dict, wait: bool = True) -> subprocess.Popen:
+def _run_sim(cfg: dict, hold_after: int = -1) -> subprocess.Popen:
+    """The simulation in its own process group; with ``hold_after=K`` it halts once round K is checkpointed."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", SIM_SCRIPT.format(root=str(ROOT)), json.dumps(cfg)], env=env,
-                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-c", SIM_SCRIPT.format(root=str(ROOT)), json.dumps(cfg), str(hold_after)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path):
@@ -61,22 +79,21 @@ def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path)
     assert _run_sim(full).wait(timeout=600) == 0
     crash_dir = tmp_path / "crash"
     crash = tiny_run_config(tiny_bert, sentiment_csv, crash_dir, **rounds)
-    proc = _run_sim(crash)
+    proc = _run_sim(crash, hold_after=2)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline:  # kill right after round 2 is checkpointed
-            if (crash_dir / "metrics.jsonl").exists() and any(
-                    r["round"] == 2 and r["phase"] == "evaluate" for r in _records(crash_dir)):
-                break
+        while not (crash_dir / "held").exists():  # round 2 is checkpointed; rounds 3-4 are still to come
+            if proc.poll() is not None:
+                pytest.fail(f"the run exited ({proc.returncode}) before round 2 was checkpointed")
+            if time.time() > deadline:
+                pytest.fail("round 2 never completed")
             time.sleep(0.2)
-        else:
-            pytest.fail("round 2 never completed")
-        time.sleep(0.5)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
     assert not (crash_dir / "summary.json").exists()
     resumed = _run_sim(dict(crash, resume=True))
     assert resumed.wait(timeout=600) == 0
