@@ -2,7 +2,10 @@
 (same clients, partitions, seeds and rounds for all). Writes bench/results/private_compare.json.
 
     python -m bench.private_compare [--eps 1,3,10] [--methods fed-sb,ffa-lora,fedit,fed-sb:random] [--num-supernodes 6]
-        [--run-config "num-server-rounds=4 ..."] [--merge]
+        [--run-config "num-server-rounds=4 ..."] [--merge] [--run-index K]
+
+``--run-index K --merge`` repeats cells under the same settings (DP noise and Poisson batches come from OS
+entropy, so a repeat is a fresh draw): the report then shows each cell's mean and its run-to-run spread.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ def main() -> None:
     p.add_argument("--run-config", default="num-server-rounds=4 fraction-train=0.5 local-steps=10 batch-size=16")
     p.add_argument("--out", default="bench/results/private_compare.json")
     p.add_argument("--merge", action="store_true", help="keep the rows of other ε already in --out (same settings)")
+    p.add_argument("--run-index", type=int, default=0, help="label of this repeat (rows of other indices are kept by --merge)")
     args = p.parse_args()
     from server.simulation import parse_run_config, simulate
 
@@ -38,8 +42,8 @@ def main() -> None:
         if args.merge:
             from bench.common import merge_rows
 
-            res = merge_rows(args.out, out, key=lambda r: (r["method"], r["target_epsilon"]))
-            res["rows"].sort(key=lambda r: (r["target_epsilon"], r["method"]))
+            res = merge_rows(args.out, out, key=lambda r: (r["method"], r["target_epsilon"], r.get("run", 0)))
+            res["rows"].sort(key=lambda r: (r["target_epsilon"], r["method"], r.get("run", 0)))
         Path(args.out).write_text(json.dumps(res, indent=1))
 
     for eps in [float(e) for e in args.eps.split(",")]:
@@ -54,7 +58,7 @@ def main() -> None:
             t0 = time.perf_counter()
             run = simulate(cfg, args.num_supernodes)
             s = json.loads((run / "summary.json").read_text())
-            rows.append({"method": label, "target_epsilon": eps, "epsilon": s["epsilon"], "delta": s["delta"],
+            rows.append({"method": label, "target_epsilon": eps, "run": args.run_index, "epsilon": s["epsilon"], "delta": s["delta"],
                          "noise_multiplier": s["noise_multiplier"], "rank": s["config"]["rank"],
                          "final_accuracy": s["final_accuracy"], "initial_accuracy": s["initial_accuracy"],
                          "majority_rate": s["majority_rate"], "bytes_up_total": s["bytes_up_total"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 from pathlib import Path
 
 R = Path("bench/results")
@@ -134,12 +135,19 @@ def main() -> None:
         out += _missing("python -m bench.init_cost")
 
     sc = _load("scale.json")
-    out += ["## Scale", "", "Command: `python -m bench.scale` (tiny BERT, every client sampled, 1 local step, 2 rounds).",
+    out += ["## Scale", "", f"Command: `python -m bench.scale` (tiny BERT, every client sampled, 1 local step, {(sc or {}).get('rounds', 2)} rounds).",
             "Server seconds per round and the server process's peak allocation during a round (tracemalloc).", ""]
     if sc:
-        out += ["| clients | method | round seconds (median) | server peak during a round (B) | upload / client (B) |", "|---|---|---|---|---|"]
-        for r in sc["rows"]:
-            out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds_median']:.2f} | {_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
+        if all("round_seconds" in r for r in sc["rows"]):  # round 1 apart: Fed-SB also ships the basis then
+            out += ["| clients | method | round 1 seconds | later rounds seconds (median) | server peak during a round (B) | upload / client (B) |",
+                    "|---|---|---|---|---|---|"]
+            for r in sc["rows"]:
+                out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds'][0]:.2f} | {statistics.median(r['round_seconds'][1:]):.2f} | "
+                           f"{_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
+        else:
+            out += ["| clients | method | round seconds (median) | server peak during a round (B) | upload / client (B) |", "|---|---|---|---|---|"]
+            for r in sc["rows"]:
+                out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds_median']:.2f} | {_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
         rs = {(r["clients"], r["method"]): r for r in sc["rows"]}
         lo, hi = min(r["clients"] for r in sc["rows"]), max(r["clients"] for r in sc["rows"])
         growth = rs[(hi, "fed-sb")]["server_peak_bytes_max"] / rs[(lo, "fed-sb")]["server_peak_bytes_max"]
@@ -237,22 +245,42 @@ def main() -> None:
                     _command("private_compare", lg).rstrip("`") + f" --eps {eps} --methods "
                     + ",".join(dict.fromkeys(r["method"] for r in lg["rows"])) + " --out bench/results/private_compare_long.json`"
                     + (" (`fed-sb:random`: Fed-SB with `init-basis=random`, no init step)"
-                       if any(r["method"] == "fed-sb:random" for r in lg["rows"]) else ""), "",
-                    "| method | target ε | ε spent | σ | accuracy | majority rate | upload per client-round (B) | upload total incl. init (B) | run (s) |",
-                    "|---|---|---|---|---|---|---|---|---|"]
+                       if any(r["method"] == "fed-sb:random" for r in lg["rows"]) else "")
+                    + ("; rows with run K > 0 are repeats, made by the same command with the ε and methods repeated and "
+                       "`--run-index K --merge`" if any(r.get("run", 0) for r in lg["rows"]) else ""), "",
+                    "| method | target ε | run | ε spent | σ | accuracy | majority rate | upload per client-round (B) | upload total incl. init (B) | run (s) |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
             for r in lg["rows"]:
-                out.append(f"| {r['method']} | {r['target_epsilon']:g} | {_f(r['epsilon'])} | {_f(r['noise_multiplier'])} | "
+                out.append(f"| {r['method']} | {r['target_epsilon']:g} | {r.get('run', 0)} | {_f(r['epsilon'])} | {_f(r['noise_multiplier'])} | "
                            f"{_f(r['final_accuracy'])} | {_f(r['majority_rate'])} | {_b(r['bytes_up_per_client_round'])} | "
                            f"{_b(r['bytes_up_total'])} | {_b(r.get('seconds'))} |")
             out.append("")
+            cell: dict = {}  # (method, ε) -> accuracies of its runs; a cell run more than once is ranked by its mean
+            for r in lg["rows"]:
+                cell.setdefault((r["method"], r["target_epsilon"]), []).append(r["final_accuracy"])
+            mean = {k: sum(v) / len(v) for k, v in cell.items()}
+            repeated = {k: max(v) - min(v) for k, v in cell.items() if len(v) > 1}
+            majority = {r["target_epsilon"]: r["majority_rate"] for r in lg["rows"]}
             spread = 0.0  # the largest best-minus-worst accuracy gap at one ε
             for e in eps_values:
-                at = sorted((r for r in lg["rows"] if r["target_epsilon"] == e), key=lambda r: -(r["final_accuracy"] or 0))
-                spread = max(spread, at[0]["final_accuracy"] - at[-1]["final_accuracy"])
-                ranked = f"{at[0]['method']} {_f(at[0]['final_accuracy'])}"
-                for prev, r in zip(at, at[1:]):  # "=" where the shown accuracies tie
-                    ranked += (" = " if _f(prev["final_accuracy"]) == _f(r["final_accuracy"]) else " > ") + f"{r['method']} {_f(r['final_accuracy'])}"
-                out.append(f"- ε = {e:g}: {ranked} (majority {_f(at[0]['majority_rate'])}).")
+                at = sorted((m for m, x in cell if x == e), key=lambda m: -mean[(m, e)])
+                spread = max(spread, mean[(at[0], e)] - mean[(at[-1], e)])
+                show = lambda m: f"{m} {_f(mean[(m, e)])}" + (f" (mean of {len(cell[(m, e)])})" if len(cell[(m, e)]) > 1 else "")
+                ranked = show(at[0])
+                for prev, m in zip(at, at[1:]):  # "=" where the shown accuracies tie
+                    ranked += (" = " if _f(mean[(prev, e)]) == _f(mean[(m, e)]) else " > ") + show(m)
+                out.append(f"- ε = {e:g}: {ranked} (majority {_f(majority[e])}).")
+            if repeated:
+                noise = max(repeated.values())
+                close = [(e, a, b) for e in eps_values for a in (m for m, x in cell if x == e) for b in (m for m, x in cell if x == e)
+                         if mean[(a, e)] > mean[(b, e)] and mean[(a, e)] - mean[(b, e)] <= noise]
+                out += ["", f"Run-to-run: {len(repeated)} cells were run {'/'.join(sorted({str(len(cell[k])) for k in repeated}))} times "
+                        "(the DP noise and Poisson batches are fresh draws each time, the data and partitions are the same); "
+                        "the same cell ended up to " + f"{noise:.3f} apart (" + ", ".join(
+                            f"{m} ε={e:g}: {repeated[(m, e)]:.3f}" for m, e in sorted(repeated, key=lambda k: (k[1], k[0]))) + "). "
+                        + (f"{len(close)} of the orderings above are within that spread and are not resolved by these runs"
+                           + (" (" + "; ".join(f"ε={e:g} {a} > {b}" for e, a, b in close) + ")" if close else "") + "."
+                           if close else "Every ordering above is larger than that spread.")]
             per = {}
             for r in lg["rows"]:
                 per.setdefault(r["method"], []).append(r)
@@ -268,7 +296,7 @@ def main() -> None:
                            "accuracy (all within 0.02 at every ε); Fed-SB's edge here is the per-round upload." if spread < 0.02 else
                            ". Where they differ by more than 0.02, the per-ε lines above say which is ahead.")]
             if "fed-sb:random" in per and "fed-sb" in per:
-                acc = {(r["method"], r["target_epsilon"]): r["final_accuracy"] for r in lg["rows"]}
+                acc = mean  # a repeated cell by its mean
                 eps_both = sorted(e for m, e in acc if m == "fed-sb:random" and ("fed-sb", e) in acc)
                 rnd_total = max(r["bytes_up_total"] for r in per["fed-sb:random"])
                 out += ["", "With `init-basis=random` (no init gradients, so no init step in σ and no 42 MB upload per client) "
