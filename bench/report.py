@@ -274,13 +274,20 @@ def main() -> None:
                 noise = max(repeated.values())
                 close = [(e, a, b) for e in eps_values for a in (m for m, x in cell if x == e) for b in (m for m, x in cell if x == e)
                          if mean[(a, e)] > mean[(b, e)] and mean[(a, e)] - mean[(b, e)] <= noise]
+                clear = [(e, a, b) for e in eps_values for a in (m for m, x in cell if x == e) for b in (m for m, x in cell if x == e)
+                         if mean[(a, e)] - mean[(b, e)] > noise]
                 out += ["", f"Run-to-run: {len(repeated)} cells were run {'/'.join(sorted({str(len(cell[k])) for k in repeated}))} times "
                         "(the DP noise and Poisson batches are fresh draws each time, the data and partitions are the same); "
                         "the same cell ended up to " + f"{noise:.3f} apart (" + ", ".join(
                             f"{m} ε={e:g}: {repeated[(m, e)]:.3f}" for m, e in sorted(repeated, key=lambda k: (k[1], k[0]))) + "). "
                         + (f"{len(close)} of the orderings above are within that spread and are not resolved by these runs"
                            + (" (" + "; ".join(f"ε={e:g} {a} > {b}" for e, a, b in close) + ")" if close else "") + "."
-                           if close else "Every ordering above is larger than that spread.")]
+                           if close else "Every ordering above is larger than that spread.")
+                        + (" Larger than that spread: " + "; ".join(f"ε={e:g} {a} > {b} by {mean[(a, e)] - mean[(b, e)]:.3f}" for e, a, b in clear) + "."
+                           if clear else " No ordering is larger than that spread.")
+                        + (" (ε " + ", ".join(f"{e:g}" for e in eps_values if not any(k[1] == e for k in repeated))
+                           + " was run once per cell; the largest spread seen elsewhere is applied to it.)"
+                           if any(not any(k[1] == e for k in repeated) for e in eps_values) else "")]
             per = {}
             for r in lg["rows"]:
                 per.setdefault(r["method"], []).append(r)
