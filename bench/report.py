@@ -135,19 +135,16 @@ def main() -> None:
         out += _missing("python -m bench.init_cost")
 
     sc = _load("scale.json")
-    out += ["## Scale", "", f"Command: `python -m bench.scale` (tiny BERT, every client sampled, 1 local step, {(sc or {}).get('rounds', 2)} rounds).",
+    out += ["## Scale", "", "Command: `python -m bench.scale` (tiny BERT, every client sampled, 1 local step"
+            + (f", {sc['rounds']} rounds)." if sc else ")."),
             "Server seconds per round and the server process's peak allocation during a round (tracemalloc).", ""]
     if sc:
-        if all("round_seconds" in r for r in sc["rows"]):  # round 1 apart: Fed-SB also ships the basis then
-            out += ["| clients | method | round 1 seconds | later rounds seconds (median) | server peak during a round (B) | upload / client (B) |",
-                    "|---|---|---|---|---|---|"]
-            for r in sc["rows"]:
-                out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds'][0]:.2f} | {statistics.median(r['round_seconds'][1:]):.2f} | "
-                           f"{_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
-        else:
-            out += ["| clients | method | round seconds (median) | server peak during a round (B) | upload / client (B) |", "|---|---|---|---|---|"]
-            for r in sc["rows"]:
-                out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds_median']:.2f} | {_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
+        # round 1 apart: Fed-SB also ships the basis then
+        out += ["| clients | method | round 1 seconds | later rounds seconds (median) | server peak during a round (B) | upload / client (B) |",
+                "|---|---|---|---|---|---|"]
+        for r in sc["rows"]:
+            out.append(f"| {r['clients']} | {r['method']} | {r['round_seconds'][0]:.2f} | {statistics.median(r['round_seconds'][1:]):.2f} | "
+                       f"{_b(r['server_peak_bytes_max'])} | {_b(r['bytes_up_per_client'])} |")
         rs = {(r["clients"], r["method"]): r for r in sc["rows"]}
         lo, hi = min(r["clients"] for r in sc["rows"]), max(r["clients"] for r in sc["rows"])
         growth = rs[(hi, "fed-sb")]["server_peak_bytes_max"] / rs[(lo, "fed-sb")]["server_peak_bytes_max"]
@@ -272,22 +269,22 @@ def main() -> None:
                 out.append(f"- ε = {e:g}: {ranked} (majority {_f(majority[e])}).")
             if repeated:
                 noise = max(repeated.values())
-                close = [(e, a, b) for e in eps_values for a in (m for m, x in cell if x == e) for b in (m for m, x in cell if x == e)
-                         if mean[(a, e)] > mean[(b, e)] and mean[(a, e)] - mean[(b, e)] <= noise]
-                clear = [(e, a, b) for e in eps_values for a in (m for m, x in cell if x == e) for b in (m for m, x in cell if x == e)
-                         if mean[(a, e)] - mean[(b, e)] > noise]
+                ordered = [(e, a, b, mean[(a, e)] - mean[(b, e)]) for e in eps_values for a in (m for m, x in cell if x == e)
+                           for b in (m for m, x in cell if x == e) if mean[(a, e)] > mean[(b, e)]]
+                close = [t for t in ordered if t[3] <= noise]
+                clear = [t for t in ordered if t[3] > noise]
+                once = [e for e in eps_values if not any(k[1] == e for k in repeated)]
                 out += ["", f"Run-to-run: {len(repeated)} cells were run {'/'.join(sorted({str(len(cell[k])) for k in repeated}))} times "
                         "(the DP noise and Poisson batches are fresh draws each time, the data and partitions are the same); "
                         "the same cell ended up to " + f"{noise:.3f} apart (" + ", ".join(
                             f"{m} ε={e:g}: {repeated[(m, e)]:.3f}" for m, e in sorted(repeated, key=lambda k: (k[1], k[0]))) + "). "
                         + (f"{len(close)} of the orderings above are within that spread and are not resolved by these runs"
-                           + (" (" + "; ".join(f"ε={e:g} {a} > {b}" for e, a, b in close) + ")" if close else "") + "."
+                           + (" (" + "; ".join(f"ε={e:g} {a} > {b}" for e, a, b, _ in close) + ")" if close else "") + "."
                            if close else "Every ordering above is larger than that spread.")
-                        + (" Larger than that spread: " + "; ".join(f"ε={e:g} {a} > {b} by {mean[(a, e)] - mean[(b, e)]:.3f}" for e, a, b in clear) + "."
+                        + (" Larger than that spread: " + "; ".join(f"ε={e:g} {a} > {b} by {gap:.3f}" for e, a, b, gap in clear) + "."
                            if clear else " No ordering is larger than that spread.")
-                        + (" (ε " + ", ".join(f"{e:g}" for e in eps_values if not any(k[1] == e for k in repeated))
-                           + " was run once per cell; the largest spread seen elsewhere is applied to it.)"
-                           if any(not any(k[1] == e for k in repeated) for e in eps_values) else "")]
+                        + (" (ε " + ", ".join(f"{e:g}" for e in once)
+                           + " was run once per cell; the largest spread seen elsewhere is applied to it.)" if once else "")]
             per = {}
             for r in lg["rows"]:
                 per.setdefault(r["method"], []).append(r)
@@ -303,11 +300,10 @@ def main() -> None:
                            "accuracy (all within 0.02 at every ε); Fed-SB's edge here is the per-round upload." if spread < 0.02 else
                            ". Where they differ by more than 0.02, the per-ε lines above say which is ahead.")]
             if "fed-sb:random" in per and "fed-sb" in per:
-                acc = mean  # a repeated cell by its mean
-                eps_both = sorted(e for m, e in acc if m == "fed-sb:random" and ("fed-sb", e) in acc)
+                eps_both = sorted(e for m, e in mean if m == "fed-sb:random" and ("fed-sb", e) in mean)  # repeated cells by their mean
                 rnd_total = max(r["bytes_up_total"] for r in per["fed-sb:random"])
                 out += ["", "With `init-basis=random` (no init gradients, so no init step in σ and no 42 MB upload per client) "
-                        "Fed-SB ends at " + ", ".join(f"{_f(acc[('fed-sb:random', e)])} (ε = {e:g}; {_f(acc[('fed-sb', e)])} with the "
+                        "Fed-SB ends at " + ", ".join(f"{_f(mean[('fed-sb:random', e)])} (ε = {e:g}; {_f(mean[('fed-sb', e)])} with the "
                                                      f"private gradient basis)" for e in eps_both)
                         + f"; its total upload is {rnd_total:,} B, "
                         + ", ".join(f"{max(r['bytes_up_total'] for r in per[m]) / rnd_total:.1f}× less than {m}'s" for m in others) + "."]
