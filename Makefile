@@ -30,14 +30,19 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
-$(FLWR_HOME)/config.toml:
+$(FLWR_HOME)/config.toml: Makefile
 	mkdir -p $(FLWR_HOME)
-	printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\noptions.num-supernodes = $(NUM_SUPERNODES)\noptions.backend.client-resources.num-cpus = 1\n' > $@
+	printf '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n' > $@
 
 # flwr run --stream exits 0 even when the run failed: check-run fails unless the run wrote its summary.
+# flwr run leaves the local SuperLink it started running: stop it again, unless it was running before.
 run: $(STAMP) $(FLWR_HOME)/config.toml
-	$(VENV)/bin/flwr run . local --stream --run-config "output-dir='$(RUN_DIR)' $(RUN_CONFIG)"
-	$(VENV)/bin/fedsb check-run $(RUN_DIR)
+	@before=$$($(VENV)/bin/fedsb local-superlink running >/dev/null && echo up); \
+	$(VENV)/bin/flwr run . local --stream \
+		--federation-config "num-supernodes=$(NUM_SUPERNODES) client-resources-num-cpus=1" \
+		--run-config "output-dir='$(RUN_DIR)' $(RUN_CONFIG)"; rc=$$?; \
+	[ -n "$$before" ] || $(VENV)/bin/fedsb local-superlink stop; \
+	[ $$rc -eq 0 ] && $(VENV)/bin/fedsb check-run $(RUN_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

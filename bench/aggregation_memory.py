@@ -3,7 +3,7 @@
 ``bench.scale`` measures the whole simulated server process, in which Flower's in-memory link state holds
 every message of a round; this isolates what fedsb's server does with the replies: each reply vector (the
 size of the default model's Fed-SB or FedIT upload) arrives one at a time, is validated with
-``fedsb.validation.check_reply`` and folded into ``fedsb.robust.RunningWeightedMean`` (the streaming path of
+``fedsb.aggregation.validation.check_reply`` and folded into ``fedsb.aggregation.robust.RunningWeightedMean`` (the streaming path of
 ``server/app.py``), then let go. Beside it, the hold-every-vector path that FedEx-LoRA, FLoRA and the robust
 rules (median, trimmed mean) need. Peak allocation by tracemalloc (numpy buffers are traced).
 Goal: the streaming peak does not grow with the number of clients.
@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine
-from fedsb import adapters, robust
+from fedsb import adapters
+from fedsb.aggregation import robust
 from fedsb.methods import make_method
-from fedsb.models import load_base_model, resolve_model_path
-from fedsb.validation import ReplySpec, check_reply
+from fedsb.tasks import SeqClsTask
+from fedsb.tasks.models import load_base_model
+from fedsb.aggregation.validation import ReplySpec, check_reply
 
 
 def upload_sizes() -> dict[str, int]:
     """Numbers per upload on the default model: Fed-SB r=32, FedIT r=24 (the comparison's ranks)."""
-    path = resolve_model_path("default")
+    path = SeqClsTask.default_model()
     out = {}
     for method, rank in (("fed-sb", 32), ("fedit", 24)):
         model = load_base_model(path, "seq-cls", 3, 0)

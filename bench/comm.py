@@ -16,13 +16,15 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from client.app import train_reply_content
+from client.handlers import train_reply_content
 from fedsb import adapters
 from fedsb.config import FedSBConfig
-from fedsb.export import head_state
-from fedsb.methods import flatten, make_method
-from fedsb.models import load_base_model, resolve_model_path
-from server.app import arrays, nbytes
+from fedsb.run.export import head_state
+from fedsb.methods import make_method
+from fedsb.wire import flatten
+from fedsb.tasks import SeqClsTask
+from fedsb.tasks.models import load_base_model
+from server.transport import arrays, nbytes
 
 # Public architecture dimensions (hidden, intermediate, layers, q heads, kv heads, head dim) of models the
 # Fed-SB paper fine-tunes; the byte formula needs only the shapes of the 7 projections per block.
@@ -45,7 +47,7 @@ def one_time_bytes(shapes: list[tuple[int, int]], rank: int, dtype_bytes: int = 
 
 
 def measure(rank: int, lora_rank: int, clients: int) -> dict:
-    path = resolve_model_path("default")
+    path = SeqClsTask.default_model()
     out = {"model": "all-MiniLM-L6-v2 (default)", "rows": []}
     for name in ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora"):
         r = rank if name == "fed-sb" else lora_rank

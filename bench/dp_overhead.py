@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 
 from bench.common import interleaved, machine
-from fedsb import adapters, privacy
-from fedsb.data import pad_collate
+from fedsb import adapters
+from fedsb.privacy import dp as privacy
+from fedsb.tasks.data import pad_collate
 from fedsb.methods import make_method
-from fedsb.models import load_base_model, resolve_model_path
-from fedsb.training import seq_cls_per_example_loss, train_steps
+from fedsb.tasks import SeqClsTask
+from fedsb.tasks.models import load_base_model
+from fedsb.tasks.seq_cls import seq_cls_per_example_loss
+from fedsb.tasks.training import train_steps
 
 
 def main() -> None:
@@ -32,7 +35,7 @@ def main() -> None:
     p.add_argument("--modes", default="hooks,functorch")
     p.add_argument("--out", default="bench/results/dp_overhead.json")
     args = p.parse_args()
-    path = resolve_model_path("default")
+    path = SeqClsTask.default_model()
     model = load_base_model(path, "seq-cls", 3, 0)
     make_method("fed-sb", args.rank, 1.0, 16.0, 0).build(model, adapters.find_targets(model, None))
     g = torch.Generator().manual_seed(0)

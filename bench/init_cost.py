@@ -18,10 +18,11 @@ import torch
 from bench.common import interleaved, machine
 from bench.overhead import make_step
 from fedsb import adapters
-from fedsb.init import accumulate_gradients, compute_bases, truncated_svd
+from fedsb.adapters.sb_init import accumulate_gradients, compute_bases, truncated_svd
 from fedsb.methods import make_method
-from fedsb.models import load_base_model, resolve_model_path
-from fedsb.training import seq_cls_per_example_loss
+from fedsb.tasks import SeqClsTask
+from fedsb.tasks.models import load_base_model
+from fedsb.tasks.seq_cls import seq_cls_per_example_loss
 import bench.overhead as ov
 
 
@@ -36,7 +37,7 @@ def main() -> None:
     args = p.parse_args()
     counts = [int(c) for c in args.init_samples.split(",")]
     ov.ARGS = args
-    path = resolve_model_path("default")
+    path = SeqClsTask.default_model()
     model = load_base_model(path, "seq-cls", 3, 0)
     names = adapters.find_targets(model, None)
     g = torch.Generator().manual_seed(0)

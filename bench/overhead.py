@@ -18,8 +18,9 @@ import torch
 from bench.common import interleaved, machine
 from fedsb import adapters
 from fedsb.methods import make_method
-from fedsb.models import load_base_model, resolve_model_path
-from fedsb.training import seq_cls_per_example_loss
+from fedsb.tasks import SeqClsTask
+from fedsb.tasks.models import load_base_model
+from fedsb.tasks.seq_cls import seq_cls_per_example_loss
 
 
 def make_step(model):
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/overhead.json")
     ARGS = p.parse_args()
     torch.manual_seed(0)
-    path = resolve_model_path("default")
+    path = SeqClsTask.default_model()
     base = load_base_model(path, "seq-cls", 3, 0)
     adapters.freeze_for_adapters(base)  # head only
     sb = load_base_model(path, "seq-cls", 3, 0)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from bench.common import machine
-from fedsb import privacy
+from fedsb.privacy import dp as privacy
 from fedsb.config import FedSBConfig
-from fedsb.init import compute_bases
-from fedsb.task import get_task
+from fedsb.adapters.sb_init import compute_bases
+from fedsb.tasks import get_task
 
 
 def overlap(P: torch.Tensor, Q: torch.Tensor) -> float:

@@ -97,7 +97,7 @@ def main() -> None:
                 f"{ov['ratio_lora_vs_frozen_backward']:.2f}×.", ""]
         if "fed-sb-plain" in res:
             out += [f"Fed-SB's default path computes each adapted layer as one matmul with `W0 + s·B·R·A` and a hand-written",
-                    "backward that gives R only its r×r gradient (`fedsb.adapters._SBFused`); the plain path (base layer, then",
+                    "backward that gives R only its r×r gradient (`fedsb.adapters.layers._SBFused`); the plain path (base layer, then",
                     "x·Aᵀ, ·Rᵀ, ·Bᵀ as modules — what Opacus' per-sample hooks need, so DP-SGD uses it) costs "
                     f"{ov['ratio_fed_sb_plain_vs_frozen_backward']:.2f}× the frozen-backward step.", ""]
     else:
@@ -157,7 +157,7 @@ def main() -> None:
     am = _load("aggregation_memory.json")
     out += ["### fedsb's aggregation alone", "",
             "Command: `python -m bench.aggregation_memory` (replies the size of the default model's uploads, validated and",
-            "folded one at a time as `server/app.py` does, no Flower in the process; peak allocation by tracemalloc).", ""]
+            "folded one at a time as `server/rounds.py` does, no Flower in the process; peak allocation by tracemalloc).", ""]
     if am:
         clients = sorted({r["clients"] for r in am["rows"]})
         paths = sorted({(r["method"], r["numbers"], r["path"]) for r in am["rows"]}, key=lambda t: (t[0], t[2] != "streaming mean"))

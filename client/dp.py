@@ -1,6 +1,7 @@
-"""Client DP glue: the node's accountant history (node state + what the server echoes back), σ, budget.
+"""Client DP: ``DPTrainer``, the local trainer under Opacus DP-SGD, and the node's privacy bookkeeping.
 
-The maths is in ``fedsb.privacy``; this file only decides which history, σ and δ apply to a message.
+The maths is in ``fedsb.privacy.dp``; this file decides which history, σ and δ apply to a message: the
+node's accountant history (its own state, or what the server echoes back after a restart), σ, budget.
 """
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
-from flwr.app import ConfigRecord, Context, Message
 
-from fedsb import privacy
+from fedsb.privacy import dp as privacy
+from client.trainers import LocalTrainer
 from fedsb.config import FedSBConfig
+from fedsb.methods import NodeStore
+from fedsb.tasks.data import pad_collate
 
 log = logging.getLogger("fedsb.client.dp")
 
@@ -28,23 +30,23 @@ def flat(history: privacy.History) -> list[float]:
     return [float(x) for h in history for x in h]
 
 
-def history(msg: Message, context: Context) -> privacy.History:
+def history(config, store: NodeStore) -> privacy.History:
     """The longer of the node's own history and the one the server kept for this partition: a node
     that lost its state (restart) must not start its privacy budget from zero."""
-    own = context.state.config_records.get(STATE_KEY)
-    mine = _unflat(own["history"]) if own is not None else []
-    server = _unflat(msg.content["config"].get("dp-history", []))
+    own = store.get(STATE_KEY)
+    mine = _unflat(own[1]["history"]) if own is not None else []
+    server = _unflat(config.get("dp-history", []))
     return mine if sum(h[2] for h in mine) >= sum(h[2] for h in server) else server
 
 
-def save(context: Context, hist: privacy.History) -> None:
-    context.state[STATE_KEY] = ConfigRecord({"history": flat(hist)})
+def save(store: NodeStore, hist: privacy.History) -> None:
+    store.put(STATE_KEY, {}, {"history": flat(hist)})
 
 
-def delta(cfg: FedSBConfig, msg: Message, n_local: int) -> float:
+def delta(cfg: FedSBConfig, config, n_local: int) -> float:
     if cfg.target_delta > 0:
         return cfg.target_delta
-    sent = msg.content["config"].get("dp-delta", 0.0)
+    sent = config.get("dp-delta", 0.0)
     return float(sent) if sent else privacy.default_delta(n_local)
 
 
@@ -64,43 +66,43 @@ def metrics(hist: privacy.History, d: float, sigma: float, cfg: FedSBConfig) -> 
             "noise-multiplier": sigma, "dp-history": flat(hist)}
 
 
-def private_init_gradient(cfg, task, model, layers, ds, msg, context):
-    """The init gradient under DP: a Poisson sample (q = init-samples/n, secret) of the local examples,
-    each one's gradient clipped, summed, noised. Returns (sums, count, metrics); ``count`` is the expected
-    sample size q·n, a function of n alone, because the drawn size would tell the server about the sample."""
-    n_local = len(ds)
-    d = delta(cfg, msg, n_local)
-    sigma = noise_multiplier(cfg, n_local, d)
-    q = min(1.0, cfg.init_samples / n_local)
-    gen = privacy.secret_generator()
-    loader = task.loader(ds.subset(np.asarray(privacy.poisson_indices(n_local, q, gen), dtype=np.int64)), shuffle=False)
-    sums, _ = privacy.private_gradient_sum(model, layers, loader, max_grad_norm=cfg.max_grad_norm,
-                                           noise_multiplier=sigma, loss_fn=task.loss_fn, generator=gen)
-    hist = privacy.merge_history(history(msg, context) + [(sigma, q, 1)])
-    save(context, hist)
-    return sums, max(1, round(q * n_local)), metrics(hist, d, sigma, cfg)
+class DPTrainer(LocalTrainer):
+    private = True
 
+    def init_gradient(self, task, model, layers, ds, pid, config, store):
+        """The init gradient under DP: a Poisson sample (q = init-samples/n, secret) of the local examples,
+        each one's gradient clipped, summed, noised. ``count`` is the expected sample size q·n, a function
+        of n alone, because the drawn size would tell the server about the sample."""
+        cfg, n_local = self.cfg, len(ds)
+        d = delta(cfg, config, n_local)
+        sigma = noise_multiplier(cfg, n_local, d)
+        q = min(1.0, cfg.init_samples / n_local)
+        gen = privacy.secret_generator()
+        loader = task.loader(ds.subset(np.asarray(privacy.poisson_indices(n_local, q, gen), dtype=np.int64)), shuffle=False)
+        sums, _ = privacy.private_gradient_sum(model, layers, loader, max_grad_norm=cfg.max_grad_norm,
+                                               noise_multiplier=sigma, loss_fn=task.loss_fn, generator=gen)
+        hist = privacy.merge_history(history(config, store) + [(sigma, q, 1)])
+        save(store, hist)
+        return sums, max(1, round(q * n_local)), metrics(hist, d, sigma, cfg)
 
-def private_local_train(cfg, task, model, ds, msg, context):
-    """Returns (loss, metrics) or (None, metrics) when this round would overspend the budget."""
-    n = len(ds)
-    d = delta(cfg, msg, n)
-    sigma = noise_multiplier(cfg, n, d)
-    hist = history(msg, context)
-    q = min(1.0, cfg.batch_size / n)
-    planned = privacy.epsilon_from_history(privacy.merge_history(hist + [(sigma, q, cfg.local_steps)]), d, cfg.accountant)
-    if planned > cfg.target_epsilon * (1 + 1e-6):
-        log.warning("privacy budget: this round would reach epsilon=%.3f > target %.3f; not training", planned,
-                    cfg.target_epsilon)
-        return None, metrics(hist, d, sigma, cfg)
-    from fedsb.data import pad_collate
-
-    res = privacy.private_train(model, ds, pad_collate(task.data.pad_id), steps=cfg.local_steps,
-                                batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, history=hist,
-                                accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
-                                loss_fn=task.loss_fn, delta=d)
-    save(context, res.history)
-    out = metrics(res.history, d, sigma, cfg)
-    out["empty-batches"] = res.empty_steps
-    return res.mean_loss, out
+    def train(self, task, model, ds, pid, rnd, config, store):
+        """(loss, metrics), or (None, metrics) when this round would overspend the budget."""
+        cfg, n = self.cfg, len(ds)
+        d = delta(cfg, config, n)
+        sigma = noise_multiplier(cfg, n, d)
+        hist = history(config, store)
+        q = min(1.0, cfg.batch_size / n)
+        planned = privacy.epsilon_from_history(privacy.merge_history(hist + [(sigma, q, cfg.local_steps)]), d, cfg.accountant)
+        if planned > cfg.target_epsilon * (1 + 1e-6):
+            log.warning("privacy budget: this round would reach epsilon=%.3f > target %.3f; not training", planned,
+                        cfg.target_epsilon)
+            return None, metrics(hist, d, sigma, cfg)
+        res = privacy.private_train(model, ds, pad_collate(task.data.pad_id), steps=cfg.local_steps,
+                                    batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, history=hist,
+                                    accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
+                                    loss_fn=task.loss_fn, delta=d)
+        save(store, res.history)
+        out = metrics(res.history, d, sigma, cfg)
+        out["empty-batches"] = res.empty_steps
+        return res.mean_loss, out

@@ -4,17 +4,24 @@ Flower hands every app a flat ``run_config`` mapping with kebab-case keys (``[to
 in ``pyproject.toml``, overridden by ``--run-config``). ``FedSBConfig.from_run_config`` turns it into
 this frozen dataclass once, at the edge; nothing deeper in the code reads the raw mapping.
 
-Each field's metadata carries its kebab-case key, a help line (the README's key table is generated
-from it) and, where it applies, the accepted choices or a numeric range. A bad value raises
-``ConfigError`` naming the key, what was given and what is accepted.
+Each field's metadata carries a help line (the README's key table is rendered from it: ``python -m
+fedsb.config --write-readme README.md``), where it applies the accepted choices or a numeric range, and
+whether it is part of a run's *identity*: a key that must not change when a run resumes from its
+checkpoint. Identity is the default, so a new key cannot be forgotten; only the operational keys that a
+resumed run may change say ``identity=False``. A bad value raises ``ConfigError`` naming the
+kebab-case key, what was given and what is accepted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+from fedsb.aggregation.robust import TRIM_FRACTION_MAX
 
 METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 TASKS = ("seq-cls", "causal-lm")
@@ -28,10 +35,11 @@ class ConfigError(ValueError):
         super().__init__(f"run-config '{key}': {message}")
 
 
-def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False):
+def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, identity=True):
     return field(
         default=default,
-        metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open},
+        metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
+                  "identity": identity},
     )
 
 
@@ -68,24 +76,24 @@ class FedSBConfig:
                          choices=("gradient", "random"))
     basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast", choices=("float32", "bfloat16"))
     # --- rounds ------------------------------------------------------------------------------
-    num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1)
+    num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1, identity=False)
     fraction_train: float = _f(0.4, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
     min_train_nodes: int = _f(2, "fewest nodes a round samples, and fewest valid replies it needs to update", lo=1)
-    min_available_nodes: int = _f(2, "nodes the server waits for before starting", lo=1)
-    round_timeout: float = _f(600.0, "seconds the server waits for a round's replies", lo=0.0, lo_open=True)
+    min_available_nodes: int = _f(2, "nodes the server waits for before starting", lo=1, identity=False)
+    round_timeout: float = _f(600.0, "seconds the server waits for a round's replies", lo=0.0, lo_open=True, identity=False)
     local_steps: int = _f(10, "optimizer steps per client per round", lo=1)
     batch_size: int = _f(16, "local batch size", lo=1)
     learning_rate: float = _f(5e-3, "AdamW learning rate of the local steps", lo=0.0, lo_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
     aggregation: str = _f("mean", "how R (and head) updates are combined", choices=("mean", "median", "trimmed-mean"))
-    trim_fraction: float = _f(0.1, "fraction trimmed at each end by `trimmed-mean`", lo=0.0, hi=0.5)
+    trim_fraction: float = _f(0.1, "fraction trimmed at each end by `trimmed-mean`", lo=0.0, hi=TRIM_FRACTION_MAX, hi_open=True)
     max_update_norm: float = _f(0.0, "reject a reply whose update norm exceeds this (0: no bound)", lo=0.0)
     max_num_examples: int = _f(0, "reject a reply claiming more examples than this as its weight (0: no bound)", lo=0)
-    eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1)
-    federated_evaluate: bool = _f(False, "also ask the sampled clients to evaluate on their local data")
+    eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1, identity=False)
+    federated_evaluate: bool = _f(False, "also ask the sampled clients to evaluate on their local data", identity=False)
     seed: int = _f(42, "seed of data split, partition, sampling and initialization", lo=0)
-    output_dir: str = _f("", "the run directory (created if missing); empty: runs/<method>-<time>")
-    resume: bool = _f(False, "continue from the checkpoint in output-dir")
+    output_dir: str = _f("", "the run directory (created if missing); empty: runs/<method>-<time>", identity=False)
+    resume: bool = _f(False, "continue from the checkpoint in output-dir", identity=False)
     # --- privacy -----------------------------------------------------------------------------
     dp: bool = _f(False, "Opacus DP-SGD on the clients (and a private initialization gradient)")
     target_epsilon: float = _f(8.0, "privacy budget over the whole run (init + all rounds)", lo=0.0, lo_open=True)
@@ -101,8 +109,8 @@ class FedSBConfig:
     secagg_clip_range: float = _f(8.0, "SecAgg+ quantization range [-c, c] of the pre-scaled values", lo=0.0, lo_open=True)
     secagg_quantization_range: int = _f(4194304, "SecAgg+ quantization levels", lo=2)
     # --- causal LM ---------------------------------------------------------------------------
-    eval_generate_samples: int = _f(32, "held-out problems generated for exact match (causal-lm)", lo=0)
-    max_new_tokens: int = _f(96, "generation length for exact match (causal-lm)", lo=1)
+    eval_generate_samples: int = _f(32, "held-out problems generated for exact match (causal-lm)", lo=0, identity=False)
+    max_new_tokens: int = _f(96, "generation length for exact match (causal-lm)", lo=1, identity=False)
     num_examples: int = _f(2000, "examples drawn from a generator dataset such as `gsm`", lo=1)
 
     # ------------------------------------------------------------------------------------------
@@ -121,9 +129,7 @@ class FedSBConfig:
         values: dict[str, Any] = {}
         for key, raw in run_config.items():
             if key not in by_key:
-                close = [k for k in by_key if k.split("-")[0] == key.split("-")[0]][:5]
-                hint = f" Did you mean one of {close}?" if close else ""
-                raise ConfigError(key, f"unknown key.{hint} Known keys: {', '.join(sorted(by_key))}")
+                raise ConfigError(key, f"unknown key.{suggest(key, by_key)} Known keys: {', '.join(sorted(by_key))}")
             f = by_key[key]
             values[f.name] = _coerce(key, raw, type(f.default))
         cfg = cls(**values)
@@ -149,8 +155,9 @@ class FedSBConfig:
             if lo is not None and (v < lo or (m.get("lo_open") and v == lo)):
                 op = ">" if m.get("lo_open") else ">="
                 raise ConfigError(key, f"got {v!r}; must be {op} {lo}")
-            if hi is not None and v > hi:
-                raise ConfigError(key, f"got {v!r}; must be <= {hi}")
+            if hi is not None and (v > hi or (m.get("hi_open") and v == hi)):
+                op = "<" if m.get("hi_open") else "<="
+                raise ConfigError(key, f"got {v!r}; must be {op} {hi}")
         # Combinations.
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(
@@ -181,6 +188,14 @@ class FedSBConfig:
         if self.method != "fed-sb" and self.init_basis != "gradient":
             raise ConfigError("init-basis", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 'gradient'")
 
+    @classmethod
+    def identity_keys(cls) -> list[str]:
+        """Keys that must not change when a run resumes (every key unless marked ``identity=False``)."""
+        return [cls.key_of(f.name) for f in dataclasses.fields(cls) if f.metadata.get("identity", True)]
+
+    def identity(self) -> dict[str, Any]:
+        return {k: v for k, v in self.to_run_config().items() if k in self.identity_keys()}
+
     @property
     def targets(self) -> list[str] | None:
         """Explicit target module names, or None for the architecture's default."""
@@ -191,6 +206,38 @@ class FedSBConfig:
     @property
     def lora_scale(self) -> float:
         return self.lora_alpha / self.rank
+
+
+def suggest(key: str, known) -> str:
+    """' Did you mean ...?' with the known keys closest to a misspelt one (edit distance), or ''."""
+    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
+    close += [k for k in known if k not in close and k.split("-")[0] == key.split("-")[0]][: max(0, 3 - len(close))]
+    return f" Did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
+
+
+def _default_text(v: Any) -> str:
+    return f"`{str(v).lower()}`" if isinstance(v, bool) else f'`"{v}"`' if isinstance(v, str) else f"`{v}`"
+
+
+def markdown_table() -> str:
+    """The README's table of keys, rendered from the field metadata (a test keeps README equal to it)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(FedSBConfig):
+        m = f.metadata
+        help_ = m["help"] + (f" (one of: {', '.join(f'`{c}`' for c in m['choices'])})" if m.get("choices") else "")
+        if not m.get("identity", True):
+            help_ += "; may change on resume"
+        rows.append(f"| `{FedSBConfig.key_of(f.name)}` | {_default_text(f.default)} | {help_} |")
+    return "\n".join(rows) + "\n"
+
+
+README_START, README_END = "<!-- config-table:start -->\n", "<!-- config-table:end -->"
+
+
+def readme_with_table(text: str) -> str:
+    """``text`` (README.md) with the block between the config-table markers replaced by ``markdown_table()``."""
+    i, j = text.index(README_START) + len(README_START), text.index(README_END)
+    return text[:i] + markdown_table() + text[j:]
 
 
 def _coerce(key: str, raw: Any, typ: type) -> Any:
@@ -230,3 +277,13 @@ def _coerce(key: str, raw: Any, typ: type) -> Any:
     if not isinstance(raw, str):
         raise ConfigError(key, f"got {raw!r}; expected a string (quote it: {key}='...')")
     return raw
+
+
+if __name__ == "__main__":  # python -m fedsb.config [--write-readme README.md]
+    if len(sys.argv) == 3 and sys.argv[1] == "--write-readme":
+        from pathlib import Path
+
+        readme = Path(sys.argv[2])
+        readme.write_text(readme_with_table(readme.read_text()))
+    else:
+        sys.stdout.write(markdown_table())

@@ -1,5 +1,8 @@
-"""One Fed-SB round under SecAgg+ (Flower's legacy ``SecAggPlusWorkflow``): the server learns only the
-weighted mean of the clients' flat R (+ head) vectors, never one client's vector.
+"""A round under SecAgg+ (Flower's legacy ``SecAggPlusWorkflow``): the server learns only the weighted
+mean of the clients' flat R (+ head) vectors, never one client's vector.
+
+``SecAggTrainRound`` is ``TrainRound`` with another way of gathering and summing the replies; the
+sampling, the basis, the config, the round hooks (DP accounting) and the record are the same.
 
 Flower's SecAgg+ lives in the legacy stack, so this wraps one round in a ``LegacyContext`` whose
 strategy samples exactly the nodes the fedsb server chose. Weighting survives natively: each client
@@ -15,11 +18,17 @@ so the mean carries at most k·Δ / Σ_i w_i of it (``quantization_error_bound``
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedsb.config import FedSBConfig
+from fedsb.wire import from_legacy_scalars, to_legacy_scalars
+from server.rounds import TrainRound, message_config
+from server.transport import nbytes
 
 log = logging.getLogger("fedsb.server.secagg")
 
@@ -47,8 +56,9 @@ class SecAggResult:
     saw_only_aggregate: bool | None  # every vector the (legacy) aggregation received was the secure mean
 
 
-def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec: np.ndarray, config: dict,
-                 max_weight: float) -> SecAggResult:
+def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec: np.ndarray,
+                 config_for: Callable[[int], dict], max_weight: float,
+                 on_metrics: Callable[[int, dict], None] = lambda node, m: None) -> SecAggResult:
     from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
@@ -67,11 +77,12 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
 
         def configure_fit(self, server_round, parameters, client_manager):
             proxies = client_manager.all()
-            return [(proxies[str(n)], FitIns(parameters, dict(config))) for n in nodes if str(n) in proxies]
+            return [(proxies[str(n)], FitIns(parameters, to_legacy_scalars(config_for(n)))) for n in nodes if str(n) in proxies]
 
         def aggregate_fit(self, server_round, results, failures):
             info["results"], info["failures"] = len(results), len(failures)
-            for _, res in results:
+            for proxy, res in results:
+                on_metrics(int(proxy.node_id), from_legacy_scalars(res.metrics))
                 seen.append(parameters_to_ndarrays(res.parameters)[0])
                 info["fingerprints"].add(str(res.metrics.get("fingerprint", "")))
             losses = [(float(r.metrics["train-loss"]), r.num_examples) for _, r in results if "train-loss" in r.metrics]
@@ -102,3 +113,56 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
         only = bool(seen) and all(np.array_equal(v, raw) for v in seen)
         out = raw.astype(np.float32)
     return SecAggResult(out, len(nodes), info["results"], info["failures"], info["loss"], info["fingerprints"], only)
+
+
+class SecAggTrainRound(TrainRound):
+    """The train round whose aggregate is computed by SecAgg+."""
+
+    def run(self) -> None:
+        srv, cfg, rnd = self.server, self.cfg, self.rnd
+        global_vec = srv.method.get_vector(srv.model)
+        sampled = self.sampled = srv.sample(rnd)
+        if srv.basis is not None:  # SecAgg+ messages carry only FitIns: the basis goes first, in a plain query
+            lacking = [n for n in sampled if n not in srv.state.basis_holders]
+            content = RecordDict({"config": ConfigRecord({"mode": "basis", "fingerprint": srv.state.fingerprint}),
+                                  "basis": srv.basis.record()["basis"]})
+            self.basis_bytes = nbytes(RecordDict({"basis": content["basis"]})) * len(lacking)
+
+            def on_basis(node: int, reply: Message, up: int) -> None:
+                if not reply.has_error():
+                    srv.state.basis_holders.add(node)
+
+            srv.transport.send(lacking, MessageType.QUERY, lambda n: content, "basis", on_basis)
+
+        def config_for(node: int) -> dict:
+            c = message_config(srv, node, rnd)
+            if not c["dp-history"]:  # legacy config carries only scalars: a history only where DP has one
+                del c["dp-history"]
+            return c
+
+        max_weight = float(max([srv.examples_of.get(n, 1) for n in sampled] + [1]))
+        res = secagg_round(srv.transport.metered_grid(), cfg, rnd, sampled, global_vec, config_for, max_weight,
+                           on_metrics=lambda node, m: [h.observe(node, m) for h in srv.hooks])
+        self.totals["bytes_basis_total"] += self.basis_bytes
+        problems = []
+        if srv.basis is not None and res.fingerprints - {srv.state.fingerprint}:
+            problems.append(f"basis fingerprints {sorted(res.fingerprints)} != {srv.state.fingerprint}")
+        if res.aggregate is not None and not np.isfinite(res.aggregate).all():
+            problems.append("non-finite secure aggregate")
+        updated = res.aggregate is not None and res.results >= cfg.min_train_nodes and not problems
+        if updated:
+            srv.method.set_vector(srv.model, res.aggregate)
+            srv.method.after_round(srv.model, rnd)
+        else:
+            # A single bad contribution cannot be removed from a secure sum: the round is dropped whole.
+            log.warning("round %d: secure aggregate not applied (%d results, %s)", rnd, res.results, problems)
+        up = self.totals["bytes_up"] - self.up0
+        srv.state.up_per_client_round.extend([up / max(1, res.results)] * res.results)
+        srv.rec.log(
+            rnd, "train", loss=res.train_loss, clients=len(sampled), replies=res.results, failed=res.failures,
+            dropouts_recovered=(len(sampled) - res.results) if updated else 0, updated=updated,
+            rejected=[{"node": None, "reason": "secagg", "detail": p} for p in problems], rejected_count=len(problems),
+            secagg=True, strategy_saw_only_aggregate=res.saw_only_aggregate,
+            bytes_up=up, bytes_down=self.totals["bytes_down"] - self.down0, bytes_basis=self.basis_bytes,
+            bytes_up_per_client=up / max(1, res.results), seconds=round(time.time() - self.t0, 3), **srv.hook_metrics(),
+        )

@@ -28,7 +28,7 @@ def parse_run_config(text: str) -> dict[str, Any]:
 
 
 def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_client: float = 1.0,
-             verbose: bool = False, client_app=None) -> Path:
+             verbose: bool = False, client_app=None, server_app=None) -> Path:
     """Run one simulated federation; returns the run directory. Raises if the run failed."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -38,8 +38,8 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from server.app import app as server_app
-
+    if server_app is None:
+        from server.app import app as server_app
     if client_app is None:
         from client.app import app as client_app
 

@@ -20,7 +20,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 _ROOT = str(Path(__file__).resolve().parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 
-from fedsb.models import package_dir  # noqa: E402
+from fedsb.tasks.models import package_dir  # noqa: E402
 
 POSITIVE = ["good", "great", "excellent", "happy", "love", "wonderful", "nice", "best"]
 NEGATIVE = ["bad", "awful", "terrible", "sad", "hate", "horrible", "worst", "poor"]
@@ -79,3 +79,11 @@ def tiny_run_config(tiny_bert: Path, csv_path: Path, out: Path, **extra) -> dict
     }
     cfg.update(extra)
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def default_dtype_is_float32():
+    """Every test starts with torch's float32 default: a test (or a module, at import) that changes it and
+    does not restore it fails the next test here, instead of silently changing what later tests compute."""
+    assert torch.get_default_dtype() == torch.float32, "an earlier test or module leaked torch's default dtype"
+    yield

@@ -1,5 +1,5 @@
 """Real Flower deployment processes on loopback for the tests: SuperLink (TLS + node auth), SuperNodes,
-``flwr run``. Command lines come from fedsb.deploy (the same ones the compose files use). Every process
+``flwr run``. Command lines come from fedsb.ops.deploy (the same ones the compose files use). Every process
 is started in its own session and stopped by pid (its whole process group) by ``stop``."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsb.certs import make_certificates
-from fedsb.deploy import Security, connection_toml, superexec_args, supernode_args, superlink_args
+from fedsb.ops.certs import make_certificates
+from fedsb.ops.deploy import Security, connection_toml, superexec_args, supernode_args, superlink_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

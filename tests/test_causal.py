@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from fedsb import adapters
-from fedsb.causal import (PromptAnswer, causal_per_example_loss, exact_match, extract_number, generate_answers,
+from fedsb.tasks.causal import (PromptAnswer, causal_per_example_loss, exact_match, extract_number, generate_answers,
                           load_chatterbot, load_gsm, load_jsonl_prompt_answer, tokenize_prompt_answer)
-from fedsb.data import pad_collate
-from fedsb.models import load_base_model, load_tokenizer
+from fedsb.tasks.data import pad_collate
+from fedsb.tasks.models import load_base_model, load_tokenizer
 from tests.conftest import minilm_dir, tiny_run_config
 
 
@@ -123,7 +123,7 @@ def test_datasets(tmp_path):
 def test_peft_export_of_llama_generates_the_same_tokens(tiny_llama, tmp_path):
     from peft import PeftModel
 
-    from fedsb.export import export_peft
+    from fedsb.run.export import export_peft
     from fedsb.methods import make_method
 
     model = load_base_model(str(tiny_llama), "causal-lm", 0, 0)
@@ -133,7 +133,7 @@ def test_peft_export_of_llama_generates_the_same_tokens(tiny_llama, tmp_path):
         B, _ = torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))
         A, _ = torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))
         l.set_basis(B, A.t(), 3 * torch.randn(4, 4, generator=g))
-    export_peft(tmp_path / "peft", model, str(tiny_llama), "causal-lm")
+    export_peft(tmp_path / "peft", model, str(tiny_llama), "CAUSAL_LM")
     peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_llama), "causal-lm", 0, 0), str(tmp_path / "peft"))
     tok = load_tokenizer(str(tiny_llama))
     ours = generate_answers(model, tok, [r.prompt for r in RECORDS], 8, 3, False)
@@ -145,7 +145,7 @@ def test_peft_export_of_llama_generates_the_same_tokens(tiny_llama, tmp_path):
 def test_peft_export_of_gpt2_conv1d(tiny_gpt2, tmp_path):
     from peft import PeftModel
 
-    from fedsb.export import export_peft
+    from fedsb.run.export import export_peft
     from fedsb.methods import make_method
 
     model = load_base_model(str(tiny_gpt2), "causal-lm", 0, 0)
@@ -156,7 +156,7 @@ def test_peft_export_of_gpt2_conv1d(tiny_gpt2, tmp_path):
     for l in layers.values():
         l.set_basis(torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))[0],
                     torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))[0].t(), torch.randn(4, 4, generator=g))
-    export_peft(tmp_path / "peft", model, str(tiny_gpt2), "causal-lm")
+    export_peft(tmp_path / "peft", model, str(tiny_gpt2), "CAUSAL_LM")
     peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_gpt2), "causal-lm", 0, 0), str(tmp_path / "peft"))
     ids = torch.randint(1000, 3000, (2, 7), generator=g)
     with torch.no_grad():
@@ -185,7 +185,7 @@ def test_federated_causal_lm_loss_falls(tiny_llama, tmp_path):
 
 @pytest.mark.slow
 def test_bundled_smollm2_loads_and_generates():
-    from fedsb.causal import load_smollm2
+    from fedsb.tasks.causal import load_smollm2
 
     path = load_smollm2()
     tok = load_tokenizer(path)

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from fedsb import checkpoint as ckpt
-from fedsb.checkpoint import (CheckpointError, CheckpointMismatch, CheckpointNotFound, check_compatible, load_checkpoint,
+from fedsb.run import checkpoint as ckpt
+from fedsb.run.checkpoint import (CheckpointError, CheckpointMismatch, CheckpointNotFound, check_compatible, load_checkpoint,
                               rng_state, save_checkpoint, set_rng_state)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ def test_crash_during_fsync_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
 _HALF_WRITE = textwrap.dedent("""
     import os, signal, sys, torch
-    from fedsb import checkpoint as ckpt
+    from fedsb.run import checkpoint as ckpt
     path = sys.argv[1]
     ckpt.save_checkpoint(path, {"global": torch.zeros(1000)}, {"round": 1})
     real_fdopen = os.fdopen
@@ -332,7 +332,7 @@ def test_sigkill_halfway_through_a_write_keeps_the_old_checkpoint(tmp_path):
 
 _WRITE_FOREVER = textwrap.dedent("""
     import sys, torch
-    from fedsb.checkpoint import save_checkpoint
+    from fedsb.run.checkpoint import save_checkpoint
     path, i = sys.argv[1], 0
     while True:
         save_checkpoint(path, {"global": torch.full((1 << 20,), float(i))}, {"round": i})  # 4 MiB each

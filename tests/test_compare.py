@@ -8,7 +8,7 @@ from tests.conftest import tiny_run_config
 
 
 def test_compare_writes_csv_markdown_and_plots(tiny_bert, sentiment_csv, tmp_path):
-    from fedsb.cli import main
+    from server.cli import main
 
     rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "unused", **{"num-server-rounds": 2, "local-steps": 3})
     rc.pop("output-dir")

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsb.config import ConfigError, FedSBConfig
-from fedsb.task import get_task
+from fedsb.config import ConfigError, FedSBConfig, markdown_table, readme_with_table
+from fedsb.tasks import get_task
+from fedsb.tasks.base import _load_task
 from tests.conftest import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,10 +22,53 @@ def test_pyproject_defaults_equal_config_defaults():
     assert sorted(app_cfg) == sorted(FedSBConfig.keys())
 
 
-def test_readme_documents_every_key():
+def test_readme_holds_the_current_rendering_of_the_key_table():
     readme = (ROOT / "README.md").read_text()
-    missing = [k for k in FedSBConfig.keys() if f"`{k}`" not in readme]
-    assert not missing, f"README lacks config keys {missing}"
+    assert readme == readme_with_table(readme), "README's key table is stale: python -m fedsb.config --write-readme README.md"
+    table = markdown_table()
+    assert all(f"| `{k}` |" in table for k in FedSBConfig.keys())
+    assert '"s ' not in table and "`0.4` | fraction of nodes sampled" in table  # the drifted values of the old table
+
+
+def test_trim_fraction_has_one_rule_checked_at_parse_time():
+    from fedsb.aggregation.robust import TRIM_FRACTION_MAX, trimmed_mean
+
+    with pytest.raises(ConfigError) as e:
+        FedSBConfig.from_run_config({"aggregation": "trimmed-mean", "trim-fraction": 0.5})
+    assert e.value.key == "trim-fraction" and "< 0.5" in str(e.value)
+    ok = FedSBConfig.from_run_config({"aggregation": "trimmed-mean", "trim-fraction": 0.49})
+    trimmed_mean([np.zeros(3, np.float32)] * 4, ok.trim_fraction)  # what parses, aggregates
+    assert TRIM_FRACTION_MAX == 0.5
+
+
+def test_misspelt_key_suggests_the_closest_ones():
+    with pytest.raises(ConfigError) as e:
+        FedSBConfig.from_run_config({"rnak": 4})
+    assert e.value.key == "rnak" and "Did you mean 'rank'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        FedSBConfig.from_run_config({"learning_rate": 0.1})  # the Python name instead of the key
+    assert "Did you mean 'learning-rate'" in str(e.value)
+
+
+def test_identity_is_every_key_that_changes_the_run():
+    ident = FedSBConfig.identity_keys()
+    # the keys the old hand-written list forgot: each changes the data or the training
+    for k in ("test-fraction", "text-pair-column", "num-examples", "learning-rate", "local-steps", "batch-size",
+              "max-length", "eval-max-samples", "init-basis", "basis-dtype", "aggregation", "target-epsilon"):
+        assert k in ident, k
+    operational = set(FedSBConfig.keys()) - set(ident)
+    assert operational == {"num-server-rounds", "min-available-nodes", "round-timeout", "eval-every",
+                           "federated-evaluate", "output-dir", "resume", "eval-generate-samples", "max-new-tokens"}
+
+
+def test_resume_refuses_a_checkpoint_made_with_another_split():
+    from fedsb.run.checkpoint import CheckpointMismatch, check_compatible
+
+    saved = FedSBConfig().to_run_config()
+    check_compatible(saved, FedSBConfig(num_server_rounds=20, round_timeout=5.0).identity())  # operational: fine
+    with pytest.raises(CheckpointMismatch) as e:
+        check_compatible(saved, FedSBConfig(test_fraction=0.2).identity())
+    assert "test-fraction" in str(e.value)
 
 
 @pytest.mark.parametrize("key, value, fragment", [
@@ -52,7 +96,7 @@ def test_bad_values_name_the_key(key, value, fragment):
     ({"dataset": "/nonexistent.csv"}, "dataset"),
 ])
 def test_bad_run_config_fails_before_training(tiny_bert, sentiment_csv, tmp_path, override, key):
-    get_task.cache_clear()
+    _load_task.cache_clear()
     cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "out", **override))
     with pytest.raises(ConfigError) as e:
         get_task(cfg)
@@ -63,7 +107,7 @@ def test_bad_run_config_fails_before_training(tiny_bert, sentiment_csv, tmp_path
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
-    from fedsb.records import prepare_run_dir
+    from fedsb.run.records import prepare_run_dir
 
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ConfigError) as e:
@@ -73,7 +117,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_held_out_prefix_is_a_random_sample_of_labels():
-    from fedsb.data import split_indices
+    from fedsb.tasks.data import split_indices
 
     labels = np.repeat([0, 1, 2], 1000)  # a file sorted by label
     train, test = split_indices(len(labels), 0.2, seed=3)

@@ -1,4 +1,4 @@
-"""The docker files agree with fedsb.deploy and with the installed Flower binaries; certificates verify."""
+"""The docker files agree with fedsb.ops.deploy and with the installed Flower binaries; certificates verify."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedsb.deploy import compose_spec
+from fedsb.ops.deploy import compose_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -59,7 +59,7 @@ def test_certificates_verify_and_refuse_to_overwrite(tmp_path):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    from fedsb.certs import make_certificates
+    from fedsb.ops.certs import make_certificates
 
     files = make_certificates(tmp_path, 2, hostnames=["superlink", "localhost"], ips=["127.0.0.1"])
     ca = x509.load_pem_x509_certificate(files["ca.crt"].read_bytes())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from fedsb import adapters
-from fedsb.export import export_merged, export_peft, load_fedsb_adapter, save_fedsb_adapter
+from fedsb.run.export import export_merged, export_peft, load_fedsb_adapter, save_fedsb_adapter
 from fedsb.methods import FedSB
-from fedsb.models import load_base_model
+from fedsb.tasks.models import load_base_model
 
 
 def _trained_sb_model(tiny_bert, seed=0):
@@ -41,7 +41,7 @@ def test_peft_loads_export_with_same_logits(tiny_bert, tmp_path):
     from peft import PeftModel
 
     model = _trained_sb_model(tiny_bert)
-    export_peft(tmp_path / "peft", model, str(tiny_bert), "seq-cls")
+    export_peft(tmp_path / "peft", model, str(tiny_bert), "SEQ_CLS")
     base = load_base_model(str(tiny_bert), "seq-cls", 3, 0)
     with torch.no_grad():
         plain = base(**_batch()).logits

@@ -12,10 +12,19 @@ from transformers.pytorch_utils import Conv1D
 
 from fedsb import adapters
 from fedsb.adapters import SBLinear
-from fedsb.init import accumulate_gradients, basis_fingerprint, random_bases, truncated_svd, update_approximation
-from fedsb.methods import flatten, unflatten_into
+from fedsb.adapters.sb_init import accumulate_gradients, random_bases, truncated_svd, update_approximation
+from fedsb.wire import basis_fingerprint, flatten, unflatten_into
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """The maths is checked in float64; the default dtype is restored after each test, so it never leaks
+    into the tests collected after this file."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
 
 
 def _sb(base: nn.Module, r: int, s: float, seed: int) -> SBLinear:
@@ -165,9 +174,9 @@ def test_merge_unmerge_round_trip(kind):
 
 
 def test_accumulated_gradient_is_sum_over_examples(tiny_bert):
-    torch.set_default_dtype(torch.float32)
-    from fedsb.models import load_base_model
-    from fedsb.training import seq_cls_per_example_loss
+    torch.set_default_dtype(torch.float32)  # a real model's dtype; the fixture restores the default after
+    from fedsb.tasks.models import load_base_model
+    from fedsb.tasks.seq_cls import seq_cls_per_example_loss
 
     model = load_base_model(str(tiny_bert), "seq-cls", 2, 0)
     names = adapters.find_targets(model, ["query"])
@@ -181,7 +190,6 @@ def test_accumulated_gradient_is_sum_over_examples(tiny_bert):
         assert torch.allclose(one_pass[k], per_example[k], atol=1e-5)
         assert one_pass[k].abs().sum() > 0
     assert not any(p.requires_grad for p in model.parameters())  # requires_grad restored after the pass
-    torch.set_default_dtype(torch.float64)
 
 
 def test_flatten_round_trip_and_fingerprint_sensitivity():
@@ -201,7 +209,7 @@ def test_flatten_round_trip_and_fingerprint_sensitivity():
 
 
 def test_unknown_target_lists_linear_layers(tiny_bert):
-    from fedsb.models import load_base_model
+    from fedsb.tasks.models import load_base_model
 
     model = load_base_model(str(tiny_bert), "seq-cls", 2, 0)
     with pytest.raises(adapters.TargetError) as e:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedsb import adapters, robust
+from fedsb import adapters
+from fedsb.aggregation import robust
 from fedsb.methods import FLoRA, make_method
-from fedsb.models import load_base_model
+from fedsb.tasks.models import load_base_model
 
 
 def _effective(model) -> dict[str, torch.Tensor]:

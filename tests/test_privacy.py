@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from fedsb import adapters, privacy
-from fedsb.data import pad_collate
-from fedsb.init import accumulate_gradients
+from fedsb import adapters
+from fedsb.privacy import dp as privacy
+from fedsb.tasks.data import pad_collate
+from fedsb.adapters.sb_init import accumulate_gradients
 from fedsb.methods import make_method
-from fedsb.models import load_base_model
-from fedsb.training import seq_cls_per_example_loss, train_steps
+from fedsb.tasks.models import load_base_model
+from fedsb.tasks.seq_cls import seq_cls_per_example_loss
+from fedsb.tasks.training import train_steps
 from tests.conftest import tiny_run_config
 
 
@@ -183,3 +185,20 @@ def test_dp_refuses_federated_evaluation_on_private_data():
     with pytest.raises(ConfigError, match="federated-evaluate"):
         FedSBConfig.from_run_config({"dp": True, "federated-evaluate": True})
     assert FedSBConfig.from_run_config({"dp": True}).federated_evaluate is False
+
+
+def test_secagg_rounds_are_accounted_under_dp(tiny_bert, sentiment_csv, tmp_path):
+    """dp + secagg: every secure round's DP-SGD steps reach the server's accountant (ε grows round by round
+    and the summary's history holds the init step and both rounds), so a node's budget is never reset."""
+    from server.simulation import simulate
+
+    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp-secagg", **{
+        "dp": True, "secagg": True, "target-epsilon": 8.0, "num-server-rounds": 2, "local-steps": 5}), 3)
+    s = json.loads((run / "summary.json").read_text())
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    eps = [r["epsilon"] for r in recs if r["phase"] == "train"]
+    assert all(r["secagg"] and r["updated"] for r in recs if r["phase"] == "train")
+    assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 8.0
+    steps = sum(h[2] for h in s["dp_history"])
+    assert steps == 1 + 2 * 5  # the init step, then 5 local steps in each of the 2 rounds
+    assert s["epsilon"] == pytest.approx(eps[-1], rel=1e-9)

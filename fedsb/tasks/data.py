@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedsb.config import ConfigError, FedSBConfig
-from fedsb.models import package_dir
+from fedsb.tasks.models import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -192,30 +191,6 @@ class TaskData:
         idx = self.test_idx if cap <= 0 else self.test_idx[:cap]
         counts = np.bincount(self.dataset.labels[idx], minlength=self.num_labels)
         return float(counts.max() / counts.sum())
-
-
-@lru_cache(maxsize=2)
-def _load_seq_cls(model_path: str, dataset: str, text_column: str, label_column: str, text_pair_column: str,
-                  max_length: int, test_fraction: float, seed: int) -> TaskData:
-    from fedsb.models import load_tokenizer
-
-    table = load_table(dataset, text_column, label_column, text_pair_column)
-    tok = load_tokenizer(model_path)
-    enc = tok(table.texts, table.pairs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    ds = EncodedDataset({k: enc[k] for k in keys}, table.labels)
-    train_idx, test_idx = split_indices(len(ds), test_fraction, seed)
-    return TaskData(ds, train_idx, test_idx, len(table.label_names), table.label_names, tok.pad_token_id)
-
-
-def load_task_data(cfg: FedSBConfig, model_path: str) -> TaskData:
-    """The encoded dataset and its split (cached per process)."""
-    if cfg.task == "causal-lm":
-        from fedsb.causal_task import load_causal_task_data
-
-        return load_causal_task_data(cfg, model_path)
-    return _load_seq_cls(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
-                         cfg.max_length, cfg.test_fraction, cfg.seed)
 
 
 def make_loader(ds: Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0) -> DataLoader:

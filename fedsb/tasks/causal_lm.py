@@ -1,16 +1,21 @@
-"""The causal-LM variant of the shared task data (TaskData): prompt/answer records, encoded with
-answer-only labels, split and partitioned like the classification data."""
+"""Causal LM: prompt/answer records, answer-only loss, perplexity and (on the server) generated exact match."""
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from fedsb.causal import PromptAnswer, load_chatterbot, load_gsm, load_jsonl_prompt_answer, tokenize_prompt_answer
 from fedsb.config import ConfigError, FedSBConfig
-from fedsb.data import EncodedDataset, TaskData, split_indices
+from fedsb.tasks.base import Task
+from fedsb.tasks.causal import (PromptAnswer, causal_per_example_loss, evaluate_exact_match, load_chatterbot, load_gsm,
+                                load_jsonl_prompt_answer, load_smollm2, tokenize_prompt_answer)
+from fedsb.tasks.data import EncodedDataset, TaskData, split_indices
+from fedsb.tasks.models import load_tokenizer
 
 
 class CausalDataset(EncodedDataset):
@@ -40,8 +45,6 @@ def load_records(cfg: FedSBConfig) -> list[PromptAnswer]:
 
 @lru_cache(maxsize=2)
 def load_causal_task_data(cfg: FedSBConfig, model_path: str) -> TaskData:
-    from fedsb.models import load_tokenizer
-
     if cfg.partitioner == "dirichlet":
         raise ConfigError("partitioner", "`dirichlet` partitions by class label; task=causal-lm has none: use `iid`")
     records = load_records(cfg)
@@ -53,3 +56,43 @@ def load_causal_task_data(cfg: FedSBConfig, model_path: str) -> TaskData:
     data = TaskData(ds, train_idx, test_idx, 0, [], tok.pad_token_id)
     data.records = [records[i] for i in test_idx]
     return data
+
+
+class CausalLMTask(Task):
+    name = "causal-lm"
+    peft_task_type = "CAUSAL_LM"
+
+    @classmethod
+    def default_model(cls) -> str:
+        return load_smollm2()
+
+    @classmethod
+    def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
+        return load_causal_task_data(cfg, model_path)
+
+    per_example_loss = staticmethod(causal_per_example_loss)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        model.eval()
+        loss_sum, n = 0.0, 0
+        for batch in loader:
+            losses = causal_per_example_loss(model, batch)
+            loss_sum += float(losses.sum())
+            n += int(losses.shape[0])
+        if n == 0:
+            return {"loss": float("nan"), "num-examples": 0}
+        loss = loss_sum / n
+        return {"loss": loss, "num-examples": n, "perplexity": math.exp(min(loss, 50.0))}
+
+    def server_evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        m = self.evaluate(model, loader)
+        # generation-based exact match on a bounded number of held-out problems (those with a final answer)
+        recs = [r for r in (self.data.records or []) if r.final][: self.cfg.eval_generate_samples]
+        if recs:
+            m["exact_match"] = evaluate_exact_match(model, self.tokenizer, recs, self.cfg.max_new_tokens, 16,
+                                                    use_chat_template=True)
+        return m
+
+    def summary(self) -> dict[str, Any]:
+        return {}

@@ -276,4 +276,4 @@ def set_rng_state(d: Mapping[str, Any]) -> None:
         torch.set_rng_state(torch.tensor(d["torch"], dtype=torch.uint8))
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         set_rng_state(before)
-        raise ValueError(f"not an rng state from fedsb.checkpoint.rng_state ({type(e).__name__}: {e})") from e
+        raise ValueError(f"not an rng state from fedsb.run.checkpoint.rng_state ({type(e).__name__}: {e})") from e

@@ -55,7 +55,7 @@ def load_gsm(num_examples: int, seed: int) -> list[PromptAnswer]:
 def load_chatterbot() -> list[PromptAnswer]:
     import yaml
 
-    from fedsb.models import package_dir
+    from fedsb.tasks.models import package_dir
 
     d = package_dir("chatterbot_corpus")
     if d is None:
@@ -128,7 +128,7 @@ def causal_per_example_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def load_smollm2(cache_dir: str | None = None) -> str:
     """A plain HF folder of SmolLM2-135M-Instruct, converted once from the bundled GGUF."""
-    from fedsb.models import package_dir
+    from fedsb.tasks.models import package_dir
 
     cache = Path(cache_dir or os.environ.get("FEDSB_CACHE_DIR", Path.home() / ".cache" / "fedsb")) / "smollm2-135m-instruct"
     if (cache / "config.json").is_file():

@@ -1,0 +1,149 @@
+"""``FedSBClient``: the client side of the protocol, as plain handler functions for any ``ClientApp``.
+
+The public client-side API: a Flower user with their own ``ClientApp`` (and, optionally, their own
+``Task``) registers ``query``, ``train`` and ``evaluate`` of one ``FedSBClient``. Everything a method
+or DP changes is behind ``Method.client_model`` and the trainer chosen once from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from client.dp import DPTrainer
+from client.trainers import LocalTrainer
+from fedsb import adapters
+from fedsb.config import FedSBConfig
+from fedsb.methods import Download
+from fedsb.methods.fed_sb import basis_for
+from fedsb.tasks import Task, get_task
+from fedsb.wire import decode_basis, flatten, unflatten_into
+
+log = logging.getLogger("fedsb.client")
+
+
+class ContextStore:
+    """A node's Flower state (``context.state``) as fedsb's ``NodeStore``: arrays and a small config."""
+
+    def __init__(self, context: Context):
+        self.state = context.state
+
+    def get(self, key: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        arrays, meta = self.state.array_records.get(key), self.state.config_records.get(key + "-meta")
+        if arrays is None and meta is None:
+            return None
+        return ({k: v.numpy() for k, v in arrays.items()} if arrays is not None else {},
+                dict(meta) if meta is not None else {})
+
+    def put(self, key: str, arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> None:
+        if arrays:
+            self.state[key] = ArrayRecord({k: _arr(v) for k, v in arrays.items()})
+        if meta is not None:
+            self.state[key + "-meta"] = ConfigRecord(meta)
+
+
+def _arr(vec: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(vec))
+
+
+def train_reply_content(vec: np.ndarray, metrics: dict, fingerprint: str) -> RecordDict:
+    """What a client uploads each round: one flat float32 vector (R matrices and head), metrics, fingerprint."""
+    return RecordDict({
+        "adapter": ArrayRecord({"adapter": _arr(vec)}),
+        "metrics": MetricRecord(metrics),
+        "config": ConfigRecord({"status": "ok", "fingerprint": fingerprint}),
+    })
+
+
+def download_of(msg: Message) -> Download:
+    c, recs = msg.content["config"], msg.content.array_records
+    return Download(round=int(c["round"]), fingerprint=str(c.get("fingerprint", "")),
+                    basis=decode_basis({k: v.numpy() for k, v in recs["basis"].items()}) if "basis" in recs else None,
+                    extra={k: v.numpy() for k, v in recs["extra"].items()} if "extra" in recs else {}, config=dict(c))
+
+
+def trainer_for(cfg: FedSBConfig) -> LocalTrainer:
+    return DPTrainer(cfg) if cfg.dp else LocalTrainer(cfg)
+
+
+class FedSBClient:
+    def __init__(self, task_for: Callable[[FedSBConfig], Task] = get_task):
+        self.task_for = task_for
+
+    def setup(self, context: Context) -> tuple[FedSBConfig, Task, int, int]:
+        torch.set_num_threads(int(os.environ.get("FEDSB_CLIENT_THREADS", "1")))
+        cfg = FedSBConfig.from_run_config(context.run_config)
+        pid = int(context.node_config.get("partition-id", 0))
+        nparts = int(context.node_config.get("num-partitions", 1))
+        return cfg, self.task_for(cfg), pid, nparts
+
+    def query(self, msg: Message, context: Context) -> Message:
+        """``hello``: partition and size; ``basis``: the basis ahead of a SecAgg+ round; ``fed-sb-init``: the
+        sum of ∂L/∂W0 over up to init-samples local examples."""
+        cfg, task, pid, nparts = self.setup(context)
+        ds = task.data.client_dataset(pid, nparts, cfg)
+        metrics = {"partition-id": pid, "num-train-examples": len(ds)}
+        config = msg.content["config"]
+        mode = config["mode"]
+        if mode == "basis":  # SecAgg+ round messages carry only FitIns, so the basis comes in a query
+            basis_for(Download(0, str(config["fingerprint"]), decode_basis(
+                {k: v.numpy() for k, v in msg.content["basis"].items()})), ContextStore(context))
+            return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        if mode != "fed-sb-init":
+            return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
+        t0 = time.time()
+        model = task.base_model()
+        head = {n: p for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in adapters.head_prefixes(model))}
+        unflatten_into(head, msg.content["head"]["head"].numpy())  # same head as the server's, so same gradient
+        layers = list(config["layers"])
+        sums, count, extra = trainer_for(cfg).init_gradient(task, model, layers, ds, pid, config, ContextStore(context))
+        metrics.update(extra)
+        vec = flatten({n: sums[n] for n in layers})
+        log.info("partition %d: init gradient over %d examples in %.1fs", pid, count, time.time() - t0)
+        return Message(RecordDict({"grads": ArrayRecord({"grads": _arr(vec)}),
+                                   "metrics": MetricRecord({**metrics, "num-examples": count})}), reply_to=msg)
+
+    def train(self, msg: Message, context: Context) -> Message:
+        cfg, task, pid, nparts = self.setup(context)
+        download = download_of(msg)
+        method, fp, rnd = task.method(), download.fingerprint, download.round
+        model = method.client_model(task, download, ContextStore(context))
+        if model is None:
+            log.info("partition %d: lacking basis %s, asking the server for it", pid, fp)
+            return Message(RecordDict({"config": ConfigRecord({"status": "need-basis", "fingerprint": fp})}), reply_to=msg)
+        method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
+        ds = task.data.client_dataset(pid, nparts, cfg)
+        t0 = time.time()
+        trainer = trainer_for(cfg)
+        loss, metrics = trainer.train(task, model, ds, pid, rnd, download.config, ContextStore(context))
+        if loss is None:  # training this round would overspend the privacy budget
+            return Message(RecordDict({"metrics": MetricRecord(metrics),
+                                       "config": ConfigRecord({"status": "budget-exhausted", "fingerprint": fp})}),
+                           reply_to=msg)
+        metrics.update({"num-examples": len(ds), "seconds": time.time() - t0})
+        if trainer.private:
+            # Under DP the loss on the raw local batches is not privatized, so it stays on the client (logged
+            # here, never uploaded); only the noised update and the accountant's figures leave the node.
+            log.info("partition %d round %d: local train loss %.4f (kept on this node: dp=true)", pid, rnd, loss)
+        else:
+            metrics["train-loss"] = float(loss)
+        return Message(train_reply_content(method.get_vector(model), metrics, fp), reply_to=msg)
+
+    def evaluate(self, msg: Message, context: Context) -> Message:
+        """Evaluate the global adapter on this node's local data (federated evaluation)."""
+        cfg, task, pid, nparts = self.setup(context)
+        method = task.method()
+        model = method.client_model(task, download_of(msg), ContextStore(context))
+        if model is None:
+            return Message(RecordDict({"config": ConfigRecord({"status": "need-basis"})}), reply_to=msg)
+        method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
+        ds = task.data.client_dataset(pid, nparts, cfg)
+        m = task.evaluate(model, task.loader(ds, shuffle=False, batch_size=64))
+        m = {k: float(v) for k, v in m.items() if v is not None}
+        return Message(RecordDict({"metrics": MetricRecord(m), "config": ConfigRecord({"status": "ok"})}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""Aggregation: the rules that combine validated client vectors (mean, median, trimmed mean) and the reply checks."""

@@ -1,0 +1,41 @@
+"""Federated fine-tuning methods, one file each; ``make_method`` picks one from the config.
+
+| method     | trains      | aggregate                                   | per-round extra download     |
+|------------|-------------|---------------------------------------------|------------------------------|
+| fed-sb     | R, head     | weighted mean of R (exact)                  | —  (B, A once per node)      |
+| fedit      | A, B, head  | mean A, mean B (inexact)                    | —                            |
+| ffa-lora   | B, head     | mean B, A frozen from a shared seed (exact) | —                            |
+| fedex-lora | A, B, head  | mean A, mean B + residual folded into W0    | cumulative residual (m·n)    |
+| flora      | A, B, head  | stack all clients' (w·B, A) into W0 (exact) | stacks the node has not seen |
+
+Every tensor that travels is flattened into ONE float32 vector per message (``fedsb.wire``), so the
+wire format costs ≈ 4 bytes per number whatever the number of layers.
+"""
+
+from __future__ import annotations
+
+from fedsb import adapters
+from fedsb.methods.base import Download, Method, NodeStore
+from fedsb.methods.fed_sb import FedSB
+from fedsb.methods.fedex_lora import FedExLoRA, apply_weight_delta
+from fedsb.methods.flora import FLoRA, fold_stacks
+from fedsb.methods.lora import FedIT, FFALoRA
+
+# name -> (class, whether its scale is s (fed-sb) or alpha / r (LoRA methods))
+REGISTRY: dict[str, type[Method]] = {"fed-sb": FedSB, "fedit": FedIT, "ffa-lora": FFALoRA,
+                                     "fedex-lora": FedExLoRA, "flora": FLoRA}
+
+
+def make_method(name: str, rank: int, scale: float, lora_alpha: float, seed: int) -> Method:
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; one of {', '.join(REGISTRY)}")
+    return cls(name, rank, scale if cls is FedSB else lora_alpha / rank, seed=seed)
+
+
+def adapter_param_counts(model) -> int:
+    return sum(t.numel() for n, t in adapters.trainable_state(model).items() if any(k in n for k in ("sb_R", "lora_")))
+
+
+__all__ = ["Method", "Download", "NodeStore", "FedSB", "FedIT", "FFALoRA", "FedExLoRA", "FLoRA", "REGISTRY",
+           "make_method", "apply_weight_delta", "fold_stacks", "adapter_param_counts"]

@@ -1,0 +1,75 @@
+"""Fed-SB: LoRA-SB layers with a basis (B, A) fixed once by the server; only R (and the head) travel.
+
+The mean of R is exact: ``Σ w_i (W0 + s·B·R_i·A) = W0 + s·B·(Σ w_i R_i)·A``. A client receives the basis
+once and keeps it in its node state and an on-disk cache keyed by the basis fingerprint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+from torch import nn
+
+from fedsb import adapters
+from fedsb.methods.base import Download, Method, NodeStore
+from fedsb.ops.basis_cache import BasisCache
+from fedsb.wire import basis_tensors, layers_fingerprint, unflatten_into
+
+if TYPE_CHECKING:
+    from fedsb.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+BASIS_KEY = "fedsb-basis"
+
+# Per-process cache of the adapted model for the current basis: a simulated client process serves many
+# rounds (and nodes); re-building the model each message would dominate the round time.
+_MODEL_CACHE: dict[tuple, nn.Module] = {}
+
+
+@dataclass
+class FedSB(Method):
+    """LoRA-SB layers; only R (and the head) travel; the mean of R is exact."""
+
+    needs_basis = True
+
+    def build(self, model, layer_names, round_idx=0):
+        return adapters.inject_sb(model, layer_names, self.rank, self.scale)
+
+    def client_model(self, task: "Task", download: Download, store: NodeStore) -> nn.Module | None:
+        vec = basis_for(download, store)
+        if vec is None:
+            return None
+        key = (task.cfg, download.fingerprint)
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE.clear()  # one basis at a time per process
+            model = task.base_model()
+            layers = self.build(model, task.layer_names)
+            unflatten_into(basis_tensors(layers), vec)
+            got = layers_fingerprint(task.model_path, self.rank, layers)
+            if got != download.fingerprint:
+                raise RuntimeError(f"basis does not match its fingerprint ({got} != {download.fingerprint}): "
+                                   "corrupt transfer or cache")
+            _MODEL_CACHE[key] = model
+        return _MODEL_CACHE[key]
+
+
+def basis_for(download: Download, store: NodeStore, cache: BasisCache | None = None) -> np.ndarray | None:
+    """The basis vector for ``download.fingerprint``: from the message, the node state, or the disk cache
+    (each re-verified against the fingerprint by the caller before it is trusted)."""
+    cache = cache or BasisCache()
+    fp = download.fingerprint
+    if download.basis is not None:
+        store.put(BASIS_KEY, {"basis": download.basis}, {"fingerprint": fp})
+        cache.put(fp, download.basis)
+        return download.basis
+    held = store.get(BASIS_KEY)
+    if held is not None and held[1].get("fingerprint") == fp:
+        return held[0]["basis"]
+    vec = cache.get(fp)
+    if vec is not None:
+        store.put(BASIS_KEY, {"basis": vec}, {"fingerprint": fp})
+    return vec

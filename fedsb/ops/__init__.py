@@ -1,0 +1,1 @@
+"""Operations: deployment topology and compose files, certificates, the node's on-disk basis cache."""

@@ -1,0 +1,1 @@
+"""A run on disk: metrics and summary, the checkpoint and the run state it holds, adapter exports."""

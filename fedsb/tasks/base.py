@@ -1,0 +1,104 @@
+"""The ``Task`` plug-in both apps share: model, encoded data, loss, evaluation, PEFT task type (cf. Flower's task.py).
+
+A task (sequence classification, causal LM) is one subclass in this folder, registered in
+``fedsb/tasks/__init__.py`` and chosen once from the config by ``get_task``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fedsb import adapters
+from fedsb.config import ConfigError, FedSBConfig
+from fedsb.methods import Method, make_method
+from fedsb.tasks.data import TaskData, make_loader
+from fedsb.tasks.models import load_base_model, load_tokenizer, resolve_model_path
+
+
+@dataclass
+class Task:
+    cfg: FedSBConfig
+    model_path: str
+    data: TaskData
+    layer_names: list[str]
+
+    name: ClassVar[str]
+    peft_task_type: ClassVar[str]  # what the exported PEFT adapter declares
+
+    # -- what a subclass provides ---------------------------------------------------------------
+    @classmethod
+    def default_model(cls) -> str:
+        """Path of the bundled model that ``model = "default"`` means."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
+        raise NotImplementedError
+
+    @staticmethod
+    def per_example_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+        """One loss per example (no reduction): sums of it give sums of per-example gradients."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        """Mean loss and the task's metric over the loader (``num-examples`` included)."""
+        raise NotImplementedError
+
+    def server_evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        """What the server reports on its held-out split each round (may add costly metrics)."""
+        return self.evaluate(model, loader)
+
+    def summary(self) -> dict[str, Any]:
+        """Task-specific entries of ``summary.json``."""
+        return {}
+
+    # -- shared ----------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, cfg: FedSBConfig) -> "Task":
+        """This task for ``cfg``: model path, encoded data and target layers (validated), loaded once per
+        process, so a simulated client handling many rounds (or many nodes) pays for it once."""
+        return _load_task(cls, cfg)
+
+    @property
+    def loss_fn(self):
+        return self.per_example_loss
+
+    @property
+    def tokenizer(self):
+        return load_tokenizer(self.model_path)
+
+    def base_model(self) -> nn.Module:
+        return load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed)
+
+    def method(self) -> Method:
+        c = self.cfg
+        return make_method(c.method, c.rank, c.scale, c.lora_alpha, c.seed)
+
+    def loader(self, ds, shuffle: bool, seed: int = 0, batch_size: int | None = None):
+        return make_loader(ds, batch_size or self.cfg.batch_size, self.data.pad_id, shuffle, seed)
+
+
+def validate_targets(cfg: FedSBConfig, model: nn.Module) -> list[str]:
+    """Target layers for this model; rank must fit every one of them (checked before any training)."""
+    try:
+        names = adapters.find_targets(model, cfg.targets)
+    except adapters.TargetError as e:
+        raise ConfigError("target-modules", str(e).removeprefix("run-config 'target-modules': ")) from e
+    for n in names:
+        m, k = adapters.linear_shape(model.get_submodule(n))
+        if cfg.rank > min(m, k):
+            raise ConfigError("rank", f"got {cfg.rank}, above min(out, in) = {min(m, k)} of layer {n} ({m}x{k}); lower rank")
+    return names
+
+
+@lru_cache(maxsize=2)
+def _load_task(cls: type[Task], cfg: FedSBConfig) -> Task:
+    path = resolve_model_path(cfg.model, cls.default_model)
+    data = cls.load_data(cfg, path)
+    model = load_base_model(path, cls.name, data.num_labels, cfg.seed)
+    return cls(cfg, path, data, validate_targets(cfg, model))

