@@ -21,9 +21,9 @@ from client.trainers import LocalTrainer
 from fedsb import adapters
 from fedsb.config import FedSBConfig
 from fedsb.methods import Download
-from fedsb.methods.fed_sb import basis_for
+from fedsb.methods.fed_sb import BasisSeedMismatch
 from fedsb.tasks import Task, get_task
-from fedsb.wire import decode_basis, flatten, unflatten_into
+from fedsb.wire import decode_basis, flatten, pack_signs, unflatten_into
 
 log = logging.getLogger("fedsb.client")
 
@@ -63,9 +63,26 @@ def train_reply_content(vec: np.ndarray, metrics: dict, fingerprint: str) -> Rec
 
 def download_of(msg: Message) -> Download:
     c, recs = msg.content["config"], msg.content.array_records
-    return Download(round=int(c["round"]), fingerprint=str(c.get("fingerprint", "")),
-                    basis=decode_basis({k: v.numpy() for k, v in recs["basis"].items()}) if "basis" in recs else None,
+    basis = {k: v.numpy() for k, v in recs["basis"].items()} if "basis" in recs else {}
+    return Download(round=int(c.get("round", 0)), fingerprint=str(c.get("fingerprint", "")),
+                    basis=decode_basis(basis) if basis and "basis_seed" not in basis else None,
+                    basis_seed=int(basis["basis_seed"][0]) if "basis_seed" in basis else None,
                     extra={k: v.numpy() for k, v in recs["extra"].items()} if "extra" in recs else {}, config=dict(c))
+
+
+def model_or_need_basis(task: Task, method, msg: Message, context: Context):
+    """(model, None), or (None, the reply that asks the server for the basis again)."""
+    download = download_of(msg)
+    try:
+        model = method.client_model(task, download, ContextStore(context))
+        failed = False
+    except BasisSeedMismatch as e:
+        log.warning("%s: asking for the matrices", e)
+        model, failed = None, True
+    if model is not None:
+        return model, None
+    config = {"status": "need-basis", "fingerprint": download.fingerprint, "basis-seed-failed": failed}
+    return None, Message(RecordDict({"config": ConfigRecord(config)}), reply_to=msg)
 
 
 def trainer_for(cfg: FedSBConfig) -> LocalTrainer:
@@ -92,8 +109,7 @@ class FedSBClient:
         config = msg.content["config"]
         mode = config["mode"]
         if mode == "basis":  # SecAgg+ round messages carry only FitIns, so the basis comes in a query
-            basis_for(Download(0, str(config["fingerprint"]), decode_basis(
-                {k: v.numpy() for k, v in msg.content["basis"].items()})), ContextStore(context))
+            task.method().client_model(task, download_of(msg), ContextStore(context))
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         if mode != "fed-sb-init":
             return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
@@ -105,18 +121,22 @@ class FedSBClient:
         sums, count, extra = trainer_for(cfg).init_gradient(task, model, layers, ds, pid, config, ContextStore(context))
         metrics.update(extra)
         vec = flatten({n: sums[n] for n in layers})
+        upload = {"signs": pack_signs(vec)} if config.get("upload") == "sign" else {"grads": vec}
         log.info("partition %d: init gradient over %d examples in %.1fs", pid, count, time.time() - t0)
-        return Message(RecordDict({"grads": ArrayRecord({"grads": _arr(vec)}),
-                                   "metrics": MetricRecord({**metrics, "num-examples": count})}), reply_to=msg)
+        key = next(iter(upload))
+        return Message(RecordDict({key: ArrayRecord({key: _arr(upload[key])}),
+                                   "metrics": MetricRecord({**metrics, "num-examples": count}),
+                                   "config": ConfigRecord({"layers-fingerprint": config.get("layers-fingerprint", "")})}),
+                       reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
         cfg, task, pid, nparts = self.setup(context)
         download = download_of(msg)
         method, fp, rnd = task.method(), download.fingerprint, download.round
-        model = method.client_model(task, download, ContextStore(context))
+        model, ask = model_or_need_basis(task, method, msg, context)
         if model is None:
             log.info("partition %d: lacking basis %s, asking the server for it", pid, fp)
-            return Message(RecordDict({"config": ConfigRecord({"status": "need-basis", "fingerprint": fp})}), reply_to=msg)
+            return ask
         method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
         ds = task.data.client_dataset(pid, nparts, cfg)
         t0 = time.time()
@@ -139,9 +159,9 @@ class FedSBClient:
         """Evaluate the global adapter on this node's local data (federated evaluation)."""
         cfg, task, pid, nparts = self.setup(context)
         method = task.method()
-        model = method.client_model(task, download_of(msg), ContextStore(context))
+        model, ask = model_or_need_basis(task, method, msg, context)
         if model is None:
-            return Message(RecordDict({"config": ConfigRecord({"status": "need-basis"})}), reply_to=msg)
+            return ask
         method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
         ds = task.data.client_dataset(pid, nparts, cfg)
         m = task.evaluate(model, task.loader(ds, shuffle=False, batch_size=64))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fedsb.aggregation.robust import TRIM_FRACTION_MAX
+from fedsb.wire import BASIS_DTYPES
 
 METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 TASKS = ("seq-cls", "causal-lm")
@@ -71,10 +72,21 @@ class FedSBConfig:
     init_lr: float = _f(1e-3, "step size eta of the approximated full fine-tuning step", lo=0.0, lo_open=True)
     init_svd: str = _f("auto", "truncated SVD: `exact`, `randomized` or `auto` (randomized for large layers)", choices=("auto", "exact", "randomized"))
     init_fraction: float = _f(1.0, "fraction of nodes asked for initialization gradients", lo=0.0, hi=1.0, lo_open=True)
-    init_basis: str = _f("gradient", "Fed-SB basis: `gradient` (update approximation from the clients' init gradients) or "
+    init_basis: str = _f("gradient", "Fed-SB basis: `gradient` (update approximation from init gradients) or "
                          "`random` (seeded orthonormal B, A and R0 = 0: no init upload, no privacy spent on it)",
                          choices=("gradient", "random"))
-    basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast", choices=("float32", "bfloat16"))
+    init_upload: str = _f("sign", "what a client uploads for the init: `sign` (its gradient's signs, 1 bit each; the "
+                          "server takes the example-weighted majority vote) or `dense` (float32 gradient sums)",
+                          choices=("sign", "dense"))
+    init_source: str = _f("clients", "whose data the init gradient comes from: `clients`, or `server` (the server's "
+                          "own data, init-dataset: no client uploads anything for it and DP spends nothing on it)",
+                          choices=("clients", "server"))
+    init_dataset: str = _f("", "the server's data for init-source=server (same format and columns as dataset); "
+                           "empty: a slice of dataset carved out before the split and never given to a client")
+    init_server_samples: int = _f(640, "examples the server's init gradient sums over (init-source=server)", lo=1)
+    basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast (int8: per-row scales; what every party "
+                          "uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
+
     # --- rounds ------------------------------------------------------------------------------
     num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1, identity=False)
     fraction_train: float = _f(0.4, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
@@ -185,6 +197,14 @@ class FedSBConfig:
                               "(the server's held-out evaluation still runs)")
         if self.method != "fed-sb" and self.init_fraction != 1.0:
             raise ConfigError("init-fraction", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 1.0")
+        if self.init_upload == "sign" and self.init_update != "sign":
+            raise ConfigError("init-upload", "`sign` uploads only the gradient's signs, which init-update=grad "
+                              "cannot use; set init-upload='dense' with init-update='grad'")
+        if self.init_dataset and self.init_source != "server":
+            raise ConfigError("init-dataset", f"is read only with init-source='server' (got {self.init_source!r}); "
+                              "set init-source='server' or leave init-dataset empty")
+        if self.init_source == "server" and self.init_basis == "random":
+            raise ConfigError("init-source", "a random basis uses no init gradient; leave init-source='clients'")
         if self.method != "fed-sb" and self.init_basis != "gradient":
             raise ConfigError("init-basis", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 'gradient'")
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-BASIS_DTYPES = ("float32", "bfloat16")
+BASIS_DTYPES = ("float32", "bfloat16", "int8")
 
 
 def flatten(tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -56,28 +56,93 @@ def basis_tensors(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     return out
 
 
-def encode_basis(vec: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
-    """The basis vector as message arrays: float32 as is, bfloat16 as its bits in a uint16 array
-    (half the bytes; what the clients decode is exactly ``round_basis(vec, "bfloat16")``)."""
+def _int8_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 codes and one scale per basis vector of a 2-D matrix: per row of a wide matrix (A,
+    r×n), per column of a tall one (B, m×r), so r scales either way. Each scale is the power of two just
+    above max |vector| / 127: code·scale is then exact in float32 and quantizing a dequantized matrix again
+    gives the same codes and scales, so the server can re-encode the basis it holds bit for bit (a plain
+    max/127 scale would round differently the second time)."""
+    m = np.asarray(m, dtype=np.float32)
+    if m.shape[0] > m.shape[1]:
+        codes, scale = _int8_rows(m.T)
+        return np.ascontiguousarray(codes.T), scale
+    peak = np.abs(m).max(axis=1).astype(np.float64)
+    scale = np.where(peak > 0, np.exp2(np.ceil(np.log2(np.where(peak > 0, peak, 1.0) / 127.0))), 1.0).astype(np.float32)
+    codes = np.clip(np.rint(m / scale[:, None]), -127, 127).astype(np.int8)
+    return codes, scale
+
+
+def _dequant(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    # the one place int8 becomes float32 again: the server rounds its own basis through it too
+    if codes.shape[0] > codes.shape[1]:
+        return codes.astype(np.float32) * scale[None, :]
+    return codes.astype(np.float32) * scale[:, None]
+
+
+def round_basis(t: torch.Tensor, dtype: str) -> torch.Tensor:
+    """What a B or A matrix becomes after the trip through ``encode_basis``/``decode_basis``: the server
+    uses the rounded matrices itself, so that every party holds (and fingerprints) the same bits."""
     if dtype == "bfloat16":
-        return {"basis_bf16": torch.from_numpy(np.ascontiguousarray(vec, np.float32)).bfloat16().view(torch.uint16).numpy()}
+        return t.bfloat16().float()
+    if dtype == "int8":
+        return torch.from_numpy(_dequant(*_int8_rows(t.detach().cpu().numpy())))
     if dtype == "float32":
-        return {"basis": np.ascontiguousarray(vec, dtype=np.float32)}
+        return t
+    raise ValueError(f"unknown basis dtype {dtype!r}; one of {BASIS_DTYPES}")
+
+
+def encode_basis(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, np.ndarray]:
+    """B and A of every layer (``basis_tensors``, already rounded) as message arrays: float32 as is,
+    bfloat16 as its bits in a uint16 array (half the bytes), int8 as codes with a float32 scale per basis
+    vector and the matrices' shapes (a quarter of the bytes, plus 4 B per vector)."""
+    vec = flatten(tensors)
+    if dtype == "float32":
+        return {"basis": vec}
+    if dtype == "bfloat16":
+        return {"basis_bf16": torch.from_numpy(vec).bfloat16().view(torch.uint16).numpy()}
+    if dtype == "int8":
+        parts = [_int8_rows(t.detach().cpu().numpy()) for t in tensors.values()]
+        return {"basis_i8": np.concatenate([c.reshape(-1) for c, _ in parts]),
+                "basis_scale": np.concatenate([sc for _, sc in parts]),
+                "basis_rows": np.array([d for t in tensors.values() for d in t.shape], dtype=np.int32)}
     raise ValueError(f"unknown basis dtype {dtype!r}; one of {BASIS_DTYPES}")
 
 
 def decode_basis(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Inverse of ``encode_basis``: always a float32 vector."""
+    """Inverse of ``encode_basis``: always the flat float32 vector of the (rounded) B and A matrices."""
     if "basis_bf16" in arrays:
         bits = torch.from_numpy(np.asarray(arrays["basis_bf16"]).astype(np.uint16).view(np.int16))
         return bits.view(torch.bfloat16).float().numpy()
+    if "basis_i8" in arrays:
+        codes, scales, dims = (np.asarray(arrays[k]) for k in ("basis_i8", "basis_scale", "basis_rows"))
+        out, c, r = [], 0, 0
+        for rows, cols in dims.reshape(-1, 2):
+            k = min(rows, cols)  # one scale per basis vector
+            out.append(_dequant(codes[c : c + rows * cols].reshape(rows, cols), scales[r : r + k]).reshape(-1))
+            c, r = c + rows * cols, r + k
+        if c != codes.size or r != scales.size:
+            raise ValueError(f"int8 basis: {codes.size} codes / {scales.size} scales do not match the shapes")
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
     return np.asarray(arrays["basis"], dtype=np.float32)
 
 
-def round_basis(t: torch.Tensor, dtype: str) -> torch.Tensor:
-    """What a tensor becomes after the trip through ``encode_basis``/``decode_basis``: the server uses
-    the rounded B, A itself, so that every party holds (and fingerprints) the same bits."""
-    return t.bfloat16().float() if dtype == "bfloat16" else t
+# -- the 1-bit initialization upload -------------------------------------------------------------
+def pack_signs(vec: np.ndarray) -> np.ndarray:
+    """``vec > 0`` packed 8 entries per byte (numpy.packbits): a 32x smaller init upload. A zero counts
+    as negative: the vote only needs a side per entry, and exact zeros in a gradient sum are rare."""
+    return np.packbits(np.asarray(vec) > 0)
+
+
+def unpack_signs(packed: np.ndarray, n: int) -> np.ndarray:
+    """±1 per entry (int8) from ``pack_signs``'s bytes; the length must be exactly ceil(n / 8)."""
+    if packed.shape != ((n + 7) // 8,):
+        raise ValueError(f"packed signs have shape {packed.shape}, expected ({(n + 7) // 8},)")
+    return np.unpackbits(packed, count=n).astype(np.int8) * 2 - 1
+
+
+def layer_list_fingerprint(layers: Mapping[str, tuple[int, int]]) -> str:
+    """Hash of the adapted layers and their shapes: an init reply computed over other layers is refused."""
+    return hashlib.sha256(";".join(f"{n}:{m}x{k}" for n, (m, k) in layers.items()).encode()).hexdigest()[:32]
 
 
 def basis_fingerprint(model_id: str, rank: int, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:

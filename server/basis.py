@@ -1,8 +1,9 @@
 """The Fed-SB basis protocol (DESIGN.md §2, steps 1-2): compute B, A once, ship them to each node once.
 
-``initialize`` asks the sampled nodes for their init gradients (or draws a seeded random basis), runs
-the update approximation and fixes the basis and its fingerprint; ``attach`` adds the basis to the
-message of a node that does not hold it yet. Only methods with ``needs_basis`` use this.
+``initialize`` fixes the basis and its fingerprint from the sampled nodes' init gradients (dense, or
+1 bit per entry and a weighted majority vote), from the server's own data, or from a seed; ``attach``
+adds the basis (in basis-dtype, or the seed of a random one) to the message of a node that lacks it.
+Only methods with ``needs_basis`` use this.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedsb import adapters
-from fedsb.adapters.sb_init import apply_bases, compute_bases, random_bases
+from fedsb.adapters.sb_init import SignVote, accumulate_gradients, apply_bases, compute_bases, random_bases
 from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_reply
 from fedsb.run.export import head_state
-from fedsb.wire import (MESSAGE_CONFIG_DEFAULTS, basis_tensors, encode_basis, flatten, layers_fingerprint, round_basis,
-                        unflatten_into)
+from fedsb.wire import (MESSAGE_CONFIG_DEFAULTS, basis_tensors, encode_basis, flatten, layer_list_fingerprint,
+                        layers_fingerprint, round_basis, unflatten_into, unpack_signs)
 from server.transport import arrays, arrays_of, nbytes
 
 if TYPE_CHECKING:
@@ -34,37 +35,72 @@ class BasisProtocol:
     def __init__(self, server: "FedSBServer"):
         self.server = server
         self.state = server.state  # fingerprint, basis vector and holders live in the run state
+        self.full_matrices: set[int] = set()  # nodes whose regenerated random basis did not match
 
     # -- step 1: the basis --------------------------------------------------------------------
     def initialize(self, nodes: list[int]) -> None:
-        """Average the clients' init gradients, update approximation, SVD -> B, A, R0 (or, with
-        init-basis=random, a seeded random basis and no query)."""
+        """Fix B, A, R0: from the clients' init gradients (dense sums, or their signs and a weighted
+        majority vote), from the server's own data, or from a seed (init-basis=random)."""
         srv, cfg, t0 = self.server, self.server.cfg, time.time()
         names = srv.task.layer_names
         layers = {n: srv.model.get_submodule(n) for n in names}  # the SB layers the method put there
         shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
+        row = {"init_upload": cfg.init_upload, "init_source": cfg.init_source, "basis_dtype": cfg.basis_dtype}
         if cfg.init_basis == "random":  # no query: nothing about the clients' data goes into the basis
             self.install(random_bases(shapes, cfg.rank, cfg.seed))
             srv.rec.log(0, "init", clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
-                        fingerprint=self.state.fingerprint, init_basis="random")
+                        fingerprint=self.state.fingerprint, init_basis="random", **dict(row, init_upload="none"))
             return
+        if cfg.init_source == "server":  # the server's own data: no client uploads, no privacy spent
+            grads, count = self.server_gradient(names)
+            self.install(self.bases(grads, count))
+            srv.rec.log(0, "init", clients=0, bytes_up=0, bytes_down=0, examples=count,
+                        seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint,
+                        **dict(row, init_upload="none"))
+            return
+        grads, count, asked, rejected, down = self.client_gradients(nodes, names, shapes)
+        self.install(self.bases(grads, count))
+        srv.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
+                    bytes_up=self.state.totals["bytes_init_total"], bytes_down=down, examples=count,
+                    seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint, **row)
+
+    def bases(self, grads: dict, count: int) -> dict:
+        cfg = self.server.cfg
+        return compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update, lr=cfg.init_lr,
+                             svd=cfg.init_svd, seed=cfg.seed)
+
+    def server_gradient(self, names: list[str]) -> tuple[dict, int]:
+        srv = self.server
+        model = srv.task.base_model()  # plain layers: the gradient of W0 itself
+        data = srv.task.server_dataset()
+        loader = srv.task.loader(data.subset(np.arange(min(len(data), srv.cfg.init_server_samples))), shuffle=False)
+        sums, count = accumulate_gradients(model, names, loader, srv.task.loss_fn)
+        return {n: sums[n].double() for n in names}, count
+
+    def client_gradients(self, nodes: list[int], names: list[str], shapes: dict):
+        """Ask the sampled nodes for their init gradients and fold each valid reply in as it arrives."""
+        srv, cfg = self.server, self.server.cfg
         nodes = srv.ordered(nodes)
         k = max(1, math.ceil(cfg.init_fraction * len(nodes)))
         rng = np.random.default_rng(cfg.seed)
         asked = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
         head = arrays(head=flatten(head_state(srv.model)))
+        layers_fp = layer_list_fingerprint(shapes)
 
         def content_for(node: int) -> RecordDict:
-            config = {"mode": "fed-sb-init", "layers": names, "dp-delta": MESSAGE_CONFIG_DEFAULTS["dp-delta"],
-                      **srv.hook_config(node)}
+            config = {"mode": "fed-sb-init", "layers": names, "upload": cfg.init_upload, "layers-fingerprint": layers_fp,
+                      "dp-delta": MESSAGE_CONFIG_DEFAULTS["dp-delta"], **srv.hook_config(node)}
             return RecordDict({"config": ConfigRecord(config), "head": head})
 
         total = sum(m * n for m, n in shapes.values())
+        sign = cfg.init_upload == "sign"
         # each client sums the gradient over at most init-samples examples; a larger claimed count would
-        # shrink everyone else's share of the mean gradient
-        spec = ReplySpec(shapes={"grads": (total,)}, max_num_examples=cfg.init_samples)
-        grad_sum, count, rejected = np.zeros(total, np.float64), 0, []
-        totals = self.state.totals
+        # shrink everyone else's share of the mean gradient (or outvote everyone else)
+        spec = ReplySpec(shapes={"signs": ((total + 7) // 8,)} if sign else {"grads": (total,)},
+                         dtype=np.uint8 if sign else np.float32, fingerprint=layers_fp,
+                         max_num_examples=cfg.init_samples)
+        vote, grad_sum = (SignVote(total), None) if sign else (None, np.zeros(total, np.float64))
+        count, rejected, totals = 0, [], self.state.totals
         down_before = totals["bytes_down"]
 
         def on_reply(node: int, reply: Message, up: int) -> None:
@@ -72,12 +108,18 @@ class BasisProtocol:
             if reply.has_error():
                 rejected.append({"node": int(node), "reason": "failed", "detail": reply.error.reason})
                 return
+            key = "signs" if sign else "grads"
             try:
-                got = check_reply(spec, arrays_of(reply, "grads"), reply.content["metrics"].get("num-examples"), None)
+                got = check_reply(spec, arrays_of(reply, key), reply.content["metrics"].get("num-examples"),
+                                  reply.content.config_records.get("config", {}).get("layers-fingerprint"))
             except (InvalidReply, KeyError) as e:
                 rejected.append(reject(node, e))
                 return
-            grad_sum[:] += reply.content["grads"]["grads"].numpy()  # streamed: one reply in memory at a time
+            vec = reply.content[key][key].numpy()  # streamed: one reply in memory at a time
+            if sign:
+                vote.add(unpack_signs(vec, total), got)
+            else:
+                grad_sum[:] += vec
             count += got
             srv.observe(node, reply)
             totals["bytes_init_total"] += up
@@ -85,15 +127,12 @@ class BasisProtocol:
         srv.transport.send(asked, MessageType.QUERY, content_for, "init", on_reply)
         if count == 0:
             raise RuntimeError(f"no valid initialization gradients (rejected: {rejected})")
+        flat = vote.result() if sign else grad_sum
         grads, offset = {}, 0
         for n, (m, k_) in shapes.items():
-            grads[n] = torch.from_numpy(grad_sum[offset : offset + m * k_].reshape(m, k_))
+            grads[n] = torch.from_numpy(flat[offset : offset + m * k_].reshape(m, k_))
             offset += m * k_
-        self.install(compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update,
-                                   lr=cfg.init_lr, svd=cfg.init_svd, seed=cfg.seed))
-        srv.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
-                    bytes_up=totals["bytes_init_total"], bytes_down=totals["bytes_down"] - down_before,
-                    examples=count, seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint)
+        return grads, count, asked, rejected, totals["bytes_down"] - down_before
 
     def install(self, bases: dict) -> None:
         for b in bases.values():  # what the clients will hold after the broadcast in basis-dtype
@@ -113,20 +152,29 @@ class BasisProtocol:
         self.state.fingerprint = layers_fingerprint(self.server.task.model_path, self.server.cfg.rank, layers)
 
     # -- step 2: the one-time broadcast ---------------------------------------------------------
-    def record(self) -> RecordDict:
-        return RecordDict({"basis": arrays(**encode_basis(self.state.basis, self.server.cfg.basis_dtype))})
+    def record(self, node: int = -1) -> RecordDict:
+        """The basis as a node receives it: a random basis as its seed (every node regenerates the same
+        B, A and proves it with the fingerprint), unless that node failed to; else the matrices."""
+        cfg = self.server.cfg
+        if cfg.init_basis == "random" and node not in self.full_matrices:
+            return RecordDict({"basis": arrays(basis_seed=np.array([cfg.seed], dtype=np.int64))})
+        tensors = basis_tensors(adapters.adapter_layers(self.server.model))
+        return RecordDict({"basis": arrays(**encode_basis(tensors, cfg.basis_dtype))})
 
     def attach(self, node: int, content: RecordDict) -> int:
         """Add the basis to ``content`` if ``node`` does not hold it; returns the bytes it added."""
         if node in self.state.basis_holders:
             return 0
-        content["basis"] = self.record()["basis"]
+        content["basis"] = self.record(node)["basis"]
         self.state.basis_holders.add(node)
+        self.state.totals["basis_sends"] = self.state.totals.get("basis_sends", 0) + 1
         return nbytes(RecordDict({"basis": content["basis"]}))
 
-    def forget(self, nodes: list[int]) -> None:
-        """These nodes lost the basis (restart, wiped state): the next message to them carries it again."""
+    def forget(self, nodes: list[int], seed_failed: list[int] = ()) -> None:
+        """These nodes lost the basis (restart, wiped state): the next message to them carries it again,
+        as the matrices for those that could not regenerate it from its seed."""
         self.state.basis_holders.difference_update(nodes)
+        self.full_matrices.update(seed_failed)
 
 
 def reject(node: int, e: Exception) -> dict:

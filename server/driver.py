@@ -129,10 +129,10 @@ class FedSBServer:
             self.hello(new)
         return sample_nodes(self.ordered(nodes), self.cfg.fraction_train, self.cfg.min_train_nodes, self.cfg.seed, rnd)
 
-    def forget_nodes(self, nodes: list[int]) -> None:
+    def forget_nodes(self, nodes: list[int], seed_failed: list[int] = ()) -> None:
         """These nodes lost their state (restart): send them the basis and the method's state again."""
         if self.basis is not None:
-            self.basis.forget(nodes)
+            self.basis.forget(nodes, seed_failed)
         for n in nodes:
             self.method.forget_node(n)
 
@@ -217,6 +217,15 @@ class FedSBServer:
         self.start_round = state.round + 1
         log.info("resumed from round %d of %s", state.round, self.run_dir)
 
+    def one_time_per_client(self) -> float:
+        """What one client pays once, before its cheap rounds: its init upload (mean over the asked
+        clients) plus one basis download (mean over the nodes it was sent to)."""
+        init = next((r for r in self.rec.records if r["phase"] == "init"), {})
+        asked = init.get("accepted") or 0
+        sends = self.state.totals.get("basis_sends", 0)
+        return (self.state.totals["bytes_init_total"] / asked if asked else 0.0) + \
+            (self.state.totals["bytes_basis_total"] / sends if sends else 0.0)
+
     # -- the end of the run -------------------------------------------------------------------------
     def finish(self, seconds: float) -> None:
         cfg, s = self.cfg, self.state
@@ -239,6 +248,7 @@ class FedSBServer:
             "bytes_up_floor_per_client_round": 4 * vec_size,
             "bytes_up_total": s.totals["bytes_up"], "bytes_down_total": s.totals["bytes_down"],
             "bytes_basis_total": s.totals["bytes_basis_total"], "bytes_init_total": s.totals["bytes_init_total"],
+            "bytes_one_time_per_client": self.one_time_per_client(),
             "trainable_params": adapters.count_trainable(self.model), "communicated_params": vec_size,
             "head_params": sum(t.numel() for t in head_state(self.model).values()),
             "adapted_layers": len(self.task.layer_names), "fingerprint": s.fingerprint,

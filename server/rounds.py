@@ -71,6 +71,7 @@ class TrainRound:
         self.streaming = self.server.method.streamable and self.cfg.aggregation == "mean"
         self.running, self.vectors = robust.RunningWeightedMean(), []
         self.lacking: list[int] = []
+        self.seed_failed: list[int] = []  # nodes that could not regenerate a random basis from its seed
         return self.sampled
 
     def content_for(self, node: int) -> RecordDict:
@@ -86,6 +87,8 @@ class TrainRound:
         status = reply.content.config_records.get("config", {}).get("status")
         if status == "need-basis":
             self.lacking.append(node)
+            if reply.content["config"].get("basis-seed-failed"):
+                self.seed_failed.append(node)
             return
         self.server.observe(node, reply)
         if status == "budget-exhausted":
@@ -115,7 +118,7 @@ class TrainRound:
         if self.lacking:
             log.info("round %d: re-sending the basis to %d node(s) that lack it", self.rnd, len(self.lacking))
             again, self.lacking = list(self.lacking), []
-            self.server.forget_nodes(again)
+            self.server.forget_nodes(again, self.seed_failed)
             self.counts["basis_resent"] += len(again)
             self.counts["failed"] += len(send(again, MessageType.TRAIN, self.content_for, "train", self.on_reply))
 

@@ -28,7 +28,6 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedsb.config import FedSBConfig
 from fedsb.wire import from_legacy_scalars, to_legacy_scalars
 from server.rounds import TrainRound, message_config
-from server.transport import nbytes
 
 log = logging.getLogger("fedsb.server.secagg")
 
@@ -124,15 +123,17 @@ class SecAggTrainRound(TrainRound):
         sampled = self.sampled = srv.sample(rnd)
         if srv.basis is not None:  # SecAgg+ messages carry only FitIns: the basis goes first, in a plain query
             lacking = [n for n in sampled if n not in srv.state.basis_holders]
-            content = RecordDict({"config": ConfigRecord({"mode": "basis", "fingerprint": srv.state.fingerprint}),
-                                  "basis": srv.basis.record()["basis"]})
-            self.basis_bytes = nbytes(RecordDict({"basis": content["basis"]})) * len(lacking)
+
+            def basis_content(node: int) -> RecordDict:
+                rd = RecordDict({"config": ConfigRecord({"mode": "basis", "fingerprint": srv.state.fingerprint})})
+                self.basis_bytes += srv.basis.attach(node, rd)
+                return rd
 
             def on_basis(node: int, reply: Message, up: int) -> None:
-                if not reply.has_error():
-                    srv.state.basis_holders.add(node)
+                if reply.has_error():
+                    srv.basis.forget([node])
 
-            srv.transport.send(lacking, MessageType.QUERY, lambda n: content, "basis", on_basis)
+            srv.transport.send(lacking, MessageType.QUERY, basis_content, "basis", on_basis)
 
         def config_for(node: int) -> dict:
             c = message_config(srv, node, rnd)

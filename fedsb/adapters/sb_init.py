@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -137,3 +138,21 @@ def apply_bases(layers: Mapping[str, SBLinear], bases: Mapping[str, Basis]) -> N
     for n, layer in layers.items():
         b = bases[n]
         layer.set_basis(b.B, b.A, b.R0)
+
+
+class SignVote:
+    """The server side of the 1-bit init upload: the example-weighted majority vote of the clients' signs.
+
+    ``result()`` is ``Σ_i w_i·s_i`` per entry (``s_i = ±1``); its sign is ``sign(Σ_i w_i·sign(G_i))``, which is
+    what ``update_approximation`` with ``update="sign"`` needs (a tie gives 0). Equal to ``sign(Σ G_i)``
+    wherever the clients agree; one vector in memory whatever the number of clients.
+    """
+
+    def __init__(self, n: int):
+        self.votes = np.zeros(n, dtype=np.float64)
+
+    def add(self, signs: np.ndarray, weight: float) -> None:
+        self.votes += float(weight) * signs
+
+    def result(self) -> np.ndarray:
+        return self.votes

@@ -37,6 +37,7 @@ class Download:
     round: int
     fingerprint: str = ""
     basis: np.ndarray | None = None  # the decoded basis, when the message carries it
+    basis_seed: int | None = None  # or the seed of a random basis, for the node to regenerate it
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # method-specific arrays (extra_download)
     config: dict[str, Any] = field(default_factory=dict)  # method-specific config (round_config)
 

@@ -16,7 +16,8 @@ from torch import nn
 from fedsb import adapters
 from fedsb.methods.base import Download, Method, NodeStore
 from fedsb.ops.basis_cache import BasisCache
-from fedsb.wire import basis_tensors, layers_fingerprint, unflatten_into
+from fedsb.adapters.sb_init import apply_bases, random_bases
+from fedsb.wire import basis_tensors, flatten, layers_fingerprint, round_basis, unflatten_into
 
 if TYPE_CHECKING:
     from fedsb.tasks.base import Task
@@ -40,6 +41,8 @@ class FedSB(Method):
         return adapters.inject_sb(model, layer_names, self.rank, self.scale)
 
     def client_model(self, task: "Task", download: Download, store: NodeStore) -> nn.Module | None:
+        if download.basis_seed is not None:
+            download.basis = regenerate_random_basis(task, self.rank, download.basis_seed, download.fingerprint)
         vec = basis_for(download, store)
         if vec is None:
             return None
@@ -55,6 +58,25 @@ class FedSB(Method):
                                    "corrupt transfer or cache")
             _MODEL_CACHE[key] = model
         return _MODEL_CACHE[key]
+
+
+class BasisSeedMismatch(RuntimeError):
+    """The random basis this node regenerated from the seed is not the server's (other library versions):
+    the node asks for the matrices instead."""
+
+
+def regenerate_random_basis(task: "Task", rank: int, seed: int, fingerprint: str) -> np.ndarray:
+    """B, A of ``init-basis = "random"`` from the seed alone, rounded to basis-dtype as the server's were,
+    checked against the server's fingerprint: bit for bit the same basis, for 8 bytes on the wire."""
+    model = task.base_model()
+    layers = adapters.inject_sb(model, task.layer_names, rank)
+    bases = random_bases({n: (l.out_features, l.in_features) for n, l in layers.items()}, rank, seed)
+    for b in bases.values():
+        b.B, b.A = round_basis(b.B, task.cfg.basis_dtype), round_basis(b.A, task.cfg.basis_dtype)
+    apply_bases(layers, bases)
+    if layers_fingerprint(task.model_path, rank, layers) != fingerprint:
+        raise BasisSeedMismatch(f"the basis regenerated from seed {seed} does not match fingerprint {fingerprint}")
+    return flatten(basis_tensors(layers))
 
 
 def basis_for(download: Download, store: NodeStore, cache: BasisCache | None = None) -> np.ndarray | None:

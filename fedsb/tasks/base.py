@@ -57,6 +57,10 @@ class Task:
         """Task-specific entries of ``summary.json``."""
         return {}
 
+    def server_dataset(self):
+        """The server's own examples for init-source=server: the slice carved out before the split."""
+        return self.data.server_dataset()
+
     # -- shared ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, cfg: FedSBConfig) -> "Task":

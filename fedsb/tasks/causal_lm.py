@@ -14,7 +14,7 @@ from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks.base import Task
 from fedsb.tasks.causal import (PromptAnswer, causal_per_example_loss, evaluate_exact_match, load_chatterbot, load_gsm,
                                 load_jsonl_prompt_answer, load_smollm2, tokenize_prompt_answer)
-from fedsb.tasks.data import EncodedDataset, TaskData, split_indices
+from fedsb.tasks.data import EncodedDataset, TaskData, split_rest
 from fedsb.tasks.models import load_tokenizer
 
 
@@ -52,8 +52,11 @@ def load_causal_task_data(cfg: FedSBConfig, model_path: str) -> TaskData:
     enc = tokenize_prompt_answer(tok, records, cfg.max_length, use_chat_template=True)
     encodings = {k: [e[k] for e in enc] for k in ("input_ids", "attention_mask", "labels")}
     ds = CausalDataset(encodings, np.zeros(len(records), dtype=np.int64))
-    train_idx, test_idx = split_indices(len(ds), cfg.test_fraction, cfg.seed)
-    data = TaskData(ds, train_idx, test_idx, 0, [], tok.pad_token_id)
+    carve = cfg.init_server_samples if cfg.init_source == "server" else 0
+    if cfg.init_dataset:
+        raise ConfigError("init-dataset", "task=causal-lm takes the server's slice from dataset; leave init-dataset empty")
+    server_idx, train_idx, test_idx = split_rest(len(ds), carve, cfg.test_fraction, cfg.seed)
+    data = TaskData(ds, train_idx, test_idx, 0, [], tok.pad_token_id, server_idx=server_idx)
     data.records = [records[i] for i in test_idx]
     return data
 

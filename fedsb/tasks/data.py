@@ -95,6 +95,24 @@ def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, 
     return np.sort(perm[n_test:]), perm[:n_test]
 
 
+def carve_indices(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Set ``k`` of ``n`` examples aside (seeded) before any other split: (carved, rest). With ``k = 0``
+    the rest is every index in order, so the splits made from it are exactly those of an uncarved run."""
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.arange(n)
+    if k >= n:
+        raise ConfigError("init-server-samples", f"got {k}, but the dataset has only {n} examples; lower it")
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def split_rest(n: int, carve: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(server, train, test) indices: ``carve`` set aside first, then the seeded train/held-out split."""
+    server, rest = carve_indices(n, carve, seed)
+    train, test = split_indices(len(rest), test_fraction, seed)
+    return server, rest[train], rest[test]
+
+
 def partition_indices(
     labels: np.ndarray, num_partitions: int, partition_id: int, partitioner: str, alpha: float, seed: int
 ) -> np.ndarray:
@@ -175,12 +193,16 @@ class TaskData:
     label_names: list[str]
     pad_id: int
     records: list | None = None  # causal-lm: the held-out prompt/answer records (exact match)
+    server_idx: np.ndarray | None = None  # set aside for the server's own init gradient (init-source=server)
 
     def client_dataset(self, partition_id: int, num_partitions: int, cfg: FedSBConfig) -> EncodedDataset:
         local = partition_indices(
             self.dataset.labels[self.train_idx], num_partitions, partition_id, cfg.partitioner, cfg.dirichlet_alpha, cfg.seed
         )
         return self.dataset.subset(self.train_idx[local])
+
+    def server_dataset(self) -> EncodedDataset:
+        return self.dataset.subset(self.server_idx if self.server_idx is not None else np.zeros(0, np.int64))
 
     def test_dataset(self, cap: int = 0) -> EncodedDataset:
         idx = self.test_idx if cap <= 0 else self.test_idx[:cap]

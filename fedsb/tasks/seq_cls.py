@@ -13,7 +13,7 @@ from torch import nn
 
 from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks.base import Task
-from fedsb.tasks.data import EncodedDataset, TaskData, load_table, split_indices
+from fedsb.tasks.data import EncodedDataset, TaskData, load_table, split_rest
 from fedsb.tasks.models import load_tokenizer, package_dir
 from fedsb.tasks.training import model_inputs
 
@@ -28,24 +28,31 @@ def encode_texts(texts: list[str], labels, label_names: list[str], model_path: s
                  pairs: list[str] | None = None) -> TaskData:
     """Texts (and optional second texts) with integer labels -> the tokenized dataset and its seeded
     held-out split: what ``load_data`` returns, for data that does not come from a CSV/JSONL table."""
-    return _encode(texts, pairs, labels, label_names, model_path, cfg.max_length, cfg.test_fraction, cfg.seed)
+    return _encode(texts, pairs, labels, label_names, model_path, cfg.max_length, cfg.test_fraction, cfg.seed,
+                   server_carve(cfg))
+
+
+def server_carve(cfg: FedSBConfig) -> int:
+    """Examples set aside for the server's own init gradient: only with init-source=server and no init-dataset."""
+    return cfg.init_server_samples if cfg.init_source == "server" and not cfg.init_dataset else 0
 
 
 def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int, test_fraction: float,
-            seed: int) -> TaskData:
+            seed: int, carve: int = 0) -> TaskData:
     tok = load_tokenizer(model_path)
     enc = tok(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     ds = EncodedDataset({k: enc[k] for k in keys}, np.asarray(labels, dtype=np.int64))
-    train_idx, test_idx = split_indices(len(ds), test_fraction, seed)
-    return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id)
+    server_idx, train_idx, test_idx = split_rest(len(ds), carve, test_fraction, seed)
+    return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id, server_idx=server_idx)
 
 
 @lru_cache(maxsize=2)  # keyed by what changes the data only: runs of several methods share it
 def _load(model_path: str, dataset: str, text_column: str, label_column: str, text_pair_column: str,
-          max_length: int, test_fraction: float, seed: int) -> TaskData:
+          max_length: int, test_fraction: float, seed: int, carve: int) -> TaskData:
     table = load_table(dataset, text_column, label_column, text_pair_column)
-    return _encode(table.texts, table.pairs, table.labels, table.label_names, model_path, max_length, test_fraction, seed)
+    return _encode(table.texts, table.pairs, table.labels, table.label_names, model_path, max_length, test_fraction,
+                   seed, carve)
 
 
 class SeqClsTask(Task):
@@ -62,7 +69,19 @@ class SeqClsTask(Task):
     @classmethod
     def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
         return _load(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
-                     cfg.max_length, cfg.test_fraction, cfg.seed)
+                     cfg.max_length, cfg.test_fraction, cfg.seed, server_carve(cfg))
+
+    def server_dataset(self):
+        if not self.cfg.init_dataset:
+            return self.data.server_dataset()
+        c = self.cfg  # the server's own file: same columns, labels mapped onto the training data's
+        table = load_table(c.init_dataset, c.text_column, c.label_column, c.text_pair_column)
+        unknown = sorted(set(table.label_names) - set(self.data.label_names))
+        if unknown:
+            raise ConfigError("init-dataset", f"labels {unknown} are not among dataset's {self.data.label_names}")
+        ids = np.array([self.data.label_names.index(table.label_names[i]) for i in table.labels], dtype=np.int64)
+        enc = _encode(table.texts, table.pairs, ids, self.data.label_names, self.model_path, c.max_length, 0.0, c.seed)
+        return enc.dataset
 
     per_example_loss = staticmethod(seq_cls_per_example_loss)
 
