@@ -36,6 +36,42 @@ def _missing(cmd: str) -> list[str]:
     return [f"*Not measured yet: run `{cmd}`.*", ""]
 
 
+def init_section() -> list[str]:
+    """Issue 14: Fed-SB's one-time cost by initialization variant: bytes, basis overlap, accuracy over seeds."""
+    by, ov, acc = _load("init_bytes.json"), _load("init_overlap.json"), _load("init_accuracy.json")
+    out = ["## Fed-SB's one-time cost by initialization variant", "",
+           "Commands: `python -m bench.init_variants bytes` (measured message sizes, default model, rank 32, 36 "
+           "layers), `python -m bench.init_variants overlap` (10 default clients × 64 examples, exact SVD) and "
+           "`python -m bench.init_variants accuracy` (the default `make run` configuration with the variant's keys, "
+           "10 rounds, the whole held-out set, one run per seed).", ""]
+    if not by:
+        return out + _missing("python -m bench.init_variants bytes")
+    runs = {}
+    for r in (acc or {}).get("rows", []):
+        runs.setdefault(r["variant"], []).append(r["accuracy"])
+    out += ["| variant | keys | init upload / client | basis download / client | one-time / client | = rounds of R upload | "
+            "held-out accuracy (mean ± std, seeds) |", "|---|---|---|---|---|---|---|"]
+    for r in by["rows"]:
+        a = runs.get(r["variant"], [])
+        acc_s = (f"{statistics.mean(a):.3f} ± {statistics.stdev(a):.3f} (n={len(a)})" if len(a) > 1 else
+                 f"{a[0]:.3f} (n=1)" if a else "not run")
+        keys = " ".join(f"{k}={v}" for k, v in r["keys"].items())
+        out.append(f"| {r['variant']} | `{keys}` | {_b(r['init_upload_bytes'])} | {_b(r['basis_download_bytes'])} | "
+                   f"{_b(r['one_time_bytes'])} | {r['rounds_equivalent']:.1f} | {acc_s} |")
+    out += ["", f"One round's upload of R + head: {_b(by['rows'][0]['round_upload_bytes'])} per client."]
+    if ov:
+        out += ["", f"Basis overlap with the dense float32 10-client basis (‖B_vᵀ·B_dense‖²_F / r per layer; a random "
+                f"subspace gives about {ov['random_overlap_B']:.3f} for B and {ov['random_overlap_A']:.3f} for A):", "",
+                "| basis | B median | B min | A median | A min |", "|---|---|---|---|---|"]
+        out += [f"| {r['variant']} | {r['overlap_B_median']:.3f} | {r['overlap_B_min']:.3f} | {r['overlap_A_median']:.3f} | "
+                f"{r['overlap_A_min']:.3f} |" for r in ov["rows"]]
+    else:
+        out += _missing("python -m bench.init_variants overlap")
+    if acc and acc.get("note"):
+        out += ["", acc["note"]]
+    return out + [""]
+
+
 def main() -> None:
     out = ["# fedsb benchmarks", "",
            "Every figure below is rendered by `python -m bench.report` from the JSON that the command beside it",
@@ -388,6 +424,7 @@ def main() -> None:
                 f"{do['ratio_median']:.1f}× per round. Caveat and what dominates: {do['note']}. Status: {do['status']}.", ""]
     else:
         out += _missing("python -m bench.deploy_overhead")
+    out += init_section()
     Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
     print("wrote BENCHMARKS.md")
 
