@@ -12,6 +12,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 NUM_SUPERNODES ?= 10
+NUM_GPUS_PER_CLIENT ?= 0
 RUN_DIR ?= $(CURDIR)/runs/make-run-$(shell date +%Y%m%d-%H%M%S)
 RUN_CONFIG ?=
 
@@ -39,7 +40,7 @@ $(FLWR_HOME)/config.toml: Makefile
 run: $(STAMP) $(FLWR_HOME)/config.toml
 	@before=$$($(VENV)/bin/fedsb local-superlink running >/dev/null && echo up); \
 	$(VENV)/bin/flwr run . local --stream \
-		--federation-config "num-supernodes=$(NUM_SUPERNODES) client-resources-num-cpus=1" \
+		--federation-config "num-supernodes=$(NUM_SUPERNODES) client-resources-num-cpus=1 client-resources-num-gpus=$(NUM_GPUS_PER_CLIENT)" \
 		--run-config "output-dir='$(RUN_DIR)' $(RUN_CONFIG)"; rc=$$?; \
 	[ -n "$$before" ] || $(VENV)/bin/fedsb local-superlink stop; \
 	[ $$rc -eq 0 ] && $(VENV)/bin/fedsb check-run $(RUN_DIR)

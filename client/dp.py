@@ -14,7 +14,6 @@ from fedsb.privacy import dp as privacy
 from client.trainers import LocalTrainer
 from fedsb.config import FedSBConfig
 from fedsb.methods import NodeStore
-from fedsb.tasks.data import pad_collate
 
 log = logging.getLogger("fedsb.client.dp")
 
@@ -98,7 +97,7 @@ class DPTrainer(LocalTrainer):
             log.warning("privacy budget: this round would reach epsilon=%.3f > target %.3f; not training", planned,
                         cfg.target_epsilon)
             return None, metrics(hist, d, sigma, cfg)
-        res = privacy.private_train(model, ds, pad_collate(task.data.pad_id), steps=cfg.local_steps,
+        res = privacy.private_train(model, ds, task.collate(), steps=cfg.local_steps,
                                     batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                     noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, history=hist,
                                     accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,

@@ -23,6 +23,7 @@ from fedsb.config import FedSBConfig
 from fedsb.methods import Download
 from fedsb.methods.fed_sb import BasisSeedMismatch
 from fedsb.tasks import Task, get_task
+from fedsb.tasks.training import peak_memory_bytes, reset_peak_memory
 from fedsb.wire import decode_basis, flatten, pack_signs, unflatten_into
 
 log = logging.getLogger("fedsb.client")
@@ -114,12 +115,14 @@ class FedSBClient:
         if mode != "fed-sb-init":
             return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
         t0 = time.time()
+        reset_peak_memory(task.device)
         model = task.base_model()
         head = {n: p for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in adapters.head_prefixes(model))}
         unflatten_into(head, msg.content["head"]["head"].numpy())  # same head as the server's, so same gradient
         layers = list(config["layers"])
         sums, count, extra = trainer_for(cfg).init_gradient(task, model, layers, ds, pid, config, ContextStore(context))
         metrics.update(extra)
+        metrics["peak-memory-bytes"] = peak_memory_bytes(task.device)
         vec = flatten({n: sums[n] for n in layers})
         upload = {"signs": pack_signs(vec)} if config.get("upload") == "sign" else {"grads": vec}
         log.info("partition %d: init gradient over %d examples in %.1fs", pid, count, time.time() - t0)
@@ -140,13 +143,15 @@ class FedSBClient:
         method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
         ds = task.data.client_dataset(pid, nparts, cfg)
         t0 = time.time()
+        reset_peak_memory(task.device)
         trainer = trainer_for(cfg)
         loss, metrics = trainer.train(task, model, ds, pid, rnd, download.config, ContextStore(context))
         if loss is None:  # training this round would overspend the privacy budget
             return Message(RecordDict({"metrics": MetricRecord(metrics),
                                        "config": ConfigRecord({"status": "budget-exhausted", "fingerprint": fp})}),
                            reply_to=msg)
-        metrics.update({"num-examples": len(ds), "seconds": time.time() - t0})
+        metrics.update({"num-examples": len(ds), "seconds": time.time() - t0,
+                        "peak-memory-bytes": peak_memory_bytes(task.device)})
         if trainer.private:
             # Under DP the loss on the raw local batches is not privatized, so it stays on the client (logged
             # here, never uploaded); only the noised update and the accountant's figures leave the node.

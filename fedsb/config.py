@@ -87,6 +87,14 @@ class FedSBConfig:
     basis_dtype: str = _f("float32", "dtype of the one-time B, A broadcast (int8: per-row scales; what every party "
                           "uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
 
+    # --- hardware ----------------------------------------------------------------------------
+    device: str = _f("auto", "where clients train and the server evaluates and initializes: `auto` (CUDA when "
+                     "available), `cpu` or `cuda`; what goes on the wire is CPU float32 either way",
+                     choices=("auto", "cpu", "cuda"), identity=False)
+    base_dtype: str = _f("float32", "dtype of the frozen base weights; R, the head, optimizer state and aggregation stay "
+                         "float32", choices=("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, more time)",
+                                      identity=False)
     # --- rounds ------------------------------------------------------------------------------
     num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1, identity=False)
     fraction_train: float = _f(0.4, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
@@ -197,6 +205,13 @@ class FedSBConfig:
                               "(the server's held-out evaluation still runs)")
         if self.method != "fed-sb" and self.init_fraction != 1.0:
             raise ConfigError("init-fraction", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 1.0")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device", "got 'cuda' but torch sees no CUDA device here (torch "
+                                  f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device='auto' or 'cpu', "
+                                  "or install a CUDA build of torch on a machine with a GPU")
         if self.init_upload == "sign" and self.init_update != "sign":
             raise ConfigError("init-upload", "`sign` uploads only the gradient's signs, which init-update=grad "
                               "cannot use; set init-upload='dense' with init-update='grad'")
@@ -207,6 +222,21 @@ class FedSBConfig:
             raise ConfigError("init-source", "a random basis uses no init gradient; leave init-source='clients'")
         if self.method != "fed-sb" and self.init_basis != "gradient":
             raise ConfigError("init-basis", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 'gradient'")
+
+    @property
+    def torch_device(self) -> str:
+        """``device`` resolved on this machine (validated: ``cuda`` is refused where there is none)."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def torch_base_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[self.base_dtype]
 
     @classmethod
     def identity_keys(cls) -> list[str]:

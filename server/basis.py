@@ -62,7 +62,8 @@ class BasisProtocol:
         self.install(self.bases(grads, count))
         srv.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
                     bytes_up=self.state.totals["bytes_init_total"], bytes_down=down, examples=count,
-                    seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint, **row)
+                    seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint,
+                    client_peak_memory_bytes=self.client_peak_memory, **row)
 
     def bases(self, grads: dict, count: int) -> dict:
         cfg = self.server.cfg
@@ -100,7 +101,7 @@ class BasisProtocol:
                          dtype=np.uint8 if sign else np.float32, fingerprint=layers_fp,
                          max_num_examples=cfg.init_samples)
         vote, grad_sum = (SignVote(total), None) if sign else (None, np.zeros(total, np.float64))
-        count, rejected, totals = 0, [], self.state.totals
+        count, rejected, totals, peak = 0, [], self.state.totals, [0]
         down_before = totals["bytes_down"]
 
         def on_reply(node: int, reply: Message, up: int) -> None:
@@ -121,6 +122,7 @@ class BasisProtocol:
             else:
                 grad_sum[:] += vec
             count += got
+            peak[0] = max(peak[0], int(reply.content["metrics"].get("peak-memory-bytes", 0)))
             srv.observe(node, reply)
             totals["bytes_init_total"] += up
 
@@ -132,6 +134,7 @@ class BasisProtocol:
         for n, (m, k_) in shapes.items():
             grads[n] = torch.from_numpy(flat[offset : offset + m * k_].reshape(m, k_))
             offset += m * k_
+        self.client_peak_memory = peak[0] or None
         return grads, count, asked, rejected, totals["bytes_down"] - down_before
 
     def install(self, bases: dict) -> None:

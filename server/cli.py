@@ -19,7 +19,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulation import parse_run_config, simulate
 
     run_dir = simulate(parse_run_config(args.run_config), args.num_supernodes, cpus_per_client=args.cpus_per_client,
-                       verbose=args.verbose)
+                       gpus_per_client=args.gpus_per_client, verbose=args.verbose)
     summary = json.loads((run_dir / "summary.json").read_text())
     print(json.dumps({k: summary.get(k) for k in ("method", "final_accuracy", "final_loss", "bytes_up_per_client_round", "run_dir")}, indent=2))
     return 0
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--num-supernodes", type=int, default=10)
     s.add_argument("--run-config", default="", help='same syntax and keys as flwr run: "rank=64 method=\'fed-sb\'"')
     s.add_argument("--cpus-per-client", type=float, default=1.0)
+    s.add_argument("--gpus-per-client", type=float, default=0.0, help="a fraction shares a GPU, e.g. 0.25: 4 clients per GPU")
     s.add_argument("--verbose", action="store_true")
     s.set_defaults(func=_cmd_simulate)
 

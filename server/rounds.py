@@ -59,6 +59,7 @@ class TrainRound:
         self.counts = {"failed": 0, "basis_resent": 0, "budget_exhausted": 0}
         self.losses: list[tuple[float, int]] = []
         self.up_sizes: list[float] = []
+        self.peak_memory = 0  # the largest peak memory a client reported for its step
 
     # -- the strategy-shaped steps -----------------------------------------------------------------
     def configure(self) -> list[int]:
@@ -106,6 +107,7 @@ class TrainRound:
         else:
             self.vectors.append(vec)
         self.weights.append(float(n_ex))
+        self.peak_memory = max(self.peak_memory, int(reply.content["metrics"].get("peak-memory-bytes", 0)))
         if "train-loss" in reply.content["metrics"]:  # absent under dp (not privatized, kept on the client)
             self.losses.append((float(reply.content["metrics"]["train-loss"]), n_ex))
         self.up_sizes.append(up)
@@ -141,6 +143,7 @@ class TrainRound:
             "bytes_up": self.totals["bytes_up"] - self.up0, "bytes_down": self.totals["bytes_down"] - self.down0,
             "bytes_basis": self.basis_bytes,
             "bytes_up_per_client": (sum(up_sizes) / len(up_sizes)) if up_sizes else None,
+            "client_peak_memory_bytes": self.peak_memory or None,
         }
 
     # -- the round, start to end -------------------------------------------------------------------

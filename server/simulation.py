@@ -28,7 +28,7 @@ def parse_run_config(text: str) -> dict[str, Any]:
 
 
 def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_client: float = 1.0,
-             verbose: bool = False, client_app=None, server_app=None) -> Path:
+             gpus_per_client: float = 0.0, verbose: bool = False, client_app=None, server_app=None) -> Path:
     """Run one simulated federation; returns the run directory. Raises if the run failed."""
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
@@ -75,7 +75,8 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
             pass
         ctx = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(full))
         backend = {
-            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+            # a fraction of a GPU per client lets several simulated clients share one GPU
+            "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         }
         _run_simulation(

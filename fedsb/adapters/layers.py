@@ -42,6 +42,13 @@ def weight_as_mn(module: nn.Module, weight: torch.Tensor | None = None) -> torch
     return w if isinstance(module, nn.Linear) else w.t()
 
 
+def adapter_dtype(base: torch.dtype) -> torch.dtype:
+    """Adapters train in at least float32 whatever the base: a bfloat16/float16 base keeps float32 R, A, B
+    (their input is upcast, their output cast back to the base's dtype); a float64 base stays float64.
+    No autocast is involved, so R's gradient and the optimizer state are float32 on CPU and GPU alike."""
+    return torch.promote_types(base, torch.float32)
+
+
 class _AdapterBase(nn.Module):
     """Shared wrapper logic: frozen base layer, merge / unmerge of ``delta_weight``."""
 
@@ -99,9 +106,10 @@ class SBLinear(_AdapterBase):
             raise ValueError(f"rank {rank} exceeds min(out, in) = min({m}, {n}) of this layer")
         w = base_layer.weight
         self.rank, self.scale = rank, float(scale)
-        self.sb_B = nn.Parameter(torch.zeros(m, rank, dtype=w.dtype, device=w.device), requires_grad=False)
-        self.sb_A = nn.Parameter(torch.zeros(rank, n, dtype=w.dtype, device=w.device), requires_grad=False)
-        self.sb_R = nn.Linear(rank, rank, bias=False, dtype=w.dtype, device=w.device)
+        dt = adapter_dtype(w.dtype)
+        self.sb_B = nn.Parameter(torch.zeros(m, rank, dtype=dt, device=w.device), requires_grad=False)
+        self.sb_A = nn.Parameter(torch.zeros(rank, n, dtype=dt, device=w.device), requires_grad=False)
+        self.sb_R = nn.Linear(rank, rank, bias=False, dtype=dt, device=w.device)
         nn.init.zeros_(self.sb_R.weight)
 
     @torch.no_grad()
@@ -190,8 +198,8 @@ class LoRALinear(_AdapterBase):
         m, n = self.out_features, self.in_features
         w = base_layer.weight
         self.rank, self.scale = rank, float(alpha) / rank
-        self.lora_A = nn.Linear(n, rank, bias=False, dtype=w.dtype, device=w.device)
-        self.lora_B = nn.Linear(rank, m, bias=False, dtype=w.dtype, device=w.device)
+        self.lora_A = nn.Linear(n, rank, bias=False, dtype=adapter_dtype(w.dtype), device=w.device)
+        self.lora_B = nn.Linear(rank, m, bias=False, dtype=adapter_dtype(w.dtype), device=w.device)
         self.reset_lora(train_a=train_a)
 
     @torch.no_grad()

@@ -77,4 +77,4 @@ def apply_weight_delta(model: nn.Module, deltas: dict[str, torch.Tensor], replac
         base = layers[n].base_layer
         w = adapters.weight_as_mn(base)
         start = replace_from[n] if replace_from is not None else w
-        w.copy_((start.double() + d.double()).to(w.dtype))
+        w.copy_((start.double() + d.to(start.device).double()).to(w.dtype))

@@ -138,4 +138,4 @@ def fold_stacks(model: nn.Module, stacks: list[dict[str, tuple[torch.Tensor, tor
     for stack in stacks:
         for n, (B, A) in stack.items():
             w = adapters.weight_as_mn(layers[n].base_layer)
-            w += (B.double() @ A.double()).to(w.dtype)
+            w += (B.double() @ A.double()).to(device=w.device, dtype=w.dtype)

@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 History = list[tuple[float, float, int]]
 
 
-def secret_generator() -> torch.Generator:
+def secret_generator(device: str | torch.device = "cpu") -> torch.Generator:
     """A generator seeded from OS entropy: for DP noise and Poisson sampling, which must not be derivable
-    from the run config (the server knows its seeds)."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+    from the run config (the server knows its seeds). Noise is drawn on the parameters' device."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
 def poisson_indices(n: int, q: float, generator: torch.Generator) -> list[int]:
@@ -132,7 +132,7 @@ def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_si
     opt = DPOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), noise_multiplier=noise_multiplier,
                       max_grad_norm=max_grad_norm, expected_batch_size=max(1, round(q * n)),
                       # the noise must not be reproducible by the server (it knows every seed): OS entropy
-                      generator=secret_generator())
+                      generator=secret_generator(params[0].device))
     acc = make_accountant(accountant, history)
     model.train()
     losses, empty = [], 0
@@ -203,5 +203,6 @@ def private_gradient_sum(model: nn.Module, layer_names: list[str], batches, *, m
     std = noise_multiplier * max_grad_norm
     if std > 0:
         for n in sums:
-            sums[n] += torch.normal(0.0, std, size=sums[n].shape, generator=generator)
+            noise = torch.normal(0.0, std, size=sums[n].shape, generator=generator, device=generator.device)
+            sums[n] += noise.to(sums[n].device)
     return sums, count

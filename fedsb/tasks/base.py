@@ -16,7 +16,7 @@ from torch import nn
 from fedsb import adapters
 from fedsb.config import ConfigError, FedSBConfig
 from fedsb.methods import Method, make_method
-from fedsb.tasks.data import TaskData, make_loader
+from fedsb.tasks.data import TaskData, make_loader, pad_collate
 from fedsb.tasks.models import load_base_model, load_tokenizer, resolve_model_path
 
 
@@ -77,14 +77,26 @@ class Task:
         return load_tokenizer(self.model_path)
 
     def base_model(self) -> nn.Module:
-        return load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed)
+        """A fresh copy of the frozen base model, its weights in base-dtype, on the configured device."""
+        model = load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed, self.cfg.torch_base_dtype)
+        if self.cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            # non-reentrant: the frozen base's inputs need no grad for R's gradient to flow through
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model.to(self.device)
+
+    @property
+    def device(self) -> str:
+        return self.cfg.torch_device
+
+    def collate(self):
+        return pad_collate(self.data.pad_id, self.device)
 
     def method(self) -> Method:
         c = self.cfg
         return make_method(c.method, c.rank, c.scale, c.lora_alpha, c.seed)
 
     def loader(self, ds, shuffle: bool, seed: int = 0, batch_size: int | None = None):
-        return make_loader(ds, batch_size or self.cfg.batch_size, self.data.pad_id, shuffle, seed)
+        return make_loader(ds, batch_size or self.cfg.batch_size, self.data.pad_id, shuffle, seed, self.device)
 
 
 def validate_targets(cfg: FedSBConfig, model: nn.Module) -> list[str]:
@@ -104,5 +116,5 @@ def validate_targets(cfg: FedSBConfig, model: nn.Module) -> list[str]:
 def _load_task(cls: type[Task], cfg: FedSBConfig) -> Task:
     path = resolve_model_path(cfg.model, cls.default_model)
     data = cls.load_data(cfg, path)
-    model = load_base_model(path, cls.name, data.num_labels, cfg.seed)
+    model = load_base_model(path, cls.name, data.num_labels, cfg.seed, cfg.torch_base_dtype)
     return cls(cfg, path, data, validate_targets(cfg, model))

@@ -194,7 +194,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         for i in range(0, len(prompts), batch_size):
             texts = [format_prompt(tokenizer, p, use_chat_template) for p in prompts[i : i + batch_size]]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}  # no token_type_ids
+            enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}  # no token_type_ids
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)

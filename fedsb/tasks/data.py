@@ -161,8 +161,9 @@ class EncodedDataset(Dataset):
         return item
 
 
-def pad_collate(pad_id: int):
-    """Dynamic padding to the longest example of the batch (tweets are short: ~2x faster than max-length)."""
+def pad_collate(pad_id: int, device: str = "cpu"):
+    """Dynamic padding to the longest example of the batch (tweets are short: ~2x faster than max-length),
+    the batch placed on ``device`` (the model's)."""
 
     def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not items:
@@ -177,7 +178,7 @@ def pad_collate(pad_id: int):
             out[key] = torch.stack(
                 [torch.nn.functional.pad(it[key], (0, longest - it[key].shape[0]), value=fill) for it in items]
             )
-        return out
+        return out if device == "cpu" else {k: v.to(device) for k, v in out.items()}
 
     return collate
 
@@ -215,6 +216,6 @@ class TaskData:
         return float(counts.max() / counts.sum())
 
 
-def make_loader(ds: Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0, device: str = "cpu") -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=pad_collate(pad_id))
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=pad_collate(pad_id, device))

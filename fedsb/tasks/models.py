@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedsb.adapters.inject import head_prefixes
 from fedsb.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,29 @@ def _load_base(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
     return model
 
 
-def load_base_model(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
-    """A fresh copy of the frozen base model (cached per process; callers may modify the copy)."""
-    return copy.deepcopy(_load_base(path, task, num_labels, seed))
+def _float_input(module: nn.Module, args: tuple) -> tuple:
+    # a float32 head behind a half-precision body: its input is upcast, so its weights, gradients and
+    # optimizer state stay float32 (no autocast needed)
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+@lru_cache(maxsize=2)
+def _load_base_as(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype) -> nn.Module:
+    """The float32 model with every weight but the task head cast to ``dtype``: loaded in float32 first,
+    so that a seed gives the same new head whatever the base dtype."""
+    model = copy.deepcopy(_load_base(path, task, num_labels, seed))
+    heads = head_prefixes(model)
+    for name, child in model.named_children():
+        if name not in heads:  # the head keeps its float32 initialization bit for bit
+            child.to(dtype)
+    for h in heads:
+        getattr(model, h).register_forward_pre_hook(_float_input)
+    return model
+
+
+def load_base_model(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh copy of the frozen base model, in ``dtype`` but for a float32 task head (cached per process;
+    callers may modify the copy)."""
+    if dtype == torch.float32:
+        return copy.deepcopy(_load_base(path, task, num_labels, seed))
+    return copy.deepcopy(_load_base_as(path, task, num_labels, seed, dtype))

@@ -61,3 +61,18 @@ def train_steps(
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
     model.eval()
     return total / steps
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak memory of this process: allocated CUDA memory since the last reset on a GPU; on the CPU the
+    process's resident high-water mark (a whole-process figure: it never goes down within a process)."""
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kilobytes on Linux
