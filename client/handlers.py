@@ -101,16 +101,26 @@ class FedSBClient:
         nparts = int(context.node_config.get("num-partitions", 1))
         return cfg, self.task_for(cfg), pid, nparts
 
+    @staticmethod
+    def method_for(cfg: FedSBConfig, task: Task, context: Context, pid: int):
+        """The method at this node's own rank (nested ranks: its node-config ``rank`` or client-ranks)."""
+        method = task.method()
+        method.rank = cfg.rank_of_partition(pid, context.node_config.get("rank"))
+        return method
+
     def query(self, msg: Message, context: Context) -> Message:
         """``hello``: partition and size; ``basis``: the basis ahead of a SecAgg+ round; ``fed-sb-init``: the
         sum of ∂L/∂W0 over up to init-samples local examples."""
         cfg, task, pid, nparts = self.setup(context)
         ds = task.data.client_dataset(pid, nparts, cfg)
         metrics = {"partition-id": pid, "num-train-examples": len(ds)}
+        own_rank = cfg.rank_of_partition(pid, context.node_config.get("rank"))
+        if own_rank != cfg.rank:  # nested ranks: the server sends this node only its leading block
+            metrics["rank"] = own_rank
         config = msg.content["config"]
         mode = config["mode"]
         if mode == "basis":  # SecAgg+ round messages carry only FitIns, so the basis comes in a query
-            task.method().client_model(task, download_of(msg), ContextStore(context))
+            self.method_for(cfg, task, context, pid).client_model(task, download_of(msg), ContextStore(context))
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         if mode != "fed-sb-init":
             return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
@@ -135,7 +145,10 @@ class FedSBClient:
     def train(self, msg: Message, context: Context) -> Message:
         cfg, task, pid, nparts = self.setup(context)
         download = download_of(msg)
-        method, fp, rnd = task.method(), download.fingerprint, download.round
+        method, fp, rnd = self.method_for(cfg, task, context, pid), download.fingerprint, download.round
+        if int(download.config.get("rank", cfg.rank)) != method.rank:
+            raise ValueError(f"the server sent a rank-{download.config.get('rank', cfg.rank)} block to a node that "
+                             f"trains at rank {method.rank}")
         model, ask = model_or_need_basis(task, method, msg, context)
         if model is None:
             log.info("partition %d: lacking basis %s, asking the server for it", pid, fp)
@@ -163,7 +176,7 @@ class FedSBClient:
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Evaluate the global adapter on this node's local data (federated evaluation)."""
         cfg, task, pid, nparts = self.setup(context)
-        method = task.method()
+        method = self.method_for(cfg, task, context, pid)
         model, ask = model_or_need_basis(task, method, msg, context)
         if model is None:
             return ask

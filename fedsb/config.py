@@ -64,6 +64,9 @@ class FedSBConfig:
     # --- method ------------------------------------------------------------------------------
     method: str = _f("fed-sb", "federated fine-tuning method", choices=METHODS)
     rank: int = _f(32, "adapter rank r (Fed-SB trains an r x r matrix per layer)", lo=1)
+    client_ranks: str = _f("", "Fed-SB nested ranks: comma-separated k <= rank assigned round-robin by partition id (a "
+                           "client trains the leading k x k block of R); a node's --node-config rank=k overrides; "
+                           "empty: every client at rank")
     scale: float = _f(1.0, "Fed-SB scale s in W0 + s*B*R*A", lo=0.0, lo_open=True)
     lora_alpha: float = _f(16.0, "LoRA alpha of the baseline methods (their scale is alpha/r)", lo=0.0, lo_open=True)
     target_modules: str = _f("auto", "comma-separated module names to adapt, or `auto` for the architecture's default")
@@ -212,6 +215,15 @@ class FedSBConfig:
                 raise ConfigError("device", "got 'cuda' but torch sees no CUDA device here (torch "
                                   f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device='auto' or 'cpu', "
                                   "or install a CUDA build of torch on a machine with a GPU")
+        if self.client_ranks.strip():
+            ranks = self.client_rank_list
+            if self.method != "fed-sb":
+                raise ConfigError("client-ranks", f"nested ranks are Fed-SB's (got method={self.method!r}); leave it empty")
+            if self.secagg or self.aggregation != "mean":
+                raise ConfigError("client-ranks", "clients of different ranks send vectors of different lengths: "
+                                  "only aggregation='mean' without secagg combines them; leave it empty")
+            if any(k < 1 or k > self.rank for k in ranks):
+                raise ConfigError("client-ranks", f"got {ranks}; every k must be in [1, rank={self.rank}]")
         if self.init_upload == "sign" and self.init_update != "sign":
             raise ConfigError("init-upload", "`sign` uploads only the gradient's signs, which init-update=grad "
                               "cannot use; set init-upload='dense' with init-update='grad'")
@@ -222,6 +234,21 @@ class FedSBConfig:
             raise ConfigError("init-source", "a random basis uses no init gradient; leave init-source='clients'")
         if self.method != "fed-sb" and self.init_basis != "gradient":
             raise ConfigError("init-basis", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 'gradient'")
+
+    @property
+    def client_rank_list(self) -> list[int]:
+        try:
+            return [int(k) for k in self.client_ranks.split(",") if k.strip()]
+        except ValueError:
+            raise ConfigError("client-ranks", f"got {self.client_ranks!r}; give comma-separated integers, "
+                              "e.g. '8,16,32'") from None
+
+    def rank_of_partition(self, partition_id: int, node_rank: Any = None) -> int:
+        """The rank a client trains: its node's ``rank`` if set, else client-ranks round-robin, else rank."""
+        if node_rank not in (None, ""):
+            return int(node_rank)
+        ranks = self.client_rank_list
+        return ranks[partition_id % len(ranks)] if ranks else self.rank
 
     @property
     def torch_device(self) -> str:

@@ -48,11 +48,13 @@ def split(shapes: Mapping[str, torch.Tensor], vec: np.ndarray) -> dict[str, torc
 
 
 # -- the one-time basis ------------------------------------------------------------------------
-def basis_tensors(layers: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The B and A of every SB layer, in the order the basis vector packs them."""
+def basis_tensors(layers: Mapping[str, nn.Module], k: int | None = None) -> dict[str, torch.Tensor]:
+    """The B and A of every SB layer, in the order the basis vector packs them; with ``k``, only B's first
+    k columns and A's first k rows (the basis of a node at nested rank k)."""
     out = {}
     for n, layer in layers.items():
-        out[n + ".B"], out[n + ".A"] = layer.sb_B, layer.sb_A
+        B, A = layer.sb_B, layer.sb_A
+        out[n + ".B"], out[n + ".A"] = (B, A) if k is None or k == B.shape[1] else (B[:, :k].contiguous(), A[:k])
     return out
 
 

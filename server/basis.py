@@ -21,8 +21,8 @@ from fedsb import adapters
 from fedsb.adapters.sb_init import SignVote, accumulate_gradients, apply_bases, compute_bases, random_bases
 from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_reply
 from fedsb.run.export import head_state
-from fedsb.wire import (MESSAGE_CONFIG_DEFAULTS, basis_tensors, encode_basis, flatten, layer_list_fingerprint,
-                        layers_fingerprint, round_basis, unflatten_into, unpack_signs)
+from fedsb.wire import (MESSAGE_CONFIG_DEFAULTS, basis_fingerprint, basis_tensors, encode_basis, flatten,
+                        layer_list_fingerprint, layers_fingerprint, round_basis, unflatten_into, unpack_signs)
 from server.transport import arrays, arrays_of, nbytes
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ class BasisProtocol:
         self.server = server
         self.state = server.state  # fingerprint, basis vector and holders live in the run state
         self.full_matrices: set[int] = set()  # nodes whose regenerated random basis did not match
+        self.fingerprints: dict[int, str] = {}  # nested rank k -> fingerprint of the leading rank-k basis
 
     # -- step 1: the basis --------------------------------------------------------------------
     def initialize(self, nodes: list[int]) -> None:
@@ -153,6 +154,16 @@ class BasisProtocol:
         layers = adapters.adapter_layers(self.server.model)
         self.state.basis = flatten(basis_tensors(layers))
         self.state.fingerprint = layers_fingerprint(self.server.task.model_path, self.server.cfg.rank, layers)
+        self.fingerprints = {self.server.cfg.rank: self.state.fingerprint}
+
+    def fingerprint_for(self, node: int) -> str:
+        """The fingerprint of the basis ``node`` holds: the leading rank-k block for a node of nested rank k."""
+        k = self.server.node_rank(node)
+        if k not in self.fingerprints:
+            tensors = basis_tensors(adapters.adapter_layers(self.server.model), k)
+            pairs = {n[: -len(".B")]: (tensors[n], tensors[n[: -len(".B")] + ".A"]) for n in tensors if n.endswith(".B")}
+            self.fingerprints[k] = basis_fingerprint(self.server.task.model_path, k, pairs)
+        return self.fingerprints[k]
 
     # -- step 2: the one-time broadcast ---------------------------------------------------------
     def record(self, node: int = -1) -> RecordDict:
@@ -161,7 +172,7 @@ class BasisProtocol:
         cfg = self.server.cfg
         if cfg.init_basis == "random" and node not in self.full_matrices:
             return RecordDict({"basis": arrays(basis_seed=np.array([cfg.seed], dtype=np.int64))})
-        tensors = basis_tensors(adapters.adapter_layers(self.server.model))
+        tensors = basis_tensors(adapters.adapter_layers(self.server.model), self.server.node_rank(node))
         return RecordDict({"basis": arrays(**encode_basis(tensors, cfg.basis_dtype))})
 
     def attach(self, node: int, content: RecordDict) -> int:

@@ -47,6 +47,7 @@ class FedSBServer:
         self.test_loader = self.task.loader(self.task.data.test_dataset(cfg.eval_max_samples), shuffle=False, batch_size=64)
         self.state = RunState(config=cfg.to_run_config())
         self.examples_of: dict[int, int] = {}
+        self.rank_of: dict[int, int] = {}  # nested ranks: the rank each node trains at (from its hello)
         self.transport = Transport(grid, self.state.totals, cfg.round_timeout)
         self.basis = BasisProtocol(self) if self.method.needs_basis else None
         # what wraps every phase that reaches the clients (as Flower wraps strategies); chosen once here
@@ -114,6 +115,12 @@ class FedSBServer:
             m = reply.content["metrics"]
             self.state.partition_of[node] = int(m["partition-id"])
             self.examples_of[node] = int(m["num-train-examples"])
+            k = int(m.get("rank", self.cfg.rank))
+            if not 1 <= k <= self.cfg.rank:
+                log.warning("hello: node %d claims rank %d outside [1, %d]; it trains at %d", node, k, self.cfg.rank,
+                            self.cfg.rank)
+                k = self.cfg.rank
+            self.rank_of[node] = k
 
         self.transport.send(nodes, MessageType.QUERY, lambda n: content, "hello", on_reply)
         for n in nodes:  # nodes that did not answer still take part, after the others
@@ -128,6 +135,9 @@ class FedSBServer:
         if new:  # joined (or re-joined under a new id) since the hello: learn their partitions first
             self.hello(new)
         return sample_nodes(self.ordered(nodes), self.cfg.fraction_train, self.cfg.min_train_nodes, self.cfg.seed, rnd)
+
+    def node_rank(self, node: int) -> int:
+        return self.rank_of.get(node, self.cfg.rank)
 
     def forget_nodes(self, nodes: list[int], seed_failed: list[int] = ()) -> None:
         """These nodes lost their state (restart): send them the basis and the method's state again."""
@@ -252,6 +262,7 @@ class FedSBServer:
             "trainable_params": adapters.count_trainable(self.model), "communicated_params": vec_size,
             "head_params": sum(t.numel() for t in head_state(self.model).values()),
             "adapted_layers": len(self.task.layer_names), "fingerprint": s.fingerprint,
+            "rank_mix": {str(k): sorted(self.rank_of.values()).count(k) for k in sorted(set(self.rank_of.values()))},
             "seconds": round(seconds, 2), "config": cfg.to_run_config(), "versions": versions(),
             "run_dir": str(self.run_dir), "secagg": cfg.secagg,
             "secagg_settings": {"shares": cfg.secagg_shares, "threshold": cfg.secagg_threshold,

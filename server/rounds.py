@@ -30,14 +30,22 @@ TRACE_MEMORY = os.environ.get("FEDSB_TRACE_MEMORY") == "1"  # bench.scale: the s
 
 def message_config(server: "FedSBServer", node: int, rnd: int) -> dict[str, Any]:
     """The config of a train/evaluate message: round and basis, then the method's and the hooks' entries."""
-    return {"round": rnd, "fingerprint": server.state.fingerprint or "", **MESSAGE_CONFIG_DEFAULTS,
-            **server.method.round_config(), **server.hook_config(node)}
+    k = server.node_rank(node)
+    fingerprint = server.basis.fingerprint_for(node) if server.basis is not None else ""
+    return {"round": rnd, "fingerprint": fingerprint, **MESSAGE_CONFIG_DEFAULTS, **server.method.round_config(),
+            **({"rank": k} if k != server.cfg.rank else {}), **server.hook_config(node)}
+
+
+def node_view(server: "FedSBServer", node: int, global_vec: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    """(positions, values) of the part of the global vector ``node`` trains: all of it, or its nested block."""
+    index = server.method.block_index(server.model, server.node_rank(node))
+    return index, (global_vec if index is None else global_vec[index])
 
 
 def model_content(server: "FedSBServer", node: int, rnd: int, global_vec: np.ndarray) -> tuple[RecordDict, int]:
-    """A train/evaluate message for ``node``: the global vector, config, the basis if the node lacks it,
-    and the method's extra download. Returns it with the bytes the basis added."""
-    rd = RecordDict({"adapter": arrays(adapter=global_vec),
+    """A train/evaluate message for ``node``: its part of the global vector, config, the basis if the node
+    lacks it, and the method's extra download. Returns it with the bytes the basis added."""
+    rd = RecordDict({"adapter": arrays(adapter=node_view(server, node, global_vec)[1]),
                      "config": ConfigRecord(message_config(server, node, rnd))})
     basis_bytes = server.basis.attach(node, rd) if server.basis is not None else 0
     extra = server.method.extra_download(node)
@@ -65,12 +73,11 @@ class TrainRound:
     def configure(self) -> list[int]:
         self.global_vec = self.server.method.get_vector(self.server.model)
         self.sampled = self.server.sample(self.rnd)
-        self.spec = ReplySpec(shapes={"adapter": self.global_vec.shape}, fingerprint=self.server.state.fingerprint,
-                              max_update_norm=self.cfg.max_update_norm, max_num_examples=self.cfg.max_num_examples)
         # Plain FedAvg-style rules stream every reply into a running sum (server memory does not grow
-        # with the number of clients); FedEx/FLoRA and the robust rules need all vectors at once.
+        # with the number of clients), entry by entry, so nested-rank blocks average where they overlap;
+        # FedEx/FLoRA and the robust rules need all vectors at once.
         self.streaming = self.server.method.streamable and self.cfg.aggregation == "mean"
-        self.running, self.vectors = robust.RunningWeightedMean(), []
+        self.running, self.vectors = robust.BlockWeightedMean(self.global_vec), []
         self.lacking: list[int] = []
         self.seed_failed: list[int] = []  # nodes that could not regenerate a random basis from its seed
         return self.sampled
@@ -95,15 +102,19 @@ class TrainRound:
         if status == "budget-exhausted":
             self.counts["budget_exhausted"] += 1
             return
+        index, sent = node_view(self.server, node, self.global_vec)  # a block larger than the node's is refused
+        spec = ReplySpec(shapes={"adapter": sent.shape}, max_update_norm=self.cfg.max_update_norm,
+                         fingerprint=self.server.basis.fingerprint_for(node) if self.server.basis else None,
+                         max_num_examples=self.cfg.max_num_examples)
         try:
-            n_ex = check_reply(self.spec, arrays_of(reply, "adapter"), reply.content["metrics"].get("num-examples"),
-                               reply.content["config"].get("fingerprint"), {"adapter": self.global_vec})
+            n_ex = check_reply(spec, arrays_of(reply, "adapter"), reply.content["metrics"].get("num-examples"),
+                               reply.content["config"].get("fingerprint"), {"adapter": sent})
         except (InvalidReply, KeyError) as e:
             self.rejected.append(reject(node, e))
             return
         vec = reply.content["adapter"]["adapter"].numpy()
         if self.streaming:
-            self.running.add(vec, float(n_ex))
+            self.running.add(vec, float(n_ex), index)
         else:
             self.vectors.append(vec)
         self.weights.append(float(n_ex))

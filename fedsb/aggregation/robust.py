@@ -49,6 +49,42 @@ class RunningWeightedMean:
         return (self.total / self.total_weight).astype(np.float32)
 
 
+class BlockWeightedMean:
+    """Per entry, ``Σ wᵢ vᵢ / Σ wᵢ`` over the clients that sent that entry; entries nobody sent keep ``base``.
+
+    ``add(vec, weight, index)`` folds in a client that trained only the entries ``index`` of the global
+    vector (``None``: all of them). With every index ``None`` the result is bit for bit
+    :class:`RunningWeightedMean`'s: the same float64 products, sums and division, entry by entry.
+    """
+
+    def __init__(self, base: np.ndarray) -> None:
+        self.base = np.asarray(base, dtype=np.float32)
+        self.total = np.zeros(self.base.shape, dtype=np.float64)
+        self.weight = np.zeros(self.base.shape, dtype=np.float64)
+        self.count = 0
+
+    def add(self, vec: np.ndarray, weight: float, index: np.ndarray | None = None) -> None:
+        w = float(weight)
+        if not (math.isfinite(w) and w > 0):
+            raise ValueError(f"weight must be a finite positive number, got {weight!r}")
+        sel = slice(None) if index is None else index
+        v = np.asarray(vec).astype(np.float64, copy=False) * w
+        if v.shape != self.weight[sel].shape:
+            raise ValueError(f"vector of shape {v.shape} added to a block of shape {self.weight[sel].shape}")
+        fresh = self.weight[sel] == 0  # first contribution: assigned, not added to 0 (keeps the sign of -0.0)
+        self.total[sel] = np.where(fresh, v, self.total[sel] + v)
+        self.weight[sel] += w
+        self.count += 1
+
+    def result(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("no vectors were added")
+        out = self.base.copy()
+        seen = self.weight > 0
+        out[seen] = (self.total[seen] / self.weight[seen]).astype(np.float32)
+        return out
+
+
 def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
     """``Σ wᵢ vᵢ / Σ wᵢ`` (float64 accumulation, float32 result); bit-identical to :class:`RunningWeightedMean`."""
     if len(vectors) != len(weights):

@@ -76,6 +76,12 @@ class Method:
     def after_round(self, model: nn.Module, round_idx: int) -> None:
         """Server-side hook once the new global vector is in the model."""
 
+    def block_index(self, model: nn.Module, rank: int) -> np.ndarray | None:
+        """Where a node that trains at ``rank`` sits in the global vector (None: all of it)."""
+        if rank != self.rank:
+            raise ValueError(f"{self.name} trains every client at rank {self.rank}, not {rank}")
+        return None
+
     def round_config(self) -> dict[str, Any]:
         """Config entries every train/evaluate message of this round carries (besides the vector)."""
         return {}

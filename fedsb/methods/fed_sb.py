@@ -40,9 +40,27 @@ class FedSB(Method):
     def build(self, model, layer_names, round_idx=0):
         return adapters.inject_sb(model, layer_names, self.rank, self.scale)
 
+    def block_index(self, model: nn.Module, rank: int) -> np.ndarray | None:
+        """Nested ranks: a node at rank k < r trains the leading k×k block of every R (B's first k columns,
+        A's first k rows: the k leading directions of the SVD) and the whole head. Its vector holds those
+        entries in the global vector's order; this returns their positions in it."""
+        if rank == self.rank:
+            return None
+        if not 1 <= rank < self.rank:
+            raise ValueError(f"a node's rank must be in [1, {self.rank}], got {rank}")
+        out, offset = [], 0
+        for name, t in self.trainable(model).items():
+            if name.endswith("sb_R.weight"):
+                out.append(offset + (np.arange(rank)[:, None] * self.rank + np.arange(rank)[None, :]).ravel())
+            else:
+                out.append(offset + np.arange(t.numel()))
+            offset += t.numel()
+        return np.concatenate(out)
+
     def client_model(self, task: "Task", download: Download, store: NodeStore) -> nn.Module | None:
         if download.basis_seed is not None:
-            download.basis = regenerate_random_basis(task, self.rank, download.basis_seed, download.fingerprint)
+            download.basis = regenerate_random_basis(task, task.cfg.rank, download.basis_seed,
+                                                     None if self.rank < task.cfg.rank else download.fingerprint, self.rank)
         vec = basis_for(download, store)
         if vec is None:
             return None
@@ -65,18 +83,19 @@ class BasisSeedMismatch(RuntimeError):
     the node asks for the matrices instead."""
 
 
-def regenerate_random_basis(task: "Task", rank: int, seed: int, fingerprint: str) -> np.ndarray:
+def regenerate_random_basis(task: "Task", rank: int, seed: int, fingerprint: str | None, k: int | None = None) -> np.ndarray:
     """B, A of ``init-basis = "random"`` from the seed alone, rounded to basis-dtype as the server's were,
-    checked against the server's fingerprint: bit for bit the same basis, for 8 bytes on the wire."""
+    checked against the server's fingerprint (when given): bit for bit the same basis, for 8 bytes on the
+    wire. A node of nested rank k checks its leading block against its own fingerprint instead."""
     model = task.base_model()
     layers = adapters.inject_sb(model, task.layer_names, rank)
     bases = random_bases({n: (l.out_features, l.in_features) for n, l in layers.items()}, rank, seed)
     for b in bases.values():
         b.B, b.A = round_basis(b.B, task.cfg.basis_dtype), round_basis(b.A, task.cfg.basis_dtype)
     apply_bases(layers, bases)
-    if layers_fingerprint(task.model_path, rank, layers) != fingerprint:
+    if fingerprint is not None and layers_fingerprint(task.model_path, rank, layers) != fingerprint:
         raise BasisSeedMismatch(f"the basis regenerated from seed {seed} does not match fingerprint {fingerprint}")
-    return flatten(basis_tensors(layers))
+    return flatten(basis_tensors(layers, k or rank))
 
 
 def basis_for(download: Download, store: NodeStore, cache: BasisCache | None = None) -> np.ndarray | None:
