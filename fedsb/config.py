@@ -15,25 +15,17 @@ kebab-case key, what was given and what is accepted.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from fedsb.aggregation.robust import TRIM_FRACTION_MAX
+from fedsb.config_text import ConfigError, coerce, markdown_table, readme_with_table, suggest
 from fedsb.wire import BASIS_DTYPES
 
 METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 TASKS = ("seq-cls", "causal-lm")
-
-
-class ConfigError(ValueError):
-    """A run-config value is invalid. ``key`` names the offending (kebab-case) key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"run-config '{key}': {message}")
 
 
 def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, identity=True):
@@ -154,7 +146,7 @@ class FedSBConfig:
             if key not in by_key:
                 raise ConfigError(key, f"unknown key.{suggest(key, by_key)} Known keys: {', '.join(sorted(by_key))}")
             f = by_key[key]
-            values[f.name] = _coerce(key, raw, type(f.default))
+            values[f.name] = coerce(key, raw, type(f.default))
         cfg = cls(**values)
         cfg.validate()
         return cfg
@@ -285,82 +277,11 @@ class FedSBConfig:
         return self.lora_alpha / self.rank
 
 
-def suggest(key: str, known) -> str:
-    """' Did you mean ...?' with the known keys closest to a misspelt one (edit distance), or ''."""
-    close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.6)
-    close += [k for k in known if k not in close and k.split("-")[0] == key.split("-")[0]][: max(0, 3 - len(close))]
-    return f" Did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
-
-
-def _default_text(v: Any) -> str:
-    return f"`{str(v).lower()}`" if isinstance(v, bool) else f'`"{v}"`' if isinstance(v, str) else f"`{v}`"
-
-
-def markdown_table() -> str:
-    """The README's table of keys, rendered from the field metadata (a test keeps README equal to it)."""
-    rows = ["| key | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(FedSBConfig):
-        m = f.metadata
-        help_ = m["help"] + (f" (one of: {', '.join(f'`{c}`' for c in m['choices'])})" if m.get("choices") else "")
-        if not m.get("identity", True):
-            help_ += "; may change on resume"
-        rows.append(f"| `{FedSBConfig.key_of(f.name)}` | {_default_text(f.default)} | {help_} |")
-    return "\n".join(rows) + "\n"
-
-
-README_START, README_END = "<!-- config-table:start -->\n", "<!-- config-table:end -->"
-
-
-def readme_with_table(text: str) -> str:
-    """``text`` (README.md) with the block between the config-table markers replaced by ``markdown_table()``."""
-    i, j = text.index(README_START) + len(README_START), text.index(README_END)
-    return text[:i] + markdown_table() + text[j:]
-
-
-def _coerce(key: str, raw: Any, typ: type) -> Any:
-    """Flower gives bool/int/float/str; accept the obvious conversions, refuse the rest."""
-    if typ is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return raw.lower() in ("true", "1", "yes")
-        if isinstance(raw, int) and raw in (0, 1):
-            return bool(raw)
-        raise ConfigError(key, f"got {raw!r}; expected true or false")
-    if typ is int:
-        if isinstance(raw, bool):
-            raise ConfigError(key, f"got {raw!r}; expected an integer")
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, float) and raw.is_integer():
-            return int(raw)
-        if isinstance(raw, str):
-            try:
-                return int(raw)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"got {raw!r}; expected an integer")
-    if typ is float:
-        if isinstance(raw, bool):
-            raise ConfigError(key, f"got {raw!r}; expected a number")
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"got {raw!r}; expected a number")
-    if not isinstance(raw, str):
-        raise ConfigError(key, f"got {raw!r}; expected a string (quote it: {key}='...')")
-    return raw
-
-
 if __name__ == "__main__":  # python -m fedsb.config [--write-readme README.md]
     if len(sys.argv) == 3 and sys.argv[1] == "--write-readme":
         from pathlib import Path
 
         readme = Path(sys.argv[2])
-        readme.write_text(readme_with_table(readme.read_text()))
+        readme.write_text(readme_with_table(FedSBConfig, readme.read_text()))
     else:
-        sys.stdout.write(markdown_table())
+        sys.stdout.write(markdown_table(FedSBConfig))

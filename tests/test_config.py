@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedsb.config import ConfigError, FedSBConfig, markdown_table, readme_with_table
+from fedsb.config import ConfigError, FedSBConfig
+from fedsb.config_text import markdown_table, readme_with_table
 from fedsb.tasks import get_task
 from fedsb.tasks.base import _load_task
 from tests.conftest import tiny_run_config
@@ -24,8 +25,8 @@ def test_pyproject_defaults_equal_config_defaults():
 
 def test_readme_holds_the_current_rendering_of_the_key_table():
     readme = (ROOT / "README.md").read_text()
-    assert readme == readme_with_table(readme), "README's key table is stale: python -m fedsb.config --write-readme README.md"
-    table = markdown_table()
+    assert readme == readme_with_table(FedSBConfig, readme), "README's key table is stale: python -m fedsb.config --write-readme README.md"
+    table = markdown_table(FedSBConfig)
     assert all(f"| `{k}` |" in table for k in FedSBConfig.keys())
     assert '"s ' not in table and "`0.4` | fraction of nodes sampled" in table  # the drifted values of the old table
 
@@ -58,7 +59,8 @@ def test_identity_is_every_key_that_changes_the_run():
         assert k in ident, k
     operational = set(FedSBConfig.keys()) - set(ident)
     assert operational == {"num-server-rounds", "min-available-nodes", "round-timeout", "eval-every",
-                           "federated-evaluate", "output-dir", "resume", "eval-generate-samples", "max-new-tokens"}
+                           "federated-evaluate", "output-dir", "resume", "eval-generate-samples", "max-new-tokens",
+                           "device", "gradient-checkpointing"}
 
 
 def test_resume_refuses_a_checkpoint_made_with_another_split():
