@@ -35,9 +35,6 @@ def test_bfloat16_base_keeps_adapters_and_head_in_float32(tiny_bert):
     assert layer.base_layer.weight.dtype == torch.bfloat16
     assert layer.sb_R.weight.dtype == layer.sb_B.dtype == torch.float32
     assert model.classifier.weight.dtype == torch.float32
-    # same seed, same new head as the float32 model (loaded in float32, then the body cast)
-    f32 = load_base_model(str(tiny_bert), "seq-cls", 3, 0)
-    assert torch.equal(model.classifier.weight, f32.classifier.weight)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for l in layers.values():

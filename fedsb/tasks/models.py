@@ -62,7 +62,9 @@ def load_tokenizer(path: str):
 
 
 @lru_cache(maxsize=2)
-def _load_base(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
+def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The frozen model with its weights in ``dtype``, loaded in that dtype (a large model never exists in
+    float32 in this process), but for a new task head, kept in float32 with its input upcast."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -70,15 +72,18 @@ def _load_base(path: str, task: str, num_labels: int, seed: int) -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the new head's initial weights are a function of the seed
         if task == "causal-lm":  # the one place that maps a task name to a transformers auto class
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch.float32,
+                path, num_labels=num_labels, dtype=dtype,
                 # a saved head for another label count is replaced by a new one, not an error
                 ignore_mismatched_sizes=True,
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    if dtype != torch.float32:
+        for h in head_prefixes(model):
+            getattr(model, h).float().register_forward_pre_hook(_float_input)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -91,23 +96,7 @@ def _float_input(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-@lru_cache(maxsize=2)
-def _load_base_as(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype) -> nn.Module:
-    """The float32 model with every weight but the task head cast to ``dtype``: loaded in float32 first,
-    so that a seed gives the same new head whatever the base dtype."""
-    model = copy.deepcopy(_load_base(path, task, num_labels, seed))
-    heads = head_prefixes(model)
-    for name, child in model.named_children():
-        if name not in heads:  # the head keeps its float32 initialization bit for bit
-            child.to(dtype)
-    for h in heads:
-        getattr(model, h).register_forward_pre_hook(_float_input)
-    return model
-
-
 def load_base_model(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A fresh copy of the frozen base model, in ``dtype`` but for a float32 task head (cached per process;
     callers may modify the copy)."""
-    if dtype == torch.float32:
-        return copy.deepcopy(_load_base(path, task, num_labels, seed))
-    return copy.deepcopy(_load_base_as(path, task, num_labels, seed, dtype))
+    return copy.deepcopy(_load_base(path, task, num_labels, seed, dtype))
