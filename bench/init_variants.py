@@ -41,6 +41,8 @@ VARIANTS = {  # name -> run-config keys on top of the defaults
     "sign-int8": {"init-upload": "sign", "basis-dtype": "int8"},
     "server-int8": {"init-source": "server", "basis-dtype": "int8"},
     "random-int8": {"init-basis": "random", "basis-dtype": "int8"},
+    # issue 20: the same as sign-int8 with the frozen base weights in bfloat16
+    "sign-int8-bf16": {"init-upload": "sign", "basis-dtype": "int8", "base-dtype": "bfloat16"},
 }
 
 
@@ -90,6 +92,8 @@ def cmd_bytes(args) -> None:
     basis["seed"] = nbytes(RecordDict({"basis": arrays(basis_seed=np.array([cfg.seed], np.int64))}))
     rows = []
     for name, keys in VARIANTS.items():
+        if "base-dtype" in keys:  # the wire is the same as its float32 twin's
+            continue
         upload = "none" if keys.get("init-source") == "server" or keys.get("init-basis") == "random" else keys["init-upload"]
         down = basis["seed"] if keys.get("init-basis") == "random" else basis[keys["basis-dtype"]]
         one_time = init[upload] + down
