@@ -127,13 +127,17 @@ class TrainRound:
         """Send to the sampled nodes and take their replies; a node that lost its state is sent it again,
         once, this round."""
         send = self.server.transport.send
-        self.counts["failed"] += len(send(self.sampled, MessageType.TRAIN, self.content_for, "train", self.on_reply))
+        # (not `counts["failed"] += len(send(...))`: on_reply counts failures while send runs, and the
+        # augmented assignment would write back the value it read before the call)
+        timed_out = send(self.sampled, MessageType.TRAIN, self.content_for, "train", self.on_reply)
+        self.counts["failed"] += len(timed_out)
         if self.lacking:
             log.info("round %d: re-sending the basis to %d node(s) that lack it", self.rnd, len(self.lacking))
             again, self.lacking = list(self.lacking), []
             self.server.forget_nodes(again, self.seed_failed)
             self.counts["basis_resent"] += len(again)
-            self.counts["failed"] += len(send(again, MessageType.TRAIN, self.content_for, "train", self.on_reply))
+            timed_out = send(again, MessageType.TRAIN, self.content_for, "train", self.on_reply)
+            self.counts["failed"] += len(timed_out)
 
     def aggregate(self) -> np.ndarray | None:
         if len(self.weights) < self.cfg.min_train_nodes:
