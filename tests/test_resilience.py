@@ -45,11 +45,11 @@ SIM_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import server.app
+import fedsb.run.state
 from server.simulation import simulate
 
 cfg, hold_after = json.loads(sys.argv[1]), int(sys.argv[2])
-save = server.app.save_checkpoint
+save = fedsb.run.state.save_checkpoint
 
 def save_then_hold(path, tensors, state):
     # Deterministic crash point: once round `hold_after` is on disk, say so and stop making progress,
@@ -61,7 +61,7 @@ def save_then_hold(path, tensors, state):
             time.sleep(60)
 
 if hold_after >= 0:
-    server.app.save_checkpoint = save_then_hold
+    fedsb.run.state.save_checkpoint = save_then_hold
 simulate(cfg, 3)
 """
 
