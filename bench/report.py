@@ -72,6 +72,55 @@ def init_section() -> list[str]:
     return out + [""]
 
 
+def _mean_std(vals: list[float]) -> str:
+    if not vals:
+        return "not run"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (n=1)"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
+
+
+def precision_section() -> list[str]:
+    """Issue 20: bfloat16 base weights against float32 on the CPU: step time, memory, accuracy over seeds."""
+    pr, acc = _load("precision.json"), _load("init_accuracy.json")
+    out = ["## Half precision on the CPU (`base-dtype`)", "",
+           "Commands: `python -m bench.precision` (one client's local step on the default model, each dtype in a "
+           "fresh process, one thread) and `python -m bench.init_variants accuracy` (variants `sign-int8` and "
+           "`sign-int8-bf16`: the default run with the frozen base in float32 or bfloat16).", ""]
+    if pr:
+        out += ["| base dtype | step time (median) | weights | client process peak RSS |", "|---|---|---|---|"]
+        out += [f"| {r['base_dtype']} | {r['step_seconds_median']:.3f} s | {_b(r['weight_bytes'])} | "
+                f"{_b(r['peak_rss_bytes'])} |" for r in pr["rows"]]
+    else:
+        out += _missing("python -m bench.precision")
+    runs = {}
+    for r in (acc or {}).get("rows", []):
+        runs.setdefault(r["variant"], []).append(r["accuracy"])
+    out += ["", f"Held-out accuracy, float32 base: {_mean_std(runs.get('sign-int8', []))}; bfloat16 base: "
+            f"{_mean_std(runs.get('sign-int8-bf16', []))}.",
+            "", "Untested: the CUDA path. No GPU was lent to the session that built it; the CPU tests cover the keys' "
+            "validation, a bfloat16 base training float32 R and head and uploading float32, a federated bfloat16 run, "
+            "and a bfloat16-trained PEFT export loading into a float32 base.", ""]
+    return out
+
+
+def nested_section() -> list[str]:
+    """Issue 19: a mixed federation of nested ranks against uniform ranks."""
+    nr = _load("nested_ranks.json")
+    out = ["## Nested ranks: a mixed federation", "", "Command: `python -m bench.nested_ranks` (default model and data, "
+           "6 clients, half sampled per round, 6 rounds, the whole held-out set after the last round).", ""]
+    if not nr:
+        return out + _missing("python -m bench.nested_ranks") + [""]
+    runs: dict[str, list[dict]] = {}
+    for r in nr["rows"]:
+        runs.setdefault(r["variant"], []).append(r)
+    out += ["| clients | held-out accuracy (mean ± std) | upload per client per round |", "|---|---|---|"]
+    for name, rows in runs.items():
+        out.append(f"| {name} | {_mean_std([r['accuracy'] for r in rows])} | "
+                   f"{_b(statistics.mean(r['bytes_up_per_client_round'] for r in rows))} |")
+    return out + [""]
+
+
 def main() -> None:
     out = ["# fedsb benchmarks", "",
            "Every figure below is rendered by `python -m bench.report` from the JSON that the command beside it",
@@ -424,7 +473,7 @@ def main() -> None:
                 f"{do['ratio_median']:.1f}× per round. Caveat and what dominates: {do['note']}. Status: {do['status']}.", ""]
     else:
         out += _missing("python -m bench.deploy_overhead")
-    out += init_section()
+    out += init_section() + precision_section() + nested_section()
     Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
     print("wrote BENCHMARKS.md")
 
