@@ -58,30 +58,20 @@ def coerce(key: str, raw: Any, typ: type) -> Any:
         if isinstance(raw, int) and raw in (0, 1):
             return bool(raw)
         raise ConfigError(key, f"got {raw!r}; expected true or false")
-    if typ is int:
+    if typ in (int, float):
+        what = "an integer" if typ is int else "a number"
         if isinstance(raw, bool):
-            raise ConfigError(key, f"got {raw!r}; expected an integer")
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, float) and raw.is_integer():
+            raise ConfigError(key, f"got {raw!r}; expected {what}")
+        if typ is int and isinstance(raw, float) and raw.is_integer():
             return int(raw)
+        if isinstance(raw, int) or (typ is float and isinstance(raw, float)):
+            return typ(raw)
         if isinstance(raw, str):
             try:
-                return int(raw)
+                return typ(raw)
             except ValueError:
                 pass
-        raise ConfigError(key, f"got {raw!r}; expected an integer")
-    if typ is float:
-        if isinstance(raw, bool):
-            raise ConfigError(key, f"got {raw!r}; expected a number")
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw)
-            except ValueError:
-                pass
-        raise ConfigError(key, f"got {raw!r}; expected a number")
+        raise ConfigError(key, f"got {raw!r}; expected {what}")
     if not isinstance(raw, str):
         raise ConfigError(key, f"got {raw!r}; expected a string (quote it: {key}='...')")
     return raw
