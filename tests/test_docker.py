@@ -88,10 +88,10 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
 
     # Bounded but generous waits: on 2 cores shared with other work, init + round 1 took 6-15 min here.
     _wait_for(fed, lambda r: _train(r, 1) is not None, "round 1", 2400)
-    log("round 1 done: stopping supernode-2")
+    # `docker stop` ends the SuperNode gracefully (it deactivates itself); with min-available-nodes=3 the
+    # server waits for it before round 2. Its executor container and cache volume stay.
+    log("round 1 done: stopping supernode-2 and starting it again")
     fed.compose("stop", "supernode-2")
-    _wait_for(fed, lambda r: _train(r, 2) is not None, "round 2", 1200)
-    log("round 2 done without supernode-2: starting it again")
     fed.compose("start", "supernode-2")
 
     deadline = time.time() + 1800
@@ -118,17 +118,18 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
             f"basis_resent {r.get('basis_resent')} bytes_basis {r.get('bytes_basis')}")
     assert summary["rounds"] == 3
     assert train[1]["replies"] == 3 and train[1]["bytes_basis"] > 0
-    assert train[2]["replies"] == 2  # supernode-2 was down
-    assert train[3]["replies"] == 3  # ... and back, its reply counted
-    # How did the restarted node get the basis back: sent again by the server (it said `need-basis`, or it
-    # came back under a new node id), or from its cache volume (the executor container kept running)?
+    # the restarted SuperNode (same key, so the same node id) took part again and its replies counted
+    assert train[2]["replies"] == 3 and train[3]["replies"] == 3
+    assert train[2]["failed"] == 0 and train[2]["updated"]
+    # How the restarted node got its basis back: asked for it (`need-basis`, counted in basis_resent) or
+    # was sent it, or loaded it from the cache volume its executor kept (nothing sent after round 1).
     resent = sum(r.get("basis_resent", 0) for r in train.values())
-    basis_after = train[3]["bytes_basis"]
+    basis_after = sum(train[r]["bytes_basis"] for r in (2, 3))
     cached = fed.exec("superexec-clientapp-2", "ls", "/cache/basis", check=False).stdout.decode().split()
-    log(f"restarted node: basis_resent {resent}, basis bytes sent in round 3 {basis_after}, "
-        f"its cache volume holds {cached}")
-    assert cached, "the node's cache volume holds no basis"
-    assert resent >= 1 or basis_after > 0 or train[3]["replies"] == 3
+    log(f"restarted node: basis_resent {resent}, basis bytes sent in rounds 2-3 {basis_after}, its cache volume "
+        f"holds {cached} -> {'sent again' if resent or basis_after else 'loaded from its cache volume'}")
+    fingerprint = next(r["fingerprint"] for r in recs if r["phase"] == "init")
+    assert f"{fingerprint}.safetensors" in cached
 
     # the unregistered key was refused and never took part
     code, intruder_log = fed.intruder_result()
