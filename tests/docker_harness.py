@@ -370,13 +370,21 @@ class ComposeFederation:
         return dest
 
     def save_logs(self) -> Path:
-        out = self.workdir / "compose.log"
+        out = CACHE / "logs" / f"compose-{self.project}.log"  # kept after the project directory is gone
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(self.compose("logs", "--no-color", "--timestamps", check=False).output)
         return out
 
     def down(self) -> None:
         run(["docker", "rm", "-f", "-v", self.intruder], check=False, quiet=True)
         self.compose("down", "-v", "--remove-orphans", "--timeout", "10", check=False)
+        # whatever `down` left (e.g. its project directory was gone), by the project's label
+        label = f"label=com.docker.compose.project={self.project}"
+        for kind, ls, rm in (("container", ["ps", "-aq"], ["rm", "-f", "-v"]), ("volume", ["volume", "ls", "-q"], ["volume", "rm", "-f"]),
+                             ("network", ["network", "ls", "-q"], ["network", "rm"])):
+            ids = run(["docker", *ls, "--filter", label], check=False, quiet=True).stdout.decode().split()
+            if ids:
+                run(["docker", *rm, *ids], check=False, quiet=True)
 
 
 if __name__ == "__main__":

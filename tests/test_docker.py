@@ -11,9 +11,12 @@ images stay (the cache of the next run). Needs root (dockerd) and a few GiB of d
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,8 +44,17 @@ def images():
 
 
 @pytest.fixture
-def federation(images, tmp_path):
-    fed = ComposeFederation(tmp_path / "project")
+def workdir():
+    # Not pytest's tmp_path: other pytest sessions of the same user prune /tmp/pytest-of-<user> while
+    # this long test runs (the project directory holds the certificates and the flwr connection).
+    d = Path(tempfile.mkdtemp(prefix="fedsb-docker-test-"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def federation(images, workdir):
+    fed = ComposeFederation(workdir / "project")
     try:
         yield fed
     finally:
@@ -73,7 +85,7 @@ def _train(recs, rnd):
     return next((r for r in recs if r["phase"] == "train" and r["round"] == rnd), None)
 
 
-def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federation, tmp_path):
+def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federation, workdir):
     fed = federation
     t0 = time.time()
     fed.make_certs()
@@ -102,7 +114,7 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
     assert status == "finished:completed", fed.logs("superexec-serverapp")[-4000:]
 
     # the run directory, out of the `runs` volume
-    out = fed.copy_out(RUN_DIR, tmp_path / "run")
+    out = fed.copy_out(RUN_DIR, workdir / "run")
     check = subprocess.run([sys.executable, "-m", "fedsb.cli", "check-run", str(out)], capture_output=True, text=True,
                            env=fed.flwr_env)
     log(check.stdout.strip() + check.stderr.strip())
