@@ -16,7 +16,7 @@ NUM_GPUS_PER_CLIENT ?= 0
 RUN_DIR ?= $(CURDIR)/runs/make-run-$(shell date +%Y%m%d-%H%M%S)
 RUN_CONFIG ?=
 
-.PHONY: install run test clean-runs
+.PHONY: install run test docker-test clean-runs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,6 +47,12 @@ run: $(STAMP) $(FLWR_HOME)/config.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The compose files for real (needs root): starts dockerd if it is not running (installs docker.io and
+# docker-compose if missing), builds the images without Docker Hub (cached between runs), runs a TLS +
+# node-auth federation in containers and removes it again. See docker/README.md.
+docker-test: $(STAMP)
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/test_docker.py $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs

@@ -84,7 +84,8 @@ class Federation:
                                                          self.sec, key=str(self.certs / "keys" / f"sn{i}"),
                                                          isolation=self.isolation), env)
         if self.isolation == "process":
-            self._start(f"superexec-clientapp-{i}", superexec_args(f"127.0.0.1:{self.node_ports[i]}", self.sec), env)
+            # the SuperNode's runtime API has no certificate of its own (as in docker/compose.tls.yml)
+            self._start(f"superexec-clientapp-{i}", superexec_args(f"127.0.0.1:{self.node_ports[i]}", Security()), env)
         return p
 
     def kill(self, name: str) -> None:

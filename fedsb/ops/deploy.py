@@ -67,6 +67,9 @@ def connection_toml(name: str, address: str, root_ca: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+APP_UID = 49999  # the non-root user `app` of Flower's images (and so of the executor image)
+
+
 def compose_spec(num_nodes: int, tls: bool) -> dict:
     """docker compose services: SuperLink + ServerApp executor, N SuperNodes + ClientApp executors.
 
@@ -74,27 +77,47 @@ def compose_spec(num_nodes: int, tls: bool) -> dict:
     the apps to executor containers built from docker/Dockerfile (Flower's superexec image + torch CPU +
     fedsb). ``tls=True`` gives the overlay for ``compose.tls.yml``: the same services with TLS and
     SuperNode authentication flags, certificate volumes, and a one-shot ``certs`` service.
+
+    The files run unchanged under Compose 1.29 (Debian's ``docker-compose``) and Compose v2: no top-level
+    ``name`` (1.29 rejects it; ``.env`` beside the files names the project), ``depends_on`` always in the
+    long form so the overlay merges with the base file. Named volumes hold the SuperLink state, the run
+    directories and each node's cache. Flower's images run as uid 49999, which does not own a fresh
+    volume or bind mount: the one-shot ``state-init`` gives it the SuperLink's state volume, and ``certs``
+    makes the certificates readable by its group. A SuperNode's executor reaches its SuperNode on the
+    compose network without TLS (port 9094 is not published; the SuperNode has no certificate of its
+    own); every link to the SuperLink is TLS in the overlay.
     """
     sec = Security(tls=tls, auth=tls, certs_dir=CERTS_IN_CONTAINER)
     env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "FEDSB_CACHE_DIR": "/cache"}
     certs = [f"./certs:{CERTS_IN_CONTAINER}:ro"] if tls else []
+    started = {"condition": "service_started"}
+    done = {"condition": "service_completed_successfully"}
     services: dict = {}
     if tls:
+        make = " ".join(["fedsb", "certs", "--out", CERTS_IN_CONTAINER, "--nodes", str(num_nodes), "--host", "superlink",
+                         "--keep-existing"])
         services["certs"] = {
-            "image": APP_IMAGE, "entrypoint": ["fedsb"], "volumes": [f"./certs:{CERTS_IN_CONTAINER}"],
-            "command": ["certs", "--out", CERTS_IN_CONTAINER, "--nodes", str(num_nodes), "--host", "superlink",
-                        "--keep-existing"],
+            "image": APP_IMAGE, "user": "root", "volumes": [f"./certs:{CERTS_IN_CONTAINER}"],
+            "entrypoint": ["sh", "-c", f"{make} && chgrp -R {APP_UID} {CERTS_IN_CONTAINER} "
+                                       f"&& chmod -R g+rX {CERTS_IN_CONTAINER}"],
         }
-    after_certs = {"certs": {"condition": "service_completed_successfully"}} if tls else {}
+    else:
+        services["state-init"] = {
+            "image": f"flwr/superlink:{FLWR_VERSION}", "user": "root", "volumes": ["superlink-state:/state"],
+            "entrypoint": ["chown", f"{APP_UID}:{APP_UID}", "/state"],
+        }
     services["superlink"] = {
         "image": f"flwr/superlink:{FLWR_VERSION}",
         "command": superlink_args(9093, sec, "/state/state.db", host="0.0.0.0", isolation="process")[1:],
-        "ports": ["9093:9093"], "volumes": ["superlink-state:/state", *certs], "depends_on": after_certs or None,
+        "ports": None if tls else ["${FEDSB_SUPERLINK_PORT:-9093}:9093"],
+        "volumes": certs or ["superlink-state:/state"],
+        "depends_on": {"certs": done} if tls else {"state-init": done},
     }
     services["superexec-serverapp"] = {
-        "image": APP_IMAGE, "build": {"context": "..", "dockerfile": "docker/Dockerfile"},
+        "image": APP_IMAGE, "build": None if tls else {"context": "..", "dockerfile": "docker/Dockerfile"},
         "command": superexec_args("superlink:9093", sec)[1:],
-        "volumes": ["./runs:/app/runs", *certs], "environment": env, "depends_on": ["superlink"],
+        "volumes": certs or ["runs:/app/runs"], "environment": None if tls else env,
+        "depends_on": None if tls else {"superlink": started},
     }
     for i in range(num_nodes):
         key = f"{CERTS_IN_CONTAINER}/keys/sn{i}" if tls else None
@@ -102,29 +125,40 @@ def compose_spec(num_nodes: int, tls: bool) -> dict:
             "image": f"flwr/supernode:{FLWR_VERSION}",
             "command": supernode_args("superlink:9093", 9094, i, num_nodes, sec, key=key, host="0.0.0.0",
                                       isolation="process")[1:],
-            "volumes": [*certs], "depends_on": ["superlink"],
+            "volumes": certs, "depends_on": None if tls else {"superlink": started},
         }
-        services[f"superexec-clientapp-{i}"] = {
-            "image": APP_IMAGE, "command": superexec_args(f"supernode-{i}:9094", sec)[1:],
-            "volumes": [f"cache-{i}:/cache", *certs], "environment": env, "depends_on": [f"supernode-{i}"],
-        }
+        if not tls:  # the overlay leaves the ClientApp executors as they are (see the docstring)
+            services[f"superexec-clientapp-{i}"] = {
+                "image": APP_IMAGE, "command": superexec_args(f"supernode-{i}:9094", Security())[1:],
+                "volumes": [f"cache-{i}:/cache"], "environment": env, "depends_on": {f"supernode-{i}": started},
+            }
     for svc in services.values():
         for k in [k for k, v in svc.items() if v in (None, [])]:
             del svc[k]
-    if tls:  # an overlay: only what changes (compose replaces `command`, merges volumes)
+    if tls:  # an overlay: only what changes (compose replaces `command`, merges volumes and depends_on)
         return {"services": services}
-    volumes = {"superlink-state": {}, **{f"cache-{i}": {} for i in range(num_nodes)}}
-    return {"name": "fedsb", "services": services, "volumes": volumes}
+    volumes = {"superlink-state": {}, "runs": {}, **{f"cache-{i}": {} for i in range(num_nodes)}}
+    return {"services": services, "volumes": volumes}
+
+
+PROJECT_ENV = "# Generated by `fedsb compose`: names the compose project (Compose 1.29 has no top-level `name:`).\n" \
+              "COMPOSE_PROJECT_NAME=fedsb\n"
 
 
 def write_compose(out_dir: str | Path, num_nodes: int = 3) -> list[Path]:
     import yaml
 
     out = Path(out_dir)
-    header = "# Generated by `fedsb compose` from fedsb/deploy.py; edit that, not this file.\n"
+    header = "# Generated by `fedsb compose` from fedsb/ops/deploy.py; edit that, not this file.\n"
     written = []
+
+    class NoAliases(yaml.SafeDumper):  # write shared values out in full: no &id001 / *id001 in the files
+        def ignore_aliases(self, data):
+            return True
+
     for name, tls in (("compose.yml", False), ("compose.tls.yml", True)):
         path = out / name
-        path.write_text(header + yaml.safe_dump(compose_spec(num_nodes, tls), sort_keys=False, width=120))
+        path.write_text(header + yaml.dump(compose_spec(num_nodes, tls), Dumper=NoAliases, sort_keys=False, width=120))
         written.append(path)
-    return written
+    (out / ".env").write_text(PROJECT_ENV)
+    return written + [out / ".env"]
