@@ -52,7 +52,7 @@ test: $(STAMP)
 # docker-compose if missing), builds the images without Docker Hub (cached between runs), runs a TLS +
 # node-auth federation in containers and removes it again. See docker/README.md.
 docker-test: $(STAMP)
-	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/test_docker.py $(PYTEST_ARGS)
+	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/test_deploy_files.py tests/test_docker.py $(PYTEST_ARGS)
 
 clean-runs:
 	rm -rf runs
