@@ -14,6 +14,7 @@ from fedsb.privacy import dp as privacy
 from client.trainers import LocalTrainer
 from fedsb.config import FedSBConfig
 from fedsb.methods import NodeStore
+from fedsb.tasks.training import scheduled_lrs
 
 log = logging.getLogger("fedsb.client.dp")
 
@@ -98,7 +99,9 @@ class DPTrainer(LocalTrainer):
                         cfg.target_epsilon)
             return None, metrics(hist, d, sigma, cfg)
         res = privacy.private_train(model, ds, task.collate(), steps=cfg.local_steps,
-                                    batch_size=cfg.batch_size, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    batch_size=cfg.batch_size,
+                                    lr=scheduled_lrs(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_ratio, rnd,
+                                                     cfg.num_server_rounds, cfg.local_steps), weight_decay=cfg.weight_decay,
                                     noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, history=hist,
                                     accountant=cfg.accountant, grad_sample_mode=cfg.grad_sample_mode,
                                     loss_fn=task.loss_fn, delta=d)

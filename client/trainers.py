@@ -13,7 +13,7 @@ from fedsb.adapters.sb_init import accumulate_gradients
 from fedsb.config import FedSBConfig
 from fedsb.methods import NodeStore
 from fedsb.tasks import Task
-from fedsb.tasks.training import train_steps
+from fedsb.tasks.training import scheduled_lrs, train_steps
 
 
 def client_seed(cfg: FedSBConfig, pid: int, rnd: int) -> int:
@@ -40,7 +40,8 @@ class LocalTrainer:
         cfg, seed = self.cfg, client_seed(self.cfg, pid, rnd)
         torch.manual_seed(seed)
         loader = task.loader(ds, shuffle=True, seed=seed)
-        loss = train_steps(model, loader, cfg.local_steps, cfg.learning_rate, task.loss_fn, cfg.weight_decay,
+        lrs = scheduled_lrs(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_ratio, rnd, cfg.num_server_rounds, cfg.local_steps)
+        loss = train_steps(model, loader, cfg.local_steps, lrs, task.loss_fn, cfg.weight_decay,
                            desc=f"partition {pid} round {rnd}", progress=os.environ.get("FEDSB_PROGRESS", "1") == "1")
         return loss, {}
 

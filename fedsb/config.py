@@ -50,6 +50,12 @@ class FedSBConfig:
     label_column: str = _f("sentiment", "column holding the class label (any strings or integers)")
     max_length: int = _f(64, "tokens per example after truncation", lo=1, hi=8192)
     test_fraction: float = _f(0.1, "fraction of the data held out (seeded) for server-side evaluation", lo=0.0, hi=0.9, lo_open=True)
+    validation_fraction: float = _f(0.0, "fraction of the training data set aside (seeded, after the held-out split, "
+                                    "before partitioning) for choosing hyperparameters; no client trains on it",
+                                    lo=0.0, hi=0.5, hi_open=True)
+    eval_split: str = _f("test", "what the server evaluates: the held-out `test` set, or the `validation` slice "
+                         "(needs validation-fraction > 0; `fedsb compare` picks learning rates on it)",
+                         choices=("test", "validation"))
     eval_max_samples: int = _f(1000, "cap on held-out examples evaluated by the server (0: all)", lo=0)
     partitioner: str = _f("iid", "how training data is split over clients", choices=("iid", "dirichlet"))
     dirichlet_alpha: float = _f(0.5, "Dirichlet concentration over labels (smaller: more skewed)", lo=0.0, lo_open=True)
@@ -99,6 +105,11 @@ class FedSBConfig:
     local_steps: int = _f(10, "optimizer steps per client per round", lo=1)
     batch_size: int = _f(16, "local batch size", lo=1)
     learning_rate: float = _f(5e-3, "AdamW learning rate of the local steps", lo=0.0, lo_open=True)
+    lr_schedule: str = _f("constant", "learning rate over all rounds' local steps: `constant`, or `linear` (linear "
+                          "warm-up over warmup-ratio of them, then linear decay to 0, as transformers' "
+                          "get_linear_schedule_with_warmup)", choices=("constant", "linear"))
+    warmup_ratio: float = _f(0.0, "fraction of all rounds' local steps spent warming up (lr-schedule=linear)",
+                             lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
     aggregation: str = _f("mean", "how R (and head) updates are combined", choices=("mean", "median", "trimmed-mean"))
     trim_fraction: float = _f(0.1, "fraction trimmed at each end by `trimmed-mean`", lo=0.0, hi=TRIM_FRACTION_MAX, hi_open=True)
@@ -174,6 +185,9 @@ class FedSBConfig:
                 op = "<" if m.get("hi_open") else "<="
                 raise ConfigError(key, f"got {v!r}; must be {op} {hi}")
         # Combinations.
+        if self.eval_split == "validation" and self.validation_fraction == 0:
+            raise ConfigError("eval-split", "`validation` needs a validation slice; set validation-fraction > 0 "
+                              "(e.g. 0.1) or eval-split='test'")
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError(
                 "min-available-nodes",

@@ -26,11 +26,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from server.compare import compare, parse_ranks
+    from server.compare import Comparison, parse_lrs, parse_ranks
     from server.simulation import parse_run_config
 
-    rows = compare([m.strip() for m in args.methods.split(",") if m.strip()], args.num_supernodes, Path(args.out),
-                   parse_run_config(args.run_config), parse_ranks(args.rank))
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    rows = Comparison(methods, args.num_supernodes, Path(args.out), parse_run_config(args.run_config),
+                      parse_ranks(args.rank, methods), parse_lrs(args.lr, methods), seeds=args.seeds,
+                      validation_fraction=args.validation_fraction, select_rounds=args.select_rounds,
+                      max_extend=args.max_extend).run()
     print((Path(args.out) / "compare.md").read_text())
     return 0 if rows else 1
 
@@ -97,7 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--num-supernodes", type=int, default=10)
     m.add_argument("--out", required=True, help="directory for compare.csv, compare.md, pareto.png, curves.png")
     m.add_argument("--run-config", default="", help="overrides shared by every method")
-    m.add_argument("--rank", default="", help="per-method ranks, e.g. fed-sb=64,fedit=8")
+    m.add_argument("--rank", default="", help="per-method ranks, several with |: 'fed-sb=16|32|64,fedit=4|8' "
+                   "(default: the run config's rank)")
+    m.add_argument("--lr", default="", help="per-method learning rates; several are a grid chosen on the validation "
+                   "split per method and rank: 'fed-sb=2.5e-3|5e-3|1e-2' (default: the run config's learning-rate)")
+    m.add_argument("--seeds", type=int, default=1, help="final runs per (method, rank): seeds s, s+1, ... (s: run "
+                   "config's seed)")
+    m.add_argument("--validation-fraction", type=float, default=0.1, help="training data set aside (seeded, before "
+                   "partitioning) to choose learning rates on, in every run of the comparison alike")
+    m.add_argument("--select-rounds", type=int, default=0, help="rounds of a selection run (0: as many as the final runs)")
+    m.add_argument("--max-extend", type=int, default=2, help="times the lr grid is extended by 2x when the best "
+                   "rate is at its edge")
     m.set_defaults(func=_cmd_compare)
 
     k = sub.add_parser("certs", help="CA, SuperLink TLS certificate and SuperNode auth keys")

@@ -1,121 +1,189 @@
-"""``fedsb compare``: the same federation (partitions, seeds, rounds) run once per method, side by side.
+"""``fedsb compare``: methods side by side on identical partitions, over a grid of ranks and seeds, each
+(method, rank) at its own learning rate, chosen on a validation split and never on the held-out set.
 
-Writes ``compare.csv``, ``compare.md``, ``pareto.png`` (accuracy vs total bytes, log x) and
-``curves.png`` (held-out accuracy by round) into ``--out``.
+For every method and rank: if ``--lr`` gives that method several rates, each runs once (first seed) with
+the server evaluating on the validation slice (``eval-split=validation``); the best one is kept, and when
+it sits at an edge of the grid the grid is extended by a factor 2 on that side (``--max-extend`` times),
+because the best rate moves with the rank. Then the chosen rate runs on ``--seeds`` seeds (seed, seed+1,
+…: partitions, sampling and initialization change with it), evaluated on the held-out set. Every run
+has its own directory under ``--out`` (``select/`` and ``runs/``); a run whose directory already holds a
+summary with the same settings is reused, so an interrupted comparison continues where it stopped.
+``server.compare_report`` turns the run directories into ``compare.csv``, ``compare.md`` and the plots.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("fedsb.compare")
 
-COLUMNS = ["method", "rank", "final_accuracy", "final_loss", "bytes_up_total", "bytes_down_total", "bytes_one_time",
-           "bytes_up_per_client_round", "trainable_params", "communicated_params", "seconds"]
+RANK_EXAMPLE = "fed-sb=16|32|64,fedit=4|8"
+LR_EXAMPLE = "fed-sb=2.5e-3|5e-3|1e-2,fedit=1e-3|2e-3|4e-3"
 
 
-def parse_ranks(text: str) -> dict[str, int]:
-    """``fed-sb=64,fedit=8`` → {"fed-sb": 64, "fedit": 8}."""
-    out = {}
+def parse_grid(text: str, flag: str, cast: Callable[[str], Any], methods: list[str], example: str) -> dict[str, list]:
+    """``fed-sb=16|32,fedit=4`` → {"fed-sb": [16, 32], "fedit": [4]}. Bad input raises ValueError naming
+    ``flag`` and the fix."""
+    out: dict[str, list] = {}
     for part in filter(None, (p.strip() for p in (text or "").split(","))):
-        name, _, value = part.partition("=")
-        if not value:
-            raise ValueError(f"--rank: {part!r} is not METHOD=RANK")
-        out[name.strip()] = int(value)
+        name, eq, values = (s.strip() for s in part.partition("="))
+        if not eq or not name or not values:
+            raise ValueError(f"{flag}: {part!r} is not METHOD=VALUE or METHOD=VALUE|VALUE|...; e.g. {flag} '{example}'")
+        if name not in methods:
+            raise ValueError(f"{flag}: method {name!r} is not among --methods ({', '.join(methods)}); add it there "
+                             "or drop it here")
+        if name in out:
+            raise ValueError(f"{flag}: {name!r} is given twice; put all its values in one METHOD=V1|V2|... part")
+        vals = []
+        for v in values.split("|"):
+            try:
+                x = cast(v.strip())
+            except ValueError:
+                raise ValueError(f"{flag}: {v.strip()!r} (for {name}) is not a {cast.__name__}; e.g. {flag} "
+                                 f"'{example}'") from None
+            if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0):
+                raise ValueError(f"{flag}: {v.strip()!r} (for {name}) must be a positive number")
+            vals.append(x)
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"{flag}: {name} lists a value twice ({values}); give each once")
+        out[name] = sorted(vals)
     return out
 
 
-def compare(methods: list[str], num_supernodes: int, out: Path, overrides: dict[str, Any],
-            ranks: dict[str, int] | None = None) -> list[dict]:
+def parse_ranks(text: str, methods: list[str] | None = None) -> dict[str, list[int]]:
     from fedsb.config import METHODS
-    from server.simulation import simulate
 
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)}")
-    ranks = ranks or {}
-    out.mkdir(parents=True, exist_ok=True)
-    for i, method in enumerate(methods, 1):
-        cfg = dict(overrides, method=method, **{"output-dir": str((out / method).resolve())})
-        if method in ranks:
-            cfg["rank"] = ranks[method]
-        log.info("=== compare: method %s (%d/%d), rank %s ===", method, i, len(methods), cfg.get("rank", "default"))
-        simulate(cfg, num_supernodes)
-    return summarize(out, methods)
+    return parse_grid(text, "--rank", int, methods or list(METHODS), RANK_EXAMPLE)
 
 
-def summarize(out: Path, methods: list[str]) -> list[dict]:
-    """Rows, curves and plots from the run directories ``out/<method>`` (re-runnable without training)."""
-    rows, curves = [], {}
-    for method in methods:
-        run_dir = out / method
-        s = json.loads((run_dir / "summary.json").read_text())
-        one_time = s["bytes_basis_total"] + s["bytes_init_total"]
-        rows.append({
-            "method": method, "rank": s["config"]["rank"], "final_accuracy": s["final_accuracy"],
-            "final_loss": s["final_loss"],
-            # per-round traffic only; the one-time basis broadcast and init gradients are their own column
-            "bytes_up_total": s["bytes_up_total"] - s["bytes_init_total"],
-            "bytes_down_total": s["bytes_down_total"] - s["bytes_basis_total"],
-            "bytes_one_time": one_time,
-            "bytes_up_per_client_round": s["bytes_up_per_client_round"], "trainable_params": s["trainable_params"],
-            "communicated_params": s["communicated_params"], "seconds": s["seconds"],
-        })
-        records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        curves[f"{method} r={s['config']['rank']}"] = [(r["round"], r["accuracy"]) for r in records if r["phase"] == "evaluate"]
-    write_outputs(out, rows, curves)
-    return rows
+def parse_lrs(text: str, methods: list[str] | None = None) -> dict[str, list[float]]:
+    from fedsb.config import METHODS
+
+    return parse_grid(text, "--lr", float, methods or list(METHODS), LR_EXAMPLE)
 
 
-def write_outputs(out: Path, rows: list[dict], curves: dict[str, list]) -> None:
-    with open(out / "compare.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
-    (out / "compare.md").write_text("\n".join(lines) + "\n")
-    import matplotlib
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of the comparison: a selection run (``split = "validation"``) or a final one (``"test"``)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    method: str
+    rank: int
+    lr: float
+    seed: int
+    split: str
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, (title, key) in zip(axes, (("total bytes (rounds + one-time), log scale", "total"),
-                                      ("per-round bytes only (up + down), log scale", "rounds"))):
-        for r in rows:
-            x = r["bytes_up_total"] + r["bytes_down_total"] + (r["bytes_one_time"] if key == "total" else 0)
-            ax.scatter(x, r["final_accuracy"] or 0, s=40)
-            ax.annotate(f"{r['method']} r={r['rank']}", (x, r["final_accuracy"] or 0), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(title)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out accuracy")
-    fig.suptitle("accuracy vs communication")
-    fig.tight_layout()
-    fig.savefig(out / "pareto.png", dpi=110)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, pts in curves.items():
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
+    @property
+    def name(self) -> str:
+        return f"{self.method}-r{self.rank}-lr{self.lr:g}-s{self.seed}"
+
+    def run_dir(self, out: Path) -> Path:
+        return out / ("select" if self.split == "validation" else "runs") / self.name
 
 
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if v < 100 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+@dataclass
+class Comparison:
+    """What to run; ``run`` executes it (skipping finished runs) and returns the per-run rows."""
+
+    methods: list[str]
+    num_supernodes: int
+    out: Path
+    overrides: dict[str, Any]
+    ranks: dict[str, list[int]]
+    lrs: dict[str, list[float]]
+    seeds: int = 1
+    validation_fraction: float = 0.1
+    select_rounds: int = 0  # 0: as many rounds as the final runs
+    max_extend: int = 2
+
+    def __post_init__(self) -> None:
+        from fedsb.config import METHODS, FedSBConfig
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"--methods: unknown or empty {unknown}; accepted: {', '.join(METHODS)}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds: got {self.seeds}; give the number of seeds, 1 or more")
+        if self.select_rounds < 0 or self.max_extend < 0:
+            raise ValueError("--select-rounds and --max-extend must be >= 0")
+        if not 0 <= self.validation_fraction < 0.5:
+            raise ValueError(f"--validation-fraction: got {self.validation_fraction}; must be in [0, 0.5)")
+        if self.validation_fraction == 0 and any(len(v) > 1 for v in self.lrs.values()):
+            raise ValueError("--lr: choosing among several rates needs a validation split; set "
+                             "--validation-fraction > 0 (e.g. 0.1) or give one rate per method")
+        for key in ("method", "rank", "learning-rate", "output-dir", "eval-split", "validation-fraction"):
+            if key in self.overrides:
+                raise ValueError(f"--run-config: {key} is set by compare itself (use --methods, --rank, --lr, --out, "
+                                 "--validation-fraction); remove it")
+        base = FedSBConfig.from_run_config(self.overrides)  # bad keys fail now, not an hour in
+        self.base_seed, self.rounds = base.seed, base.num_server_rounds
+        self.default_rank, self.default_lr = base.rank, base.learning_rate
+
+    def run_config(self, spec: RunSpec) -> dict[str, Any]:
+        cfg = dict(self.overrides, method=spec.method, rank=spec.rank, seed=spec.seed,
+                   **{"learning-rate": spec.lr, "validation-fraction": self.validation_fraction,
+                      "eval-split": spec.split, "output-dir": str(spec.run_dir(self.out).resolve())})
+        if spec.split == "validation" and self.select_rounds:
+            cfg["num-server-rounds"] = self.select_rounds
+        return cfg
+
+    def execute(self, spec: RunSpec) -> dict:
+        """The run's summary: from its directory if it already finished with these settings, else by running it."""
+        from fedsb.config import FedSBConfig
+        from server.simulation import simulate
+
+        cfg = self.run_config(spec)
+        summary = spec.run_dir(self.out) / "summary.json"
+        if summary.is_file():
+            have = json.loads(summary.read_text())
+            want = FedSBConfig.from_run_config({k: v for k, v in cfg.items() if k != "output-dir"}).to_run_config()
+            differ = [k for k, v in want.items() if k != "output-dir" and have["config"].get(k, v) != v]
+            if differ:
+                raise ValueError(f"--out: {summary.parent} holds a finished run with other settings ({', '.join(differ)});"
+                                 " give a new --out or delete that directory")
+            log.info("compare: %s (%s) already finished; kept", spec.name, spec.split)
+            return have
+        log.info("=== compare: %s on %s ===", spec.name, spec.split)
+        simulate(cfg, self.num_supernodes)
+        return json.loads(summary.read_text())
+
+    def choose_lr(self, method: str, rank: int) -> float:
+        """The rate with the best validation accuracy, the grid extended until it is not at an edge."""
+        lrs = sorted(self.lrs.get(method, [self.default_lr]))
+        if len(lrs) == 1:
+            return lrs[0]
+        acc = {}
+        for extension in range(self.max_extend + 1):
+            for lr in lrs:
+                if lr not in acc:
+                    s = self.execute(RunSpec(method, rank, lr, self.base_seed, "validation"))
+                    a = s.get("final_accuracy")
+                    acc[lr] = a if isinstance(a, (int, float)) and math.isfinite(a) else -math.inf
+            best = max(lrs, key=lambda x: (acc[x], -x))  # ties: the smaller rate
+            if lrs[0] < best < lrs[-1] or extension == self.max_extend:
+                break
+            new = best * 2 if best == lrs[-1] else best / 2
+            log.info("compare: %s r=%d best lr %g is at the grid's edge; trying %g", method, rank, best, new)
+            lrs = sorted([*lrs, new])
+        if best in (lrs[0], lrs[-1]):
+            log.warning("compare: %s r=%d best lr %g is still at the edge of %s after %d extensions",
+                        method, rank, best, lrs, self.max_extend)
+        return best
+
+    def run(self) -> list[dict]:
+        from server.compare_report import summarize
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        for method in self.methods:
+            for rank in self.ranks.get(method, [self.default_rank]):
+                lr = self.choose_lr(method, rank)
+                for k in range(self.seeds):
+                    self.execute(RunSpec(method, rank, lr, self.base_seed + k, "test"))
+        return summarize(self.out)
+
+
+__all__ = ["Comparison", "RunSpec", "parse_grid", "parse_lrs", "parse_ranks"]

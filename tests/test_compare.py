@@ -1,26 +1,138 @@
-"""``fedsb compare`` on a tiny model: one run per method on identical settings, three files, five rows."""
+"""``fedsb compare``: grid and flag parsing, the validation split, learning-rate selection that never sees the
+held-out set, one csv row per run, and mean/std computed from those rows (tiny model, real simulations)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import statistics
+
+import numpy as np
+import pytest
 
 from tests.conftest import tiny_run_config
 
 
-def test_compare_writes_csv_markdown_and_plots(tiny_bert, sentiment_csv, tmp_path):
+# ---------------------------------------------------------------- parsing
+def test_grids_parse_per_method_and_sort():
+    from server.compare import parse_lrs, parse_ranks
+
+    m = ["fed-sb", "fedit"]
+    assert parse_ranks("fed-sb=64|16|32, fedit=4", m) == {"fed-sb": [16, 32, 64], "fedit": [4]}
+    assert parse_lrs("fed-sb=1e-2|5e-3", m) == {"fed-sb": [5e-3, 1e-2]}
+    assert parse_ranks("", m) == {}
+
+
+@pytest.mark.parametrize("flag,text,says", [
+    ("--rank", "fed-sb", "METHOD=VALUE"),
+    ("--rank", "fed-sb=16|x", "'x' (for fed-sb) is not a int"),
+    ("--rank", "fed-sb=0", "must be a positive number"),
+    ("--rank", "flora=4", "'flora' is not among --methods"),
+    ("--rank", "fed-sb=4,fed-sb=8", "given twice"),
+    ("--lr", "fed-sb=1e-3|1e-3", "lists a value twice"),
+    ("--lr", "fedit=nan", "must be a positive number"),
+    ("--lr", "fedit=", "METHOD=VALUE"),
+])
+def test_bad_grids_name_the_flag_and_the_fix(flag, text, says):
+    from server.compare import parse_lrs, parse_ranks
+
+    with pytest.raises(ValueError) as e:
+        (parse_ranks if flag == "--rank" else parse_lrs)(text, ["fed-sb", "fedit"])
+    assert str(e.value).startswith(flag) and says in str(e.value)
+
+
+def test_bad_compare_flags_exit_2_with_one_line(tmp_path, capsys):
+    from server.cli import main
+
+    out = str(tmp_path / "c")
+    cases = [(["--seeds", "0"], "--seeds"), (["--lr", "fed-sb=1e-3|2e-3", "--validation-fraction", "0"], "--lr"),
+             (["--run-config", "rank=8"], "--run-config: rank is set by compare"),
+             (["--methods", "fed-sb,nope"], "--methods"), (["--run-config", "ranc=8"], "ranc")]
+    for extra, says in cases:
+        assert main(["compare", "--methods", "fed-sb", "--out", out, *extra]) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "c" / "runs").exists()  # nothing ran
+
+
+# ---------------------------------------------------------------- statistics
+def test_mean_std_and_verdicts_come_from_the_rows():
+    from server.compare_report import group_rows, mean_std, verdicts
+
+    def row(method, rank, seed, acc, total, split="test", lr=1e-3):
+        return {"method": method, "rank": rank, "lr": lr, "seed": seed, "split": split, "final_accuracy": acc,
+                "bytes_up_per_client_round": 10, "bytes_one_time": 0, "bytes_up_total": total, "bytes_down_total": 0,
+                "bytes_total": total}
+
+    accs = {"a": [0.80, 0.82, 0.81], "b": [0.70, 0.71, 0.69], "c": [0.805, 0.70, 0.90]}
+    rows = [row(m, 4, 42 + i, x, 1e6 if m != "c" else 2e6) for m, xs in accs.items() for i, x in enumerate(xs)]
+    rows += [row("a", 4, 42, 0.1, 1e6, "validation", lr) for lr in (5e-4, 1e-3, 2e-3)]
+    g = {x["method"]: x for x in group_rows(rows)}
+    assert g["a"]["seeds"] == 3 and g["a"]["accuracy_mean"] == pytest.approx(statistics.fmean(accs["a"]))
+    assert g["a"]["accuracy_std"] == pytest.approx(statistics.stdev(accs["a"]))
+    assert mean_std([0.5]) == (0.5, 0.0)
+    assert not g["a"]["lr_at_edge"] and not g["b"]["lr_at_edge"]
+    v = verdicts(list(g.values()))
+    assert "**a wins**" in v[0]  # a vs b at 1 MB: 0.11 apart, SE ~ 0.008
+    assert "not resolved" in v[1]  # at 2 MB c (0.802 ± 0.1) against a (0.81): within the spread
+
+
+# ---------------------------------------------------------------- the validation split
+def test_validation_split_is_disjoint_from_held_out_and_every_partition(tiny_bert, sentiment_csv, tmp_path):
+    from fedsb.config import FedSBConfig
+    from fedsb.tasks import get_task
+
+    rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path, **{"validation-fraction": 0.2})
+    data = get_task(FedSBConfig.from_run_config(rc)).data
+    plain = get_task(FedSBConfig.from_run_config(dict(rc, **{"validation-fraction": 0.0}))).data
+    val, test = set(data.val_idx.tolist()), set(data.test_idx.tolist())
+    assert len(val) == round(0.2 * len(plain.train_idx)) and not val & test
+    assert np.array_equal(data.test_idx, plain.test_idx)  # the held-out set does not move
+    assert sorted(val | set(data.train_idx.tolist())) == sorted(plain.train_idx.tolist())
+    cfg = FedSBConfig.from_run_config(rc)
+    for pid in range(3):
+        assert not val & set(data.client_dataset(pid, 3, cfg).indices.tolist())
+    on_val = get_task(FedSBConfig.from_run_config(dict(rc, **{"eval-split": "validation"}))).data
+    assert np.array_equal(on_val.test_dataset().indices, data.val_idx)
+
+
+def test_eval_split_validation_needs_a_validation_slice():
+    from fedsb.config import ConfigError, FedSBConfig
+
+    with pytest.raises(ConfigError, match="eval-split.*validation-fraction > 0"):
+        FedSBConfig.from_run_config({"eval-split": "validation"})
+
+
+# ---------------------------------------------------------------- end to end
+def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_csv, tmp_path, capsys):
     from server.cli import main
 
     rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "unused", **{"num-server-rounds": 2, "local-steps": 3})
-    rc.pop("output-dir")
+    for key in ("output-dir", "rank", "learning-rate"):
+        rc.pop(key)
     text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rc.items())
     out = tmp_path / "cmp"
-    assert main(["compare", "--num-supernodes", "3", "--out", str(out), "--run-config", text,
-                 "--rank", "fed-sb=4,fedit=2,ffa-lora=2,fedex-lora=2,flora=2"]) == 0
+    args = ["compare", "--methods", "fed-sb,fedit", "--num-supernodes", "3", "--out", str(out), "--run-config", text,
+            "--rank", "fed-sb=4,fedit=2", "--lr", "fed-sb=0.01|0.03|0.1", "--seeds", "2", "--select-rounds", "1",
+            "--max-extend", "1"]
+    assert main(args) == 0
     rows = list(csv.DictReader(open(out / "compare.csv")))
-    assert [r["method"] for r in rows] == ["fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora"]
-    assert {r["method"]: int(r["rank"]) for r in rows}["fed-sb"] == 4 and rows[1]["rank"] == "2"
-    by = {r["method"]: r for r in rows}
-    assert int(by["fed-sb"]["bytes_one_time"]) > 0 and int(by["fedit"]["bytes_one_time"]) == 0
-    assert int(by["fedex-lora"]["bytes_down_total"]) > int(by["fedit"]["bytes_down_total"])  # the residual (round 2)
-    assert (out / "compare.md").read_text().count("\n") == 2 + 5
+    dirs = sorted(p.parent for p in out.glob("*/*/summary.json"))
+    assert len(rows) == len(dirs) and {r["run_dir"] for r in rows} == {str(d) for d in dirs}
+    sel = [r for r in rows if r["split"] == "validation"]
+    assert {r["method"] for r in sel} == {"fed-sb"} and len(sel) in (3, 4) and {r["rounds"] for r in sel} == {"1"}
+    for r in sel:  # a selection run evaluated on the validation slice, never on the held-out set
+        assert json.loads((out / "select" / r["run_dir"].split("/")[-1] / "summary.json").read_text())["config"]["eval-split"] == "validation"
+    best = max(sel, key=lambda r: (float(r["final_accuracy"]), -float(r["lr"])))
+    final = [r for r in rows if r["split"] == "test"]
+    assert sorted((r["method"], r["seed"]) for r in final) == [("fed-sb", "1"), ("fed-sb", "2"), ("fedit", "1"), ("fedit", "2")]
+    assert {r["lr"] for r in final if r["method"] == "fed-sb"} == {best["lr"]}
+    md = (out / "compare.md").read_text()
+    accs = [float(r["final_accuracy"]) for r in final if r["method"] == "fed-sb"]
+    line = next(l for l in md.splitlines() if l.startswith("| fed-sb | 4 |"))
+    assert f"{statistics.fmean(accs):.4f} | {statistics.stdev(accs):.4f}" in line
     assert (out / "pareto.png").stat().st_size > 1000 and (out / "curves.png").stat().st_size > 1000
+    # a second call reuses every finished run (nothing retrains) and rewrites the same table
+    before = {d: (d / "summary.json").stat().st_mtime for d in dirs}
+    assert main(args) == 0
+    assert {d: (d / "summary.json").stat().st_mtime for d in dirs} == before
+    assert (out / "compare.md").read_text() == md

@@ -217,3 +217,39 @@ def test_unknown_target_lists_linear_layers(tiny_bert):
     assert "q_proj" in str(e.value) and "query" in str(e.value) and "intermediate.dense" in str(e.value)
     assert set(adapters.find_targets(model, None)) >= {"bert.encoder.layer.0.attention.self.query"}
     assert not any(n.startswith("classifier") for n in adapters.find_targets(model, None))
+
+
+def test_linear_schedule_matches_transformers_over_all_rounds():
+    """lr-schedule=linear laid over rounds x local steps equals transformers' linear warm-up/decay schedule."""
+    from transformers import get_linear_schedule_with_warmup
+
+    from fedsb.tasks.training import scheduled_lrs
+
+    rounds, steps, lr = 4, 5, 0.01
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=int(0.25 * rounds * steps), num_training_steps=rounds * steps)
+    want = []
+    for _ in range(rounds * steps):
+        want.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    got = [x for rnd in range(1, rounds + 1) for x in scheduled_lrs(lr, "linear", 0.25, rnd, rounds, steps)]
+    assert got == pytest.approx(want)
+    assert scheduled_lrs(lr, "constant", 0.25, 3, rounds, steps) == [lr] * steps
+
+
+def test_train_steps_applies_one_rate_per_step():
+    """A zero rate leaves the weights where they are; the same steps with a positive rate move them."""
+    from fedsb.tasks.training import train_steps
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    data = [{"x": torch.randn(8, 4), "labels": torch.randint(0, 2, (8,))}]
+    loss = lambda m, b: torch.nn.functional.cross_entropy(m(b["x"]), b["labels"], reduction="none")  # noqa: E731
+    before = model.weight.detach().clone()
+    train_steps(model, data, 3, [0.0, 0.0, 0.0], loss, progress=False)
+    assert torch.equal(model.weight, before)
+    train_steps(model, data, 3, [0.0, 0.0, 0.1], loss, progress=False)
+    assert not torch.equal(model.weight, before)
+    with pytest.raises(ValueError, match="2 learning rates for 3 steps"):
+        train_steps(model, data, 3, [0.1, 0.1], loss, progress=False)

@@ -22,11 +22,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from fedsb.tasks.training import step_lrs
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ class PrivateTrainResult:
     empty_steps: int
 
 
-def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_size: int, lr: float,
+def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_size: int, lr: float | Sequence[float],
                   weight_decay: float, noise_multiplier: float, max_grad_norm: float, history: History,
                   accountant: str, grad_sample_mode: str, loss_fn: Callable, delta: float,
                   sampling_generator: torch.Generator | None = None, progress: bool = False) -> PrivateTrainResult:
@@ -129,7 +131,8 @@ def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_si
     params = [p for p in model.parameters() if p.requires_grad]
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False, force_functorch=grad_sample_mode == "functorch")
     gen = sampling_generator if sampling_generator is not None else secret_generator()
-    opt = DPOptimizer(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), noise_multiplier=noise_multiplier,
+    lrs = step_lrs(lr, steps)  # one rate, or one per step (lr-schedule)
+    opt = DPOptimizer(torch.optim.AdamW(params, lr=lrs[0], weight_decay=weight_decay), noise_multiplier=noise_multiplier,
                       max_grad_norm=max_grad_norm, expected_batch_size=max(1, round(q * n)),
                       # the noise must not be reproducible by the server (it knows every seed): OS entropy
                       generator=secret_generator(params[0].device))
@@ -137,7 +140,9 @@ def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_si
     model.train()
     losses, empty = [], 0
     try:
-        for _ in tqdm(range(steps), desc="DP-SGD steps", leave=False, disable=not progress):
+        for k in tqdm(range(steps), desc="DP-SGD steps", leave=False, disable=not progress):
+            for group in opt.param_groups:
+                group["lr"] = lrs[k]
             idx = poisson_indices(n, q, gen)
             opt.zero_grad(set_to_none=True)
             if idx:

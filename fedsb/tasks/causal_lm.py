@@ -55,9 +55,11 @@ def load_causal_task_data(cfg: FedSBConfig, model_path: str) -> TaskData:
     carve = cfg.init_server_samples if cfg.init_source == "server" else 0
     if cfg.init_dataset:
         raise ConfigError("init-dataset", "task=causal-lm takes the server's slice from dataset; leave init-dataset empty")
-    server_idx, train_idx, test_idx = split_rest(len(ds), carve, cfg.test_fraction, cfg.seed)
-    data = TaskData(ds, train_idx, test_idx, 0, [], tok.pad_token_id, server_idx=server_idx)
-    data.records = [records[i] for i in test_idx]
+    server_idx, train_idx, val_idx, test_idx = split_rest(len(ds), carve, cfg.test_fraction, cfg.seed,
+                                                          cfg.validation_fraction)
+    data = TaskData(ds, train_idx, test_idx, 0, [], tok.pad_token_id, server_idx=server_idx, val_idx=val_idx,
+                    eval_split=cfg.eval_split)
+    data.records = [records[i] for i in data.eval_idx]
     return data
 
 

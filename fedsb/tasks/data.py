@@ -106,11 +106,19 @@ def carve_indices(n: int, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
-def split_rest(n: int, carve: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(server, train, test) indices: ``carve`` set aside first, then the seeded train/held-out split."""
+def split_rest(n: int, carve: int, test_fraction: float, seed: int,
+               validation_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(server, train, validation, test) indices: ``carve`` set aside first, then the seeded train/held-out
+    split, then a seeded validation slice of the training part (before any partitioning, so no client
+    holds it). With ``validation_fraction = 0`` the other three are exactly those of a run without one."""
     server, rest = carve_indices(n, carve, seed)
     train, test = split_indices(len(rest), test_fraction, seed)
-    return server, rest[train], rest[test]
+    train, test = rest[train], rest[test]
+    n_val = int(round(len(train) * validation_fraction))
+    if n_val == 0:
+        return server, train, np.zeros(0, dtype=np.int64), test
+    perm = np.random.default_rng([seed, 2]).permutation(len(train))
+    return server, np.sort(train[perm[n_val:]]), np.sort(train[perm[:n_val]]), test
 
 
 def partition_indices(
@@ -195,6 +203,13 @@ class TaskData:
     pad_id: int
     records: list | None = None  # causal-lm: the held-out prompt/answer records (exact match)
     server_idx: np.ndarray | None = None  # set aside for the server's own init gradient (init-source=server)
+    val_idx: np.ndarray | None = None  # validation slice of the training data (validation-fraction)
+    eval_split: str = "test"  # what test_dataset / majority_rate / records serve: "test" or "validation"
+
+    @property
+    def eval_idx(self) -> np.ndarray:
+        """The indices the server evaluates on: the held-out set, or the validation slice."""
+        return self.val_idx if self.eval_split == "validation" else self.test_idx
 
     def client_dataset(self, partition_id: int, num_partitions: int, cfg: FedSBConfig) -> EncodedDataset:
         local = partition_indices(
@@ -206,12 +221,13 @@ class TaskData:
         return self.dataset.subset(self.server_idx if self.server_idx is not None else np.zeros(0, np.int64))
 
     def test_dataset(self, cap: int = 0) -> EncodedDataset:
-        idx = self.test_idx if cap <= 0 else self.test_idx[:cap]
+        """What the server evaluates (``eval_idx``), capped at ``cap`` examples (0: all)."""
+        idx = self.eval_idx if cap <= 0 else self.eval_idx[:cap]
         return self.dataset.subset(idx)
 
     def majority_rate(self, cap: int = 0) -> float:
         """Accuracy of always predicting the most frequent class of the evaluated held-out examples."""
-        idx = self.test_idx if cap <= 0 else self.test_idx[:cap]
+        idx = self.eval_idx if cap <= 0 else self.eval_idx[:cap]
         counts = np.bincount(self.dataset.labels[idx], minlength=self.num_labels)
         return float(counts.max() / counts.sum())
 

@@ -29,7 +29,7 @@ def encode_texts(texts: list[str], labels, label_names: list[str], model_path: s
     """Texts (and optional second texts) with integer labels -> the tokenized dataset and its seeded
     held-out split: what ``load_data`` returns, for data that does not come from a CSV/JSONL table."""
     return _encode(texts, pairs, labels, label_names, model_path, cfg.max_length, cfg.test_fraction, cfg.seed,
-                   server_carve(cfg))
+                   server_carve(cfg), cfg.validation_fraction, cfg.eval_split)
 
 
 def server_carve(cfg: FedSBConfig) -> int:
@@ -38,21 +38,23 @@ def server_carve(cfg: FedSBConfig) -> int:
 
 
 def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int, test_fraction: float,
-            seed: int, carve: int = 0) -> TaskData:
+            seed: int, carve: int = 0, validation_fraction: float = 0.0, eval_split: str = "test") -> TaskData:
     tok = load_tokenizer(model_path)
     enc = tok(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
     ds = EncodedDataset({k: enc[k] for k in keys}, np.asarray(labels, dtype=np.int64))
-    server_idx, train_idx, test_idx = split_rest(len(ds), carve, test_fraction, seed)
-    return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id, server_idx=server_idx)
+    server_idx, train_idx, val_idx, test_idx = split_rest(len(ds), carve, test_fraction, seed, validation_fraction)
+    return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id, server_idx=server_idx,
+                    val_idx=val_idx, eval_split=eval_split)
 
 
 @lru_cache(maxsize=2)  # keyed by what changes the data only: runs of several methods share it
 def _load(model_path: str, dataset: str, text_column: str, label_column: str, text_pair_column: str,
-          max_length: int, test_fraction: float, seed: int, carve: int) -> TaskData:
+          max_length: int, test_fraction: float, seed: int, carve: int, validation_fraction: float,
+          eval_split: str) -> TaskData:
     table = load_table(dataset, text_column, label_column, text_pair_column)
     return _encode(table.texts, table.pairs, table.labels, table.label_names, model_path, max_length, test_fraction,
-                   seed, carve)
+                   seed, carve, validation_fraction, eval_split)
 
 
 class SeqClsTask(Task):
@@ -69,7 +71,8 @@ class SeqClsTask(Task):
     @classmethod
     def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
         return _load(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
-                     cfg.max_length, cfg.test_fraction, cfg.seed, server_carve(cfg))
+                     cfg.max_length, cfg.test_fraction, cfg.seed, server_carve(cfg), cfg.validation_fraction,
+                     cfg.eval_split)
 
     def server_dataset(self):
         if not self.cfg.init_dataset:

@@ -1,0 +1,174 @@
+"""What ``fedsb compare`` writes, from its run directories alone (re-runnable without training).
+
+``compare.csv``: one row per run (method, rank, lr, seed, split). ``compare.md``: one row per (method,
+rank) of the held-out runs with the accuracy mean and standard deviation over seeds, the chosen rate and
+the bytes; then the verdict per communication budget; then the learning-rate selection. ``pareto.png``:
+accuracy mean ± std against bytes, one line per method over its ranks. ``curves.png``: mean held-out
+accuracy by round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+COLUMNS = ["method", "rank", "lr", "seed", "split", "final_accuracy", "final_loss", "bytes_up_total", "bytes_down_total",
+           "bytes_one_time", "bytes_total", "bytes_up_per_client_round", "trainable_params", "communicated_params",
+           "rounds", "seconds", "run_dir"]
+GROUP_COLUMNS = ["method", "rank", "lr", "lr_at_edge", "seeds", "accuracy_mean", "accuracy_std", "bytes_up_per_client_round",
+                 "bytes_one_time", "bytes_rounds", "bytes_total"]
+
+
+def run_row(run_dir: Path) -> dict[str, Any]:
+    s = json.loads((run_dir / "summary.json").read_text())
+    c = s["config"]
+    one_time = s["bytes_basis_total"] + s["bytes_init_total"]
+    up, down = s["bytes_up_total"] - s["bytes_init_total"], s["bytes_down_total"] - s["bytes_basis_total"]
+    return {"method": c["method"], "rank": c["rank"], "lr": c["learning-rate"], "seed": c["seed"], "split": c.get("eval-split", "test"),
+            "final_accuracy": s["final_accuracy"], "final_loss": s["final_loss"],
+            # per-round traffic; the one-time basis broadcast and init uploads are their own column
+            "bytes_up_total": up, "bytes_down_total": down, "bytes_one_time": one_time, "bytes_total": up + down + one_time,
+            "bytes_up_per_client_round": s["bytes_up_per_client_round"], "trainable_params": s["trainable_params"],
+            "communicated_params": s["communicated_params"], "rounds": s["rounds"], "seconds": s["seconds"],
+            "run_dir": str(run_dir)}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """One row per (method, rank) of the held-out runs, in the order the rows first name them."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            groups.setdefault((r["method"], r["rank"]), []).append(r)
+    out = []
+    for (method, rank), rs in groups.items():
+        accs = [r["final_accuracy"] for r in rs if isinstance(r["final_accuracy"], (int, float))]
+        mean, std = mean_std(accs) if accs else (math.nan, math.nan)
+        sel = sorted({r["lr"] for r in rows if r["split"] == "validation" and (r["method"], r["rank"]) == (method, rank)})
+        lr = rs[0]["lr"]
+        out.append({"method": method, "rank": rank, "lr": lr, "lr_at_edge": bool(sel) and lr in (sel[0], sel[-1]),
+                    "seeds": len(rs), "accuracy_mean": mean, "accuracy_std": std,
+                    "bytes_up_per_client_round": statistics.fmean(r["bytes_up_per_client_round"] for r in rs),
+                    "bytes_one_time": statistics.fmean(r["bytes_one_time"] for r in rs),
+                    "bytes_rounds": statistics.fmean(r["bytes_up_total"] + r["bytes_down_total"] for r in rs),
+                    "bytes_total": statistics.fmean(r["bytes_total"] for r in rs)})
+    return out
+
+
+def verdicts(groups: list[dict]) -> list[str]:
+    """Per communication budget (each group's total bytes): each method's best (method, rank) within it,
+    and whether the leader's margin over the runner-up exceeds two standard errors of the difference."""
+    lines = []
+    for budget in sorted({g["bytes_total"] for g in groups}):
+        best: dict[str, dict] = {}
+        for g in groups:
+            if g["bytes_total"] <= budget and (g["method"] not in best or g["accuracy_mean"] > best[g["method"]]["accuracy_mean"]):
+                best[g["method"]] = g
+        ranked = sorted(best.values(), key=lambda g: -g["accuracy_mean"])
+        head = f"≤ {budget / 1e6:,.1f} MB total"
+        if len(ranked) < 2:
+            lines.append(f"- {head}: only {ranked[0]['method']} r={ranked[0]['rank']} fits")
+            continue
+        a, b = ranked[0], ranked[1]
+        se = math.sqrt(a["accuracy_std"] ** 2 / a["seeds"] + b["accuracy_std"] ** 2 / b["seeds"])
+        d = a["accuracy_mean"] - b["accuracy_mean"]
+        who = f"{a['method']} r={a['rank']} ({a['accuracy_mean']:.3f}) over {b['method']} r={b['rank']} ({b['accuracy_mean']:.3f})"
+        if min(a["seeds"], b["seeds"]) < 2:
+            lines.append(f"- {head}: {who} by {d:.3f}: one seed, no standard error: not a claim")
+        elif d > 2 * se:
+            lines.append(f"- {head}: **{a['method']} wins**: {who} by {d:.3f} > 2 SE = {2 * se:.3f}")
+        else:
+            lines.append(f"- {head}: not resolved: {who} by {d:.3f} ≤ 2 SE = {2 * se:.3f}")
+    return lines
+
+
+def summarize(out: Path) -> list[dict]:
+    """Read every run under ``out/select`` and ``out/runs``; write the csv, the markdown and the plots."""
+    rows = [run_row(p.parent) for sub in ("select", "runs") for p in sorted((out / sub).glob("*/summary.json"))]
+    rows.sort(key=lambda r: (r["split"] != "validation", r["method"], r["rank"], r["lr"], r["seed"]))
+    with open(out / "compare.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    groups = group_rows(rows)
+    md = _table(GROUP_COLUMNS, groups) + ["", "Which method wins at each budget (best of its ranks within it):", "",
+                                          *verdicts(groups)]
+    sel = [r for r in rows if r["split"] == "validation"]
+    if sel:
+        md += ["", "Learning-rate selection (one run each, validation accuracy):", "",
+               *_table(["method", "rank", "lr", "seed", "rounds", "final_accuracy"], sel)]
+    (out / "compare.md").write_text("\n".join(md) + "\n")
+    _plots(out, groups, rows)
+    return rows
+
+
+def _table(columns: list[str], rows: list[dict]) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
+            *("| " + " | ".join(f"{r[c]:g}" if c == "lr" else _fmt(r[c]) for c in columns) + " |" for r in rows)]
+
+
+def _plots(out: Path, groups: list[dict], rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, (title, key) in zip(axes, (("total bytes (rounds + one-time), log scale", "bytes_total"),
+                                      ("per-round bytes only (up + down), log scale", "bytes_rounds"))):
+        for method in dict.fromkeys(g["method"] for g in groups):
+            gs = sorted((g for g in groups if g["method"] == method), key=lambda g: g[key])
+            ax.errorbar([g[key] for g in gs], [g["accuracy_mean"] for g in gs], yerr=[g["accuracy_std"] for g in gs],
+                        marker="o", capsize=3, label=method)
+            for g in gs:
+                ax.annotate(f"r={g['rank']}", (g[key], g["accuracy_mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy (mean ± std over seeds)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("accuracy vs communication")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in groups:
+        by_round: dict[int, list[float]] = {}
+        for r in rows:
+            if r["split"] == "test" and (r["method"], r["rank"]) == (g["method"], g["rank"]):
+                for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines():
+                    rec = json.loads(line)
+                    if rec["phase"] == "evaluate":
+                        by_round.setdefault(rec["round"], []).append(rec["accuracy"])
+        pts = sorted(by_round.items())
+        ax.plot([p[0] for p in pts], [statistics.fmean(p[1]) for p in pts], marker="o", label=f"{g['method']} r={g['rank']}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("held-out accuracy (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+__all__ = ["COLUMNS", "GROUP_COLUMNS", "group_rows", "mean_std", "run_row", "summarize", "verdicts"]
