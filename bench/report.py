@@ -10,115 +10,8 @@ import json
 import statistics
 from pathlib import Path
 
-R = Path("bench/results")
-
-
-def _load(name):
-    p = R / name
-    return json.loads(p.read_text()) if p.exists() else None
-
-
-def _b(n) -> str:
-    return "—" if n is None else f"{n:,.0f}"
-
-
-def _f(x, d=3) -> str:
-    return "—" if x is None else f"{x:.{d}f}"
-
-
-def _command(bench: str, data: dict) -> str:
-    """The command line that produced ``data`` (a bench result that records its supernodes and run config)."""
-    rc = " ".join(f"{k}={v}" for k, v in data["run_config"].items())
-    return f"Command: `python -m bench.{bench} --num-supernodes {data['num_supernodes']} --run-config \"{rc}\"`"
-
-
-def _missing(cmd: str) -> list[str]:
-    return [f"*Not measured yet: run `{cmd}`.*", ""]
-
-
-def init_section() -> list[str]:
-    """Issue 14: Fed-SB's one-time cost by initialization variant: bytes, basis overlap, accuracy over seeds."""
-    by, ov, acc = _load("init_bytes.json"), _load("init_overlap.json"), _load("init_accuracy.json")
-    out = ["## Fed-SB's one-time cost by initialization variant", "",
-           "Commands: `python -m bench.init_variants bytes` (measured message sizes, default model, rank 32, 36 "
-           "layers), `python -m bench.init_variants overlap` (10 default clients × 64 examples, exact SVD) and "
-           "`python -m bench.init_variants accuracy` (the default `make run` configuration with the variant's keys, "
-           "10 rounds, the whole held-out set, one run per seed).", ""]
-    if not by:
-        return out + _missing("python -m bench.init_variants bytes")
-    runs = {}
-    for r in (acc or {}).get("rows", []):
-        runs.setdefault(r["variant"], []).append(r["accuracy"])
-    out += ["| variant | keys | init upload / client | basis download / client | one-time / client | = rounds of R upload | "
-            "held-out accuracy (mean ± std, seeds) |", "|---|---|---|---|---|---|---|"]
-    for r in by["rows"]:
-        a = runs.get(r["variant"], [])
-        acc_s = (f"{statistics.mean(a):.3f} ± {statistics.stdev(a):.3f} (n={len(a)})" if len(a) > 1 else
-                 f"{a[0]:.3f} (n=1)" if a else "not run")
-        keys = " ".join(f"{k}={v}" for k, v in r["keys"].items())
-        out.append(f"| {r['variant']} | `{keys}` | {_b(r['init_upload_bytes'])} | {_b(r['basis_download_bytes'])} | "
-                   f"{_b(r['one_time_bytes'])} | {r['rounds_equivalent']:.1f} | {acc_s} |")
-    out += ["", f"One round's upload of R + head: {_b(by['rows'][0]['round_upload_bytes'])} per client."]
-    if ov:
-        out += ["", f"Basis overlap with the dense float32 10-client basis (‖B_vᵀ·B_dense‖²_F / r per layer; a random "
-                f"subspace gives about {ov['random_overlap_B']:.3f} for B and {ov['random_overlap_A']:.3f} for A):", "",
-                "| basis | B median | B min | A median | A min |", "|---|---|---|---|---|"]
-        out += [f"| {r['variant']} | {r['overlap_B_median']:.3f} | {r['overlap_B_min']:.3f} | {r['overlap_A_median']:.3f} | "
-                f"{r['overlap_A_min']:.3f} |" for r in ov["rows"]]
-    else:
-        out += _missing("python -m bench.init_variants overlap")
-    if acc and acc.get("note"):
-        out += ["", acc["note"]]
-    return out + [""]
-
-
-def _mean_std(vals: list[float]) -> str:
-    if not vals:
-        return "not run"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f} (n=1)"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
-
-
-def precision_section() -> list[str]:
-    """Issue 20: bfloat16 base weights against float32 on the CPU: step time, memory, accuracy over seeds."""
-    pr, acc = _load("precision.json"), _load("init_accuracy.json")
-    out = ["## Half precision on the CPU (`base-dtype`)", "",
-           "Commands: `python -m bench.precision` (one client's local step on the default model, each dtype in a "
-           "fresh process, one thread) and `python -m bench.init_variants accuracy` (variants `sign-int8` and "
-           "`sign-int8-bf16`: the default run with the frozen base in float32 or bfloat16).", ""]
-    if pr:
-        out += ["| base dtype | step time (median) | weights | client process peak RSS |", "|---|---|---|---|"]
-        out += [f"| {r['base_dtype']} | {r['step_seconds_median']:.3f} s | {_b(r['weight_bytes'])} | "
-                f"{_b(r['peak_rss_bytes'])} |" for r in pr["rows"]]
-    else:
-        out += _missing("python -m bench.precision")
-    runs = {}
-    for r in (acc or {}).get("rows", []):
-        runs.setdefault(r["variant"], []).append(r["accuracy"])
-    out += ["", f"Held-out accuracy, float32 base: {_mean_std(runs.get('sign-int8', []))}; bfloat16 base: "
-            f"{_mean_std(runs.get('sign-int8-bf16', []))}.",
-            "", "Untested: the CUDA path. No GPU was lent to the session that built it; the CPU tests cover the keys' "
-            "validation, a bfloat16 base training float32 R and head and uploading float32, a federated bfloat16 run, "
-            "and a bfloat16-trained PEFT export loading into a float32 base.", ""]
-    return out
-
-
-def nested_section() -> list[str]:
-    """Issue 19: a mixed federation of nested ranks against uniform ranks."""
-    nr = _load("nested_ranks.json")
-    out = ["## Nested ranks: a mixed federation", "", "Command: `python -m bench.nested_ranks` (default model and data, "
-           "6 clients, half sampled per round, 6 rounds, the whole held-out set after the last round).", ""]
-    if not nr:
-        return out + _missing("python -m bench.nested_ranks") + [""]
-    runs: dict[str, list[dict]] = {}
-    for r in nr["rows"]:
-        runs.setdefault(r["variant"], []).append(r)
-    out += ["| clients | held-out accuracy (mean ± std) | upload per client per round |", "|---|---|---|"]
-    for name, rows in runs.items():
-        out.append(f"| {name} | {_mean_std([r['accuracy'] for r in rows])} | "
-                   f"{_b(statistics.mean(r['bytes_up_per_client_round'] for r in rows))} |")
-    return out + [""]
+from bench.report_common import R, _b, _command, _f, _load, _missing  # noqa: F401
+from bench.report_variants import init_section, llm_section, nested_section, precision_section
 
 
 def main() -> None:
@@ -473,7 +366,7 @@ def main() -> None:
                 f"{do['ratio_median']:.1f}× per round. Caveat and what dominates: {do['note']}. Status: {do['status']}.", ""]
     else:
         out += _missing("python -m bench.deploy_overhead")
-    out += init_section() + precision_section() + nested_section()
+    out += init_section() + precision_section() + nested_section() + llm_section()
     Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
     print("wrote BENCHMARKS.md")
 

@@ -43,7 +43,8 @@ class FedSBConfig:
     model: str = _f("default", "a local Hugging Face model folder, or `default` (bundled MiniLM / SmolLM2)")
     dataset: str = _f(
         "default",
-        "a CSV/JSONL file, or `default` (bundled tweet sentiment; `gsm`/`chatterbot` for causal-lm)",
+        "a CSV/JSONL file, or `default` (bundled tweet sentiment; for causal-lm reasoning-gym chain_sum, or "
+        "`reasoning:NAME`, `gsm`, `chatterbot`)",
     )
     text_column: str = _f("text", "column holding the input text")
     text_pair_column: str = _f("", "optional second text column (sentence pairs, e.g. NLI); empty for none")
@@ -136,7 +137,8 @@ class FedSBConfig:
     secagg_quantization_range: int = _f(4194304, "SecAgg+ quantization levels", lo=2)
     # --- causal LM ---------------------------------------------------------------------------
     eval_generate_samples: int = _f(32, "held-out problems generated for exact match (causal-lm)", lo=0, identity=False)
-    max_new_tokens: int = _f(96, "generation length for exact match (causal-lm)", lo=1, identity=False)
+    max_new_tokens: int = _f(0, "generation length for exact match (causal-lm; 0: the dataset's own, e.g. 8 for "
+                             "chain_sum, 96 for gsm)", lo=0, identity=False)
     num_examples: int = _f(2000, "examples drawn from a generator dataset such as `gsm`", lo=1)
 
     # ------------------------------------------------------------------------------------------

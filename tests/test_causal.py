@@ -193,3 +193,26 @@ def test_bundled_smollm2_loads_and_generates():
     assert "q_proj" in " ".join(adapters.find_targets(model, None))
     (out,) = generate_answers(model, tok, ["What is 2 + 3?"], 8, 1, True)
     assert isinstance(out, str) and out.strip()
+
+
+def test_reasoning_dataset_is_scored_by_its_generators_scorer(tiny_llama, tmp_path):
+    """dataset=reasoning:NAME: seeded records, the generator's answer length, and exact match from the generator's
+    own score_answer: "The answer is 7" holds the right number but is not the bare answer the prompt asks for."""
+    from fedsb.config import FedSBConfig
+    from fedsb.tasks import get_task
+    from fedsb.tasks.reasoning import ReasoningRecord, score_answer
+
+    cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_llama, "reasoning:chain_sum", tmp_path, **{
+        "task": "causal-lm", "num-examples": 60, "eval-generate-samples": 5, "max-length": 48}))
+    task = get_task(cfg)
+    recs = task.generation_records()
+    assert len(recs) == 5 and all(isinstance(r, ReasoningRecord) and r.task == "chain_sum" for r in recs)
+    assert task.max_new_tokens == 8  # chain_sum's own; max-new-tokens=0 means "the dataset's"
+    answers = [r.answer for r in recs]
+    assert task.score(recs, answers) == 1.0
+    wordy = [f"The answer is {a}" for a in answers]
+    assert all(exact_match(w, a) for w, a in zip(wordy, answers))  # the numeric extractor would accept them...
+    assert task.score(recs, wordy) == 0.0 and 0 < score_answer(recs[0], wordy[0]) < 1  # ...the generator does not
+    assert task.score(recs, [answers[0]] + wordy[1:]) == pytest.approx(0.2)
+    with pytest.raises(Exception, match="dataset"):
+        get_task(cfg.replace(dataset="reasoning:no_such_generator"))

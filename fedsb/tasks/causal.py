@@ -203,13 +203,5 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return out
 
 
-def evaluate_exact_match(model, tokenizer, records: list[PromptAnswer], max_new_tokens: int, batch_size: int,
-                         use_chat_template: bool) -> float:
-    if not records:
-        return float("nan")
-    preds = generate_answers(model, tokenizer, [r.prompt for r in records], max_new_tokens, batch_size, use_chat_template)
-    return sum(exact_match(p, r.final or r.answer) for p, r in zip(preds, records)) / len(records)
-
-
 def perplexity(mean_loss: float) -> float:
     return math.exp(min(mean_loss, 50.0))

@@ -12,8 +12,9 @@ from torch import nn
 
 from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks.base import Task
-from fedsb.tasks.causal import (PromptAnswer, causal_per_example_loss, evaluate_exact_match, load_chatterbot, load_gsm,
-                                load_jsonl_prompt_answer, load_smollm2, tokenize_prompt_answer)
+from fedsb.tasks.causal import (PromptAnswer, causal_per_example_loss, exact_match, generate_answers, load_chatterbot,
+                                load_gsm, load_jsonl_prompt_answer, load_smollm2, tokenize_prompt_answer)
+from fedsb.tasks.reasoning import DEFAULT_TASK, ReasoningRecord, build_records, evaluate_generations, spec_for
 from fedsb.tasks.data import EncodedDataset, TaskData, split_rest
 from fedsb.tasks.models import load_tokenizer
 
@@ -30,12 +31,20 @@ class CausalDataset(EncodedDataset):
 
 
 def load_records(cfg: FedSBConfig) -> list[PromptAnswer]:
-    if cfg.dataset in ("default", "gsm"):
+    if cfg.dataset == "default" or cfg.dataset.startswith("reasoning:"):
+        name = DEFAULT_TASK if cfg.dataset == "default" else cfg.dataset.split(":", 1)[1]
+        try:
+            return build_records(name, cfg.num_examples, cfg.seed)
+        except ValueError as e:
+            raise ConfigError("dataset", f"{e} (give `reasoning:NAME` with a reasoning-gym generator, e.g. "
+                              f"`reasoning:{DEFAULT_TASK}`)") from e
+    if cfg.dataset == "gsm":
         return load_gsm(cfg.num_examples, cfg.seed)
     if cfg.dataset == "chatterbot":
         return load_chatterbot()
     if not cfg.dataset.endswith((".jsonl", ".json")):
-        raise ConfigError("dataset", f"task=causal-lm reads `gsm`, `chatterbot` or a JSONL file with prompt/answer; got {cfg.dataset!r}")
+        raise ConfigError("dataset", "task=causal-lm reads `default` (reasoning-gym chain_sum), `reasoning:NAME`, `gsm`, "
+                          f"`chatterbot` or a JSONL file with prompt/answer; got {cfg.dataset!r}")
     try:
         return load_jsonl_prompt_answer(cfg.dataset, cfg.text_column if cfg.text_column != "text" else "prompt",
                                         cfg.label_column if cfg.label_column != "sentiment" else "answer")
@@ -90,13 +99,37 @@ class CausalLMTask(Task):
         loss = loss_sum / n
         return {"loss": loss, "num-examples": n, "perplexity": math.exp(min(loss, 50.0))}
 
+    def generation_records(self) -> list[PromptAnswer]:
+        """The held-out problems the server generates for (those with a final answer), in a fixed order."""
+        return [r for r in (self.data.records or []) if r.final][: self.cfg.eval_generate_samples]
+
+    @property
+    def max_new_tokens(self) -> int:
+        """max-new-tokens, or (0) the dataset's own: a reasoning generator's answer length, 96 for gsm."""
+        if self.cfg.max_new_tokens:
+            return self.cfg.max_new_tokens
+        recs = self.data.records or []
+        return spec_for(recs[0].task).max_new_tokens if recs and isinstance(recs[0], ReasoningRecord) else 96
+
+    def generate(self, model: nn.Module, records: list[PromptAnswer]) -> list[str]:
+        """Greedy replies to the records' prompts (batches of 16, left padding), as the server scores them."""
+        return generate_answers(model, self.tokenizer, [r.prompt for r in records], self.max_new_tokens, 16,
+                                use_chat_template=True)
+
+    def score(self, records: list[PromptAnswer], replies: list[str]) -> float:
+        """Exact match with the task's own scorer: a reasoning generator's ``score_answer`` (== 1), else the
+        final number of the reply against the record's."""
+        if not records:
+            return float("nan")
+        if isinstance(records[0], ReasoningRecord):
+            return evaluate_generations(records, replies)["exact_match"]
+        return sum(exact_match(p, r.final or r.answer) for p, r in zip(replies, records)) / len(records)
+
     def server_evaluate(self, model: nn.Module, loader) -> dict[str, float]:
         m = self.evaluate(model, loader)
-        # generation-based exact match on a bounded number of held-out problems (those with a final answer)
-        recs = [r for r in (self.data.records or []) if r.final][: self.cfg.eval_generate_samples]
+        recs = self.generation_records()
         if recs:
-            m["exact_match"] = evaluate_exact_match(model, self.tokenizer, recs, self.cfg.max_new_tokens, 16,
-                                                    use_chat_template=True)
+            m["exact_match"] = self.score(recs, self.generate(model, recs))
         return m
 
     def summary(self) -> dict[str, Any]:

@@ -23,10 +23,12 @@ class TaskSpec:
     config: dict[str, Any]  # overrides of the generator's config (difficulty)
     instruction: str  # appended to the question: the answer format
     max_new_tokens: int = 16  # enough for a correct answer plus its end-of-turn token
+    generator: str = ""  # the reasoning-gym generator, when the task's name is not one (a variant's difficulty)
 
 
 TASKS: dict[str, TaskSpec] = {
     "chain_sum": TaskSpec(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2), NUMBER, 8),
+    "digit_sum": TaskSpec(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1), NUMBER, 6, "chain_sum"),
     "basic_arithmetic": TaskSpec(dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2, operators=("+", "-", "*"),
                                       allow_parentheses=False, allow_negation=False), NUMBER, 8),
     "products": TaskSpec(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2), NUMBER, 8),
@@ -67,7 +69,8 @@ def make_dataset(name: str, size: int, seed: int, **overrides):
     """The seeded reasoning-gym dataset of a task (its small-difficulty config, updated by ``overrides``)."""
     import reasoning_gym
 
-    return reasoning_gym.create_dataset(name, size=size, seed=seed, **{**spec_for(name).config, **overrides})
+    spec = spec_for(name)
+    return reasoning_gym.create_dataset(spec.generator or name, size=size, seed=seed, **{**spec.config, **overrides})
 
 
 def format_question(question: str, instruction: str) -> str:

@@ -1,0 +1,146 @@
+"""BENCHMARKS.md sections on Fed-SB's variants: init and basis cost (issue 14), half precision (issue 20),
+nested ranks (issue 19), the causal-LM task (issue 18). Rendered by ``bench.report``."""
+
+from __future__ import annotations
+
+import statistics
+
+from bench.report_common import _b, _load, _missing
+
+
+def init_section() -> list[str]:
+    """Issue 14: Fed-SB's one-time cost by initialization variant: bytes, basis overlap, accuracy over seeds."""
+    by, ov, acc = _load("init_bytes.json"), _load("init_overlap.json"), _load("init_accuracy.json")
+    out = ["## Fed-SB's one-time cost by initialization variant", "",
+           "Commands: `python -m bench.init_variants bytes` (measured message sizes, default model, rank 32, 36 "
+           "layers), `python -m bench.init_variants overlap` (10 default clients × 64 examples, exact SVD) and "
+           "`python -m bench.init_variants accuracy` (the default `make run` configuration with the variant's keys, "
+           "10 rounds, the whole held-out set, one run per seed).", ""]
+    if not by:
+        return out + _missing("python -m bench.init_variants bytes")
+    runs = {}
+    for r in (acc or {}).get("rows", []):
+        runs.setdefault(r["variant"], []).append(r["accuracy"])
+    out += ["| variant | keys | init upload / client | basis download / client | one-time / client | = rounds of R upload | "
+            "held-out accuracy (mean ± std, seeds) |", "|---|---|---|---|---|---|---|"]
+    for r in by["rows"]:
+        a = runs.get(r["variant"], [])
+        acc_s = (f"{statistics.mean(a):.3f} ± {statistics.stdev(a):.3f} (n={len(a)})" if len(a) > 1 else
+                 f"{a[0]:.3f} (n=1)" if a else "not run")
+        keys = " ".join(f"{k}={v}" for k, v in r["keys"].items())
+        out.append(f"| {r['variant']} | `{keys}` | {_b(r['init_upload_bytes'])} | {_b(r['basis_download_bytes'])} | "
+                   f"{_b(r['one_time_bytes'])} | {r['rounds_equivalent']:.1f} | {acc_s} |")
+    out += ["", f"One round's upload of R + head: {_b(by['rows'][0]['round_upload_bytes'])} per client."]
+    if ov:
+        out += ["", f"Basis overlap with the dense float32 10-client basis (‖B_vᵀ·B_dense‖²_F / r per layer; a random "
+                f"subspace gives about {ov['random_overlap_B']:.3f} for B and {ov['random_overlap_A']:.3f} for A):", "",
+                "| basis | B median | B min | A median | A min |", "|---|---|---|---|---|"]
+        out += [f"| {r['variant']} | {r['overlap_B_median']:.3f} | {r['overlap_B_min']:.3f} | {r['overlap_A_median']:.3f} | "
+                f"{r['overlap_A_min']:.3f} |" for r in ov["rows"]]
+    else:
+        out += _missing("python -m bench.init_variants overlap")
+    if runs.get("dense-f32"):
+        out += ["", "Accuracy against today's dense-gradient float32 basis (`dense-f32`), per variant:", ""]
+        out += [f"- {_versus(v, a, 'dense-f32', runs['dense-f32'])}" for v, a in runs.items() if v != "dense-f32"]
+    if acc and acc.get("note"):
+        out += ["", acc["note"]]
+    return out + [""]
+
+
+def _versus(name: str, vals: list[float], ref_name: str, ref: list[float]) -> str:
+    """``name`` against ``ref_name``: the difference of means and whether it exceeds two standard errors of
+    the difference (computed from the runs, so the sentence can never disagree with the table)."""
+    if len(vals) < 2 or len(ref) < 2:
+        return f"{name} vs {ref_name}: fewer than 2 runs each, no statement"
+    d = statistics.mean(vals) - statistics.mean(ref)
+    se = (statistics.variance(vals) / len(vals) + statistics.variance(ref) / len(ref)) ** 0.5
+    verdict = "beyond the seed spread" if abs(d) > 2 * se else "within the seed spread"
+    return f"{name} vs {ref_name}: {d:+.3f} (2 SE = {2 * se:.3f}): {verdict}"
+
+
+def _mean_std(vals: list[float]) -> str:
+    if not vals:
+        return "not run"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f} (n=1)"
+    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f} (n={len(vals)})"
+
+
+def precision_section() -> list[str]:
+    """Issue 20: bfloat16 base weights against float32 on the CPU: step time, memory, accuracy over seeds."""
+    pr, acc = _load("precision.json"), _load("init_accuracy.json")
+    out = ["## Half precision on the CPU (`base-dtype`)", "",
+           "Commands: `python -m bench.precision` (one client's local step on the default model, each dtype in a "
+           "fresh process, one thread) and `python -m bench.init_variants accuracy` (variants `sign-int8` and "
+           "`sign-int8-bf16`: the default run with the frozen base in float32 or bfloat16).", ""]
+    if pr:
+        out += ["| base dtype | step time (median) | weights | client process peak RSS |", "|---|---|---|---|"]
+        out += [f"| {r['base_dtype']} | {r['step_seconds_median']:.3f} s | {_b(r['weight_bytes'])} | "
+                f"{_b(r['peak_rss_bytes'])} |" for r in pr["rows"]]
+    else:
+        out += _missing("python -m bench.precision")
+    runs = {}
+    for r in (acc or {}).get("rows", []):
+        runs.setdefault(r["variant"], []).append(r["accuracy"])
+    out += ["", f"Held-out accuracy, float32 base: {_mean_std(runs.get('sign-int8', []))}; bfloat16 base: "
+            f"{_mean_std(runs.get('sign-int8-bf16', []))}; "
+            f"{_versus('bfloat16', runs.get('sign-int8-bf16', []), 'float32', runs.get('sign-int8', []))}.",
+            "", "Untested: the CUDA path. No GPU was lent to the session that built it; the CPU tests cover the keys' "
+            "validation, a bfloat16 base training float32 R and head and uploading float32, a federated bfloat16 run, "
+            "and a bfloat16-trained PEFT export loading into a float32 base.", ""]
+    return out
+
+
+def nested_section() -> list[str]:
+    """Issue 19: a mixed federation of nested ranks against uniform ranks."""
+    nr = _load("nested_ranks.json")
+    out = ["## Nested ranks: a mixed federation", "", "Command: `python -m bench.nested_ranks` (default model and data, "
+           "6 clients, half sampled per round, 6 rounds, the whole held-out set after the last round).", ""]
+    if not nr:
+        return out + _missing("python -m bench.nested_ranks") + [""]
+    runs: dict[str, list[dict]] = {}
+    for r in nr["rows"]:
+        runs.setdefault(r["variant"], []).append(r)
+    out += ["| clients | held-out accuracy (mean ± std) | upload per client per round |", "|---|---|---|"]
+    for name, rows in runs.items():
+        out.append(f"| {name} | {_mean_std([r['accuracy'] for r in rows])} | "
+                   f"{_b(statistics.mean(r['bytes_up_per_client_round'] for r in rows))} |")
+    accs = {name: [r["accuracy"] for r in rows] for name, rows in runs.items()}
+    mixed = next((n for n in accs if n.startswith("mixed")), None)
+    if mixed:
+        out += [""] + [f"- {_versus(mixed, accs[mixed], n, a)}" for n, a in accs.items() if n != mixed]
+    return out + [""]
+
+
+def llm_section() -> list[str]:
+    """Issue 18: SmolLM2 on a short-answer reasoning task, Fed-SB against FedIT, exact match by round."""
+    llm = _load("llm.json")
+    out = ["## Causal LM: SmolLM2-135M-Instruct on reasoning-gym `chain_sum`", ""]
+    if not llm:
+        return out + _missing("python -m bench.llm")
+    out += ["Each run: the exact match of greedy replies (reasoning-gym's own `score_answer` == 1) on the held-out "
+            "problems after each round (round 0: the base model), the held-out answer loss, what a client uploads per "
+            "round and once, and the wall time on this machine. `PEFT` is the same exact match recomputed by loading "
+            "the exported `adapter/peft/` into the base model with plain transformers + peft.", "",
+            "| method | rank | lr | exact match by round | held-out loss by round | upload / client / round | one-time / "
+            "client | PEFT exact match | wall |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in llm["rows"]:
+        ev = r["evaluate"]
+        em = " → ".join(f"{e['exact_match']:.2f}" for e in ev if e.get("exact_match") is not None)
+        loss = " → ".join(f"{e['loss']:.2f}" for e in ev)
+        s = r["summary"]
+        out.append(f"| {r['method']} | {r['rank']} | {r.get('learning_rate')} | {em} | {loss} | "
+                   f"{_b(s['bytes_up_per_client_round'])} | {_b(s.get('bytes_one_time_per_client'))} | "
+                   f"{r['peft_exact_match']:.2f} (server: {s['final_exact_match']:.2f}, n={r['generated']}) | "
+                   f"{r['wall_seconds'] / 60:.1f} min |")
+    out += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in llm["rows"]]
+    for r in llm["rows"]:
+        out += ["", f"<details><summary>{r['method']}: generated answers before and after</summary>", "",
+                "| prompt (end) | answer | base model | after |", "|---|---|---|---|"]
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ⏎ ").strip()  # noqa: E731
+        out += [f"| …{cell(e['prompt'][-70:])} | {cell(e['answer'])} | {cell(e['before'])} | {cell(e['after'])} |"
+                for e in r["examples"]]
+        out += ["", "</details>"]
+    if llm.get("note"):
+        out += ["", llm["note"]]
+    return out + [""]
