@@ -60,7 +60,7 @@ def main() -> None:
     ranks = {**RANKS, **{k: int(v) for k, v in (x.split("=") for x in args.rank)}}
     lrs = {k: float(v) for k, v in (x.split("=") for x in args.lr)}
     for method in args.methods:
-        name = method + args.tag
+        name = f"{method}-{args.tag}" if args.tag else method
         if any(r["method"] == name for r in out["rows"]):
             continue
         keys = dict(parse_run_config(args.run_config), method=method, rank=ranks.get(method, 32),

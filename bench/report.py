@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from bench.report_common import R, _b, _command, _f, _load, _missing  # noqa: F401
-from bench.report_variants import init_section, llm_section, nested_section, precision_section
+from bench.report_variants import deploy_section, init_section, llm_section, nested_section, precision_section
 
 
 def main() -> None:
@@ -358,14 +358,7 @@ def main() -> None:
     else:
         out += _missing("python -m bench.options")
 
-    do = _load("deploy_overhead.json")
-    out += ["## Deployment round vs simulation round", "", "Command: `python -m bench.deploy_overhead` (default model, 3 clients, 10 local steps).", ""]
-    if do:
-        out += [f"Simulation train rounds: {', '.join(f'{x:.1f}' for x in do['simulation_round_seconds'])} s; deployment (SuperLink +",
-                f"3 SuperNodes, TLS + node auth, loopback): {', '.join(f'{x:.1f}' for x in do['deployment_round_seconds'])} s —",
-                f"{do['ratio_median']:.1f}× per round. Caveat and what dominates: {do['note']}. Status: {do['status']}.", ""]
-    else:
-        out += _missing("python -m bench.deploy_overhead")
+    out += deploy_section()
     out += init_section() + precision_section() + nested_section() + llm_section()
     Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
     print("wrote BENCHMARKS.md")

@@ -144,3 +144,34 @@ def llm_section() -> list[str]:
     if llm.get("note"):
         out += ["", llm["note"]]
     return out + [""]
+
+
+def deploy_section() -> list[str]:
+    """Issue 17: a deployment round against a simulation round, and where a client's time goes."""
+    do = _load("deploy_overhead.json")
+    out = ["## Deployment round vs simulation round", ""]
+    if do and "deployment_before" not in do:  # a result of the earlier version of the benchmark (no breakdown)
+        return out + [f"Command: `python -m bench.deploy_overhead --rounds 2` (earlier version, no breakdown): simulation "
+                      f"train rounds {', '.join(f'{x:.1f}' for x in do['simulation_round_seconds'])} s; deployment "
+                      f"{', '.join(f'{x:.1f}' for x in do['deployment_round_seconds'])} s: {do['ratio_median']:.1f}× per "
+                      f"round. {do['note']}. The breakdown and the data cache's effect: not measured yet (run "
+                      "`python -m bench.deploy_overhead`).", ""]
+    if not do:
+        return out + _missing("python -m bench.deploy_overhead")
+    parts = ["process-age", "setup", "model", "data", "seconds"]
+    out += [f"Command: `{do['command']}` (default model, 3 clients, 10 local steps; SuperLink + 3 SuperNodes on "
+            "loopback with TLS and node authentication, a fresh ClientApp process per message). Medians over rounds "
+            "2 and later; the client parts are medians over replies: process age when the handler starts (process "
+            "start and imports), setup (config and task load), model (and basis), data (partition), local training.", "",
+            "| | train round | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+    for name, key in (("simulation", "simulation"), ("deployment, no data cache", "deployment_before"),
+                      ("deployment, data cache", "deployment_after")):
+        d = do[key]
+        cs = d["client_seconds_median_later"]
+        out.append(f"| {name} | {d['round_seconds_median_later']:.1f} s | "
+                   + " | ".join(f"{cs[k]:.2f} s" if k in cs else "—" for k in parts) + " |")
+    out += ["", f"Ratio deployment / simulation: {do['ratio_before']:.2f}× before, {do['ratio_after']:.2f}× after "
+            f"(goal ≤ 1.3×: {'met' if do['ratio_after'] <= 1.3 else 'unmet'})."]
+    if do.get("note"):
+        out += ["", do["note"]]
+    return out + [""]

@@ -29,6 +29,18 @@ from fedsb.wire import decode_basis, flatten, pack_signs, unflatten_into
 log = logging.getLogger("fedsb.client")
 
 
+def _process_start() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # psutil missing or refused: the age is then counted from this import
+        return time.time()
+
+
+PROCESS_START = _process_start()
+
+
 class ContextStore:
     """A node's Flower state (``context.state``) as fedsb's ``NodeStore``: arrays and a small config."""
 
@@ -143,7 +155,9 @@ class FedSBClient:
                        reply_to=msg)
 
     def train(self, msg: Message, context: Context) -> Message:
+        t_enter = time.time()
         cfg, task, pid, nparts = self.setup(context)
+        t_setup = time.time()
         download = download_of(msg)
         method, fp, rnd = self.method_for(cfg, task, context, pid), download.fingerprint, download.round
         if int(download.config.get("rank", cfg.rank)) != method.rank:
@@ -154,8 +168,12 @@ class FedSBClient:
             log.info("partition %d: lacking basis %s, asking the server for it", pid, fp)
             return ask
         method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
+        t_model = time.time()
         ds = task.data.client_dataset(pid, nparts, cfg)
         t0 = time.time()
+        # where a round's time goes on this node (a deployment starts a fresh process per message)
+        timing = {"time-process-age": t_enter - PROCESS_START, "time-setup": t_setup - t_enter,
+                  "time-model": t_model - t_setup, "time-data": t0 - t_model}
         reset_peak_memory(task.device)
         trainer = trainer_for(cfg)
         loss, metrics = trainer.train(task, model, ds, pid, rnd, download.config, ContextStore(context))
@@ -164,7 +182,7 @@ class FedSBClient:
                                        "config": ConfigRecord({"status": "budget-exhausted", "fingerprint": fp})}),
                            reply_to=msg)
         metrics.update({"num-examples": len(ds), "seconds": time.time() - t0,
-                        "peak-memory-bytes": peak_memory_bytes(task.device)})
+                        "peak-memory-bytes": peak_memory_bytes(task.device), **timing})
         if trainer.private:
             # Under DP the loss on the raw local batches is not privatized, so it stays on the client (logged
             # here, never uploaded); only the noised update and the accountant's figures leave the node.

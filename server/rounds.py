@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import statistics
 import time
 import tracemalloc
 from typing import TYPE_CHECKING, Any
@@ -68,6 +69,7 @@ class TrainRound:
         self.losses: list[tuple[float, int]] = []
         self.up_sizes: list[float] = []
         self.peak_memory = 0  # the largest peak memory a client reported for its step
+        self.timings: list[dict[str, float]] = []  # per reply: where the client's time went
 
     # -- the strategy-shaped steps -----------------------------------------------------------------
     def configure(self) -> list[int]:
@@ -119,6 +121,8 @@ class TrainRound:
             self.vectors.append(vec)
         self.weights.append(float(n_ex))
         self.peak_memory = max(self.peak_memory, int(reply.content["metrics"].get("peak-memory-bytes", 0)))
+        self.timings.append({k: float(v) for k, v in reply.content["metrics"].items()
+                             if k.startswith("time-") or k == "seconds"})
         if "train-loss" in reply.content["metrics"]:  # absent under dp (not privatized, kept on the client)
             self.losses.append((float(reply.content["metrics"]["train-loss"]), n_ex))
         self.up_sizes.append(up)
@@ -159,6 +163,10 @@ class TrainRound:
             "bytes_basis": self.basis_bytes,
             "bytes_up_per_client": (sum(up_sizes) / len(up_sizes)) if up_sizes else None,
             "client_peak_memory_bytes": self.peak_memory or None,
+            # median over the replies of where a client's time went: process age at the handler, config and
+            # task load, model and basis, partition, local training
+            "client_seconds": {k.removeprefix("time-"): round(statistics.median(t[k] for t in self.timings if k in t), 3)
+                               for k in dict.fromkeys(k for t in self.timings for k in t)} or None,
         }
 
     # -- the round, start to end -------------------------------------------------------------------

@@ -91,3 +91,6 @@ def test_bfloat16_base_federated_run(tiny_bert, sentiment_csv, tmp_path):
     assert s["final_accuracy"] >= 0.8 and s["config"]["base-dtype"] == "bfloat16"
     assert s["bytes_up_per_client_round"] <= 1.10 * 4 * s["communicated_params"] + 1024  # float32 uploads
     assert all(r["client_peak_memory_bytes"] > 0 for r in recs if r["phase"] == "train")
+    # where a client's round went, median over the replies (the deployment benchmark reads these)
+    timings = [r["client_seconds"] for r in recs if r["phase"] == "train"]
+    assert all(set(t) == {"process-age", "setup", "model", "data", "seconds"} and t["seconds"] > 0 for t in timings)

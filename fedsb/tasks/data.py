@@ -11,6 +11,7 @@ partition of the rest without talking to anyone. Partitions come from flwr-datas
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedsb.config import ConfigError, FedSBConfig
+from fedsb.tasks.cache import cached_arrays
 from fedsb.tasks.models import package_dir
 
 log = logging.getLogger(__name__)
@@ -124,12 +126,22 @@ def split_rest(n: int, carve: int, test_fraction: float, seed: int,
 def partition_indices(
     labels: np.ndarray, num_partitions: int, partition_id: int, partitioner: str, alpha: float, seed: int
 ) -> np.ndarray:
-    """Indices (into ``labels``) of one client's partition, via flwr-datasets' partitioners."""
+    """Indices (into ``labels``) of one client's partition, via flwr-datasets' partitioners (cached on disk:
+    building the partitioner costs a fresh ClientApp process more than its training steps)."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    key = {"labels": hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest(),
+           "num_partitions": num_partitions, "partition_id": partition_id, "partitioner": partitioner,
+           "alpha": alpha if partitioner == "dirichlet" else None, "seed": seed}
+    return cached_arrays("partition", key, lambda: {"idx": _partition(labels, num_partitions, partition_id,
+                                                                      partitioner, alpha, seed)})["idx"]
+
+
+def _partition(labels: np.ndarray, num_partitions: int, partition_id: int, partitioner: str, alpha: float,
+               seed: int) -> np.ndarray:
     from datasets import Dataset as HFDataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
-    if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition-id {partition_id} outside [0, {num_partitions})")
     ds = HFDataset.from_dict({"label": labels.tolist(), "idx": list(range(len(labels)))})
     if partitioner == "iid":
         # IidPartitioner splits in order; shuffle first (seeded) so partitions mix classes.

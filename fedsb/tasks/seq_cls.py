@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import nn
 
 from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks.base import Task
+from fedsb.tasks.cache import Ragged, arrays_to_ragged, cached_arrays, ragged_to_arrays, tokenizer_digest
 from fedsb.tasks.data import EncodedDataset, TaskData, load_table, split_rest
 from fedsb.tasks.models import load_tokenizer, package_dir
 from fedsb.tasks.training import model_inputs
@@ -40,9 +42,16 @@ def server_carve(cfg: FedSBConfig) -> int:
 def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int, test_fraction: float,
             seed: int, carve: int = 0, validation_fraction: float = 0.0, eval_split: str = "test") -> TaskData:
     tok = load_tokenizer(model_path)
-    enc = tok(texts, pairs, truncation=True, max_length=max_length)
-    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-    ds = EncodedDataset({k: enc[k] for k in keys}, np.asarray(labels, dtype=np.int64))
+
+    def tokenize() -> dict[str, np.ndarray]:
+        enc = tok(texts, pairs, truncation=True, max_length=max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        return ragged_to_arrays({k: Ragged.from_lists(enc[k]) for k in keys})
+
+    content = hashlib.sha256("\x1f".join(texts).encode() + b"\x1e" + "\x1f".join(pairs or []).encode()).hexdigest()
+    arrays = cached_arrays("tokens", {"texts": content, "pairs": pairs is not None, "max_length": max_length,
+                                      "tokenizer": tokenizer_digest(model_path)}, tokenize)
+    ds = EncodedDataset(arrays_to_ragged(arrays), np.asarray(labels, dtype=np.int64))
     server_idx, train_idx, val_idx, test_idx = split_rest(len(ds), carve, test_fraction, seed, validation_fraction)
     return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id, server_idx=server_idx,
                     val_idx=val_idx, eval_split=eval_split)
