@@ -68,6 +68,8 @@ class FedSBConfig:
                            "empty: every client at rank")
     scale: float = _f(1.0, "Fed-SB scale s in W0 + s*B*R*A", lo=0.0, lo_open=True)
     lora_alpha: float = _f(16.0, "LoRA alpha of the baseline methods (their scale is alpha/r)", lo=0.0, lo_open=True)
+    train_pooler: bool = _f(False, "seq-cls: also train the [CLS] pooler (dense + tanh) with the head, for every method "
+                            "alike (sent every round and exported in PEFT's modules_to_save)")
     target_modules: str = _f("auto", "comma-separated module names to adapt, or `auto` for the architecture's default")
     init_samples: int = _f(64, "examples per client whose gradients build the Fed-SB initialization", lo=1)
     init_update: str = _f("sign", "update approximation: first Adam step (`sign`) or plain gradient (`grad`)", choices=("sign", "grad"))
@@ -187,6 +189,8 @@ class FedSBConfig:
                 op = "<" if m.get("hi_open") else "<="
                 raise ConfigError(key, f"got {v!r}; must be {op} {hi}")
         # Combinations.
+        if self.train_pooler and self.task != "seq-cls":
+            raise ConfigError("train-pooler", f"applies to task='seq-cls' (got {self.task!r}); set it to false")
         if self.eval_split == "validation" and self.validation_fraction == 0:
             raise ConfigError("eval-split", "`validation` needs a validation slice; set validation-fraction > 0 "
                               "(e.g. 0.1) or eval-split='test'")

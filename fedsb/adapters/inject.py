@@ -48,7 +48,10 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def head_prefixes(model: nn.Module) -> list[str]:
-    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)]
+    """Module names that train in full and travel with the adapter: the new task head, plus any module the
+    loader marked (``fedsb_extra_heads``: e.g. the [CLS] pooler with train-pooler=true)."""
+    return [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)] + list(
+        getattr(model, "fedsb_extra_heads", ()))
 
 
 def _linear_suffixes(model: nn.Module) -> set[str]:

@@ -78,7 +78,8 @@ class Task:
 
     def base_model(self) -> nn.Module:
         """A fresh copy of the frozen base model, its weights in base-dtype, on the configured device."""
-        model = load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed, self.cfg.torch_base_dtype)
+        model = load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed, self.cfg.torch_base_dtype,
+                                self.cfg.train_pooler)
         if self.cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # non-reentrant: the frozen base's inputs need no grad for R's gradient to flow through
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -116,5 +117,5 @@ def validate_targets(cfg: FedSBConfig, model: nn.Module) -> list[str]:
 def _load_task(cls: type[Task], cfg: FedSBConfig) -> Task:
     path = resolve_model_path(cfg.model, cls.default_model)
     data = cls.load_data(cfg, path)
-    model = load_base_model(path, cls.name, data.num_labels, cfg.seed, cfg.torch_base_dtype)
+    model = load_base_model(path, cls.name, data.num_labels, cfg.seed, cfg.torch_base_dtype, cfg.train_pooler)
     return cls(cfg, path, data, validate_targets(cfg, model))

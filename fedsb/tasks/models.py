@@ -62,7 +62,8 @@ def load_tokenizer(path: str):
 
 
 @lru_cache(maxsize=2)
-def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32,
+               train_pooler: bool = False) -> nn.Module:
     """The frozen model with its weights in ``dtype``, loaded in that dtype (a large model never exists in
     float32 in this process), but for a new task head, kept in float32 with its input upcast."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -81,13 +82,28 @@ def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dt
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = load_tokenizer(path).pad_token_id
+            if train_pooler:
+                model.fedsb_extra_heads = [pooler_name(model)]
     if dtype != torch.float32:
         for h in head_prefixes(model):
-            getattr(model, h).float().register_forward_pre_hook(_float_input)
+            model.get_submodule(h).float().register_forward_pre_hook(_float_input)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def pooler_name(model: nn.Module) -> str:
+    """The [CLS] pooler (dense + tanh) of a BERT-style classifier, e.g. ``bert.pooler``."""
+    from fedsb.config import ConfigError
+
+    name = f"{getattr(model, 'base_model_prefix', '')}.pooler"
+    try:
+        if isinstance(model.get_submodule(name), nn.Module):
+            return name
+    except AttributeError:
+        pass
+    raise ConfigError("train-pooler", f"{type(model).__name__} has no pooler ({name}); set train-pooler=false")
 
 
 def _float_input(module: nn.Module, args: tuple) -> tuple:
@@ -96,7 +112,8 @@ def _float_input(module: nn.Module, args: tuple) -> tuple:
     return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def load_base_model(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_base_model(path: str, task: str, num_labels: int, seed: int, dtype: torch.dtype = torch.float32,
+                    train_pooler: bool = False) -> nn.Module:
     """A fresh copy of the frozen base model, in ``dtype`` but for a float32 task head (cached per process;
-    callers may modify the copy)."""
-    return copy.deepcopy(_load_base(path, task, num_labels, seed, dtype))
+    callers may modify the copy). ``train_pooler``: the pooler trains and travels with the head."""
+    return copy.deepcopy(_load_base(path, task, num_labels, seed, dtype, train_pooler))

@@ -1,0 +1,54 @@
+"""Why the default classification head is weak (issue 15, item 4): the same default run with the frozen
+[CLS] pooler (today) and with the pooler trained alongside the head (``train-pooler=true``, counted in what
+every method sends), for each method, over seeds, on the whole held-out set.
+
+    python -m bench.pooler [--methods fed-sb fedit] [--seeds 42 43 44] [--rounds 10]
+
+Results: bench/results/pooler.json, saved after every run (a long sweep can be resumed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from bench.common import machine
+
+PATH = Path("bench/results/pooler.json")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--methods", nargs="+", default=["fed-sb", "fedit"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--runs", default="runs/pooler")
+    args = p.parse_args()
+    from server.simulation import simulate
+
+    base = {"num-server-rounds": args.rounds, "eval-max-samples": 0, "eval-every": args.rounds}
+    out = json.loads(PATH.read_text()) if PATH.exists() else {"what": "frozen vs trained [CLS] pooler, default run",
+                                                              "base_keys": base, "rows": []}
+    for seed in args.seeds:
+        for method in args.methods:
+            for train_pooler in (False, True):
+                if any(r["method"] == method and r["seed"] == seed and r["train_pooler"] == train_pooler for r in out["rows"]):
+                    continue
+                keys = dict(base, method=method, seed=seed, **{"train-pooler": train_pooler, "output-dir": str(
+                    Path(args.runs).resolve() / f"{method}-pooler{int(train_pooler)}-s{seed}")})
+                if method != "fed-sb":
+                    keys["rank"] = 24
+                t0 = time.time()
+                s = json.loads((simulate(keys, 10) / "summary.json").read_text())
+                out["rows"].append({"method": method, "seed": seed, "train_pooler": train_pooler,
+                                    "accuracy": s["final_accuracy"], "communicated_params": s["communicated_params"],
+                                    "bytes_up_per_client_round": s["bytes_up_per_client_round"],
+                                    "seconds": round(time.time() - t0, 1)})
+                out["machine"] = machine()
+                PATH.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""train-pooler: the [CLS] pooler trains with the head for every method alike, is counted in what is sent,
+and PEFT loads it back through modules_to_save."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedsb import adapters
+from fedsb.methods import make_method
+from fedsb.run.export import export_peft
+from fedsb.tasks.models import load_base_model
+from tests.conftest import tiny_run_config
+
+
+@pytest.mark.parametrize("method", ["fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora"])
+def test_pooler_trains_and_travels_with_every_method(tiny_bert, method):
+    counts = {}
+    for train_pooler in (False, True):
+        model = load_base_model(str(tiny_bert), "seq-cls", 3, 0, train_pooler=train_pooler)
+        m = make_method(method, 4, 1.0, 8.0, 0)
+        m.build(model, adapters.find_targets(model, None))
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert any(n.startswith("bert.pooler.") for n in trainable) == train_pooler
+        assert not any("pooler" in n for n in adapters.adapter_layers(model))  # trained in full, never adapted
+        counts[train_pooler] = m.get_vector(model).size
+    hidden = 32
+    assert counts[True] - counts[False] == hidden * hidden + hidden  # pooler dense weight and bias, sent every round
+
+
+def test_peft_loads_a_trained_pooler(tiny_bert, tmp_path):
+    from peft import PeftModel
+
+    model = load_base_model(str(tiny_bert), "seq-cls", 3, 0, train_pooler=True)
+    layers = make_method("fed-sb", 4, 0.5, 8.0, 0).build(model, adapters.find_targets(model, None))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for l in layers.values():
+            l.set_basis(torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))[0],
+                        torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))[0].t(), torch.randn(4, 4, generator=g))
+        model.bert.pooler.dense.weight.add_(torch.randn(model.bert.pooler.dense.weight.shape, generator=g))
+    export_peft(tmp_path / "peft", model, str(tiny_bert), "SEQ_CLS")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(cfg["modules_to_save"]) == {"classifier", "bert.pooler"}
+    ids = torch.randint(1000, 3000, (3, 9), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_bert), "seq-cls", 3, 0), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        ours, theirs = model.eval()(**batch).logits, peft_model(**batch).logits
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
+def test_train_pooler_in_a_federated_run_and_its_errors(tiny_bert, sentiment_csv, tmp_path):
+    from fedsb.config import ConfigError, FedSBConfig
+    from server.simulation import simulate
+
+    runs = {}
+    for flag in (False, True):
+        run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / str(flag), **{
+            "train-pooler": flag, "num-server-rounds": 1}), 3)
+        runs[flag] = json.loads((run / "summary.json").read_text())
+    assert runs[True]["communicated_params"] - runs[False]["communicated_params"] == 32 * 32 + 32
+    with pytest.raises(ConfigError, match="train-pooler"):
+        FedSBConfig.from_run_config({"train-pooler": True, "task": "causal-lm"})
