@@ -43,7 +43,7 @@ class FedSBConfig:
     model: str = _f("default", "a local Hugging Face model folder, or `default` (bundled MiniLM / SmolLM2)")
     dataset: str = _f(
         "default",
-        "a CSV/JSONL file, or `default` (bundled tweet sentiment; for causal-lm reasoning-gym chain_sum, or "
+        "a CSV/JSONL file, or `default` (bundled tweet sentiment; for causal-lm reasoning-gym digit_sum, or "
         "`reasoning:NAME`, `gsm`, `chatterbot`)",
     )
     text_column: str = _f("text", "column holding the input text")
@@ -139,9 +139,10 @@ class FedSBConfig:
     secagg_quantization_range: int = _f(4194304, "SecAgg+ quantization levels", lo=2)
     # --- causal LM ---------------------------------------------------------------------------
     eval_generate_samples: int = _f(32, "held-out problems generated for exact match (causal-lm)", lo=0, identity=False)
-    max_new_tokens: int = _f(0, "generation length for exact match (causal-lm; 0: the dataset's own, e.g. 8 for "
-                             "chain_sum, 96 for gsm)", lo=0, identity=False)
-    num_examples: int = _f(2000, "examples drawn from a generator dataset such as `gsm`", lo=1)
+    max_new_tokens: int = _f(0, "generation length for exact match (causal-lm; 0: the dataset's own, e.g. 6 for "
+                             "digit_sum, 96 for gsm)", lo=0, identity=False)
+    num_examples: int = _f(0, "examples drawn from a generator dataset (causal-lm `default`, `reasoning:NAME`, `gsm`); "
+                           "0: the dataset's own (all 200 distinct digit_sum problems; 2000 otherwise)", lo=0)
 
     # ------------------------------------------------------------------------------------------
     @staticmethod

@@ -34,16 +34,16 @@ def load_records(cfg: FedSBConfig) -> list[PromptAnswer]:
     if cfg.dataset == "default" or cfg.dataset.startswith("reasoning:"):
         name = DEFAULT_TASK if cfg.dataset == "default" else cfg.dataset.split(":", 1)[1]
         try:
-            return build_records(name, cfg.num_examples, cfg.seed)
+            return build_records(name, cfg.num_examples or spec_for(name).num_examples, cfg.seed)
         except ValueError as e:
             raise ConfigError("dataset", f"{e} (give `reasoning:NAME` with a reasoning-gym generator, e.g. "
                               f"`reasoning:{DEFAULT_TASK}`)") from e
     if cfg.dataset == "gsm":
-        return load_gsm(cfg.num_examples, cfg.seed)
+        return load_gsm(cfg.num_examples or 2000, cfg.seed)
     if cfg.dataset == "chatterbot":
         return load_chatterbot()
     if not cfg.dataset.endswith((".jsonl", ".json")):
-        raise ConfigError("dataset", "task=causal-lm reads `default` (reasoning-gym chain_sum), `reasoning:NAME`, `gsm`, "
+        raise ConfigError("dataset", "task=causal-lm reads `default` (reasoning-gym digit_sum), `reasoning:NAME`, `gsm`, "
                           f"`chatterbot` or a JSONL file with prompt/answer; got {cfg.dataset!r}")
     try:
         return load_jsonl_prompt_answer(cfg.dataset, cfg.text_column if cfg.text_column != "text" else "prompt",
