@@ -16,7 +16,12 @@ NUM_GPUS_PER_CLIENT ?= 0
 RUN_DIR ?= $(CURDIR)/runs/make-run-$(shell date +%Y%m%d-%H%M%S)
 RUN_CONFIG ?=
 
-.PHONY: install run test docker-test clean-runs
+LLM_RUN_DIR ?= $(CURDIR)/runs/make-run-llm-$(shell date +%Y%m%d-%H%M%S)
+# The causal-LM job (README "Causal LMs"): SmolLM2-135M-Instruct learns one-digit sums with Fed-SB, 4 clients.
+LLM_RUN_CONFIG := task='causal-lm' rank=32 init-samples=16 num-server-rounds=5 local-steps=10 batch-size=8 \
+	learning-rate=0.002 fraction-train=1.0 eval-max-samples=40 eval-generate-samples=40 test-fraction=0.2
+
+.PHONY: install run run-llm test docker-test clean-runs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,13 +50,21 @@ run: $(STAMP) $(FLWR_HOME)/config.toml
 	[ -n "$$before" ] || $(VENV)/bin/fedsb local-superlink stop; \
 	[ $$rc -eq 0 ] && $(VENV)/bin/fedsb check-run $(RUN_DIR)
 
+run-llm: $(STAMP)
+	$(VENV)/bin/fedsb simulate --num-supernodes 4 --run-config "$(LLM_RUN_CONFIG) output-dir='$(LLM_RUN_DIR)' $(RUN_CONFIG)"
+	$(VENV)/bin/fedsb check-run $(LLM_RUN_DIR)
+
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The compose files for real (needs root): starts dockerd if it is not running (installs docker.io and
 # docker-compose if missing), builds the images without Docker Hub (cached between runs), runs a TLS +
 # node-auth federation in containers and removes it again. See docker/README.md.
-docker-test: $(STAMP)
+docker-run-llm: $(STAMP)
+	$(VENV)/bin/fedsb simulate --num-supernodes 4 --run-config "$(LLM_RUN_CONFIG) output-dir='$(LLM_RUN_DIR)' $(RUN_CONFIG)"
+	$(VENV)/bin/fedsb check-run $(LLM_RUN_DIR)
+
+test: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/test_deploy_files.py tests/test_docker.py $(PYTEST_ARGS)
 
 clean-runs:

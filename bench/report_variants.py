@@ -44,7 +44,7 @@ def init_section() -> list[str]:
         out += [f"- {_versus(v, a, 'dense-f32', runs['dense-f32'])}" for v, a in runs.items() if v != "dense-f32"]
     if acc and acc.get("note"):
         out += ["", acc["note"]]
-    return out + [""]
+    return out + [""] + traffic_section()
 
 
 def _versus(name: str, vals: list[float], ref_name: str, ref: list[float]) -> str:
@@ -174,4 +174,31 @@ def deploy_section() -> list[str]:
             f"(goal ≤ 1.3×: {'met' if do['ratio_after'] <= 1.3 else 'unmet'})."]
     if do.get("note"):
         out += ["", do["note"]]
+    return out + [""]
+
+
+def traffic_section() -> list[str]:
+    """Issue 14: total traffic (one-time + all rounds) of the default run against FedIT r=24, one comparison."""
+    import csv
+
+    from bench.report_common import R
+
+    path = R / "traffic_compare.csv"
+    out = ["### Total traffic of the default run against FedIT r=24", ""]
+    if not path.exists():
+        return out + _missing("fedsb compare --methods fed-sb,fedit --rank fed-sb=32,fedit=24 --validation-fraction 0 "
+                              "--out runs/traffic")
+    rows = {r["method"]: r for r in csv.DictReader(path.open())}
+    cmd = (R / "traffic_compare.cmd").read_text().strip()
+    out += [f"Command: `{cmd}` (then `compare.csv` copied to `bench/results/traffic_compare.csv`). Both runs: the "
+            "default configuration, 10 clients, 4 sampled per round, 10 rounds, identical partitions and seed.", "",
+            "| method | rank | per-round bytes (up + down, all rounds) | one-time bytes | total | held-out accuracy |",
+            "|---|---|---|---|---|---|"]
+    for r in rows.values():
+        rounds = int(r["bytes_up_total"]) + int(r["bytes_down_total"])
+        out.append(f"| {r['method']} | {r['rank']} | {_b(rounds)} | {_b(int(r['bytes_one_time']))} | "
+                   f"{_b(int(r['bytes_total']))} | {float(r['final_accuracy']):.3f} |")
+    if "fed-sb" in rows and "fedit" in rows:
+        ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
+        out += ["", f"Fed-SB's total is {ratio:.3f} of FedIT's (goal ≤ 0.1: {'met' if ratio <= 0.1 else 'unmet'})."]
     return out + [""]

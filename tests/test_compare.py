@@ -76,6 +76,29 @@ def test_mean_std_and_verdicts_come_from_the_rows():
     assert "not resolved" in v[1]  # at 2 MB c (0.802 ± 0.1) against a (0.81): within the spread
 
 
+def test_lr_grid_grows_at_its_edge_until_the_best_is_inside(tmp_path):
+    """The selection (with a stand-in for the runs): validation accuracy peaks at 0.04, the grid starts at
+    0.005-0.02, so it grows upward twice; with max-extend=1 it stops at the edge and says so."""
+    from server.compare import Comparison
+
+    def fake(peak):
+        ran = []
+
+        def execute(self, spec):
+            ran.append((spec.lr, spec.split))
+            return {"final_accuracy": 1 - abs(np.log2(spec.lr / peak))}
+        return execute, ran
+
+    for max_extend, want_lr, want_runs in ((3, 0.04, 5), (1, 0.04, 4)):
+        execute, ran = fake(0.04 if max_extend == 3 else 0.08)
+        c = Comparison(["fed-sb"], 3, tmp_path, {}, {}, {"fed-sb": [0.005, 0.01, 0.02]}, max_extend=max_extend)
+        c.execute = execute.__get__(c)
+        assert c.choose_lr("fed-sb", 32) == want_lr
+        assert len(ran) == want_runs and {s for _, s in ran} == {"validation"}
+    one = Comparison(["fed-sb"], 3, tmp_path, {}, {}, {"fed-sb": [0.01]}, validation_fraction=0.0)
+    assert one.choose_lr("fed-sb", 32) == 0.01  # a single rate: nothing to choose, nothing run
+
+
 # ---------------------------------------------------------------- the validation split
 def test_validation_split_is_disjoint_from_held_out_and_every_partition(tiny_bert, sentiment_csv, tmp_path):
     from fedsb.config import FedSBConfig
@@ -111,20 +134,20 @@ def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_c
         rc.pop(key)
     text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rc.items())
     out = tmp_path / "cmp"
-    args = ["compare", "--methods", "fed-sb,fedit", "--num-supernodes", "3", "--out", str(out), "--run-config", text,
-            "--rank", "fed-sb=4,fedit=2", "--lr", "fed-sb=0.01|0.03|0.1", "--seeds", "2", "--select-rounds", "1",
-            "--max-extend", "1"]
+    args = ["compare", "--methods", "fed-sb", "--num-supernodes", "3", "--out", str(out), "--run-config", text,
+            "--rank", "fed-sb=4", "--lr", "fed-sb=0.01|0.03|0.1", "--seeds", "2", "--select-rounds", "1",
+            "--max-extend", "0"]
     assert main(args) == 0
     rows = list(csv.DictReader(open(out / "compare.csv")))
     dirs = sorted(p.parent for p in out.glob("*/*/summary.json"))
     assert len(rows) == len(dirs) and {r["run_dir"] for r in rows} == {str(d) for d in dirs}
     sel = [r for r in rows if r["split"] == "validation"]
-    assert {r["method"] for r in sel} == {"fed-sb"} and len(sel) in (3, 4) and {r["rounds"] for r in sel} == {"1"}
+    assert {r["method"] for r in sel} == {"fed-sb"} and len(sel) == 3 and {r["rounds"] for r in sel} == {"1"}
     for r in sel:  # a selection run evaluated on the validation slice, never on the held-out set
         assert json.loads((out / "select" / r["run_dir"].split("/")[-1] / "summary.json").read_text())["config"]["eval-split"] == "validation"
     best = max(sel, key=lambda r: (float(r["final_accuracy"]), -float(r["lr"])))
     final = [r for r in rows if r["split"] == "test"]
-    assert sorted((r["method"], r["seed"]) for r in final) == [("fed-sb", "1"), ("fed-sb", "2"), ("fedit", "1"), ("fedit", "2")]
+    assert sorted((r["method"], r["seed"]) for r in final) == [("fed-sb", "1"), ("fed-sb", "2")]
     assert {r["lr"] for r in final if r["method"] == "fed-sb"} == {best["lr"]}
     md = (out / "compare.md").read_text()
     accs = [float(r["final_accuracy"]) for r in final if r["method"] == "fed-sb"]
