@@ -115,32 +115,57 @@ def nested_section() -> list[str]:
 def llm_section() -> list[str]:
     """Issue 18: SmolLM2 on a short-answer reasoning task, Fed-SB against FedIT, exact match by round."""
     llm = _load("llm.json")
-    out = ["## Causal LM: SmolLM2-135M-Instruct on reasoning-gym `chain_sum`", ""]
+    out = ["## Causal LM: SmolLM2-135M-Instruct on one-digit sums (reasoning-gym `digit_sum`)", ""]
     if not llm:
         return out + _missing("python -m bench.llm")
     out += ["Each run: the exact match of greedy replies (reasoning-gym's own `score_answer` == 1) on the held-out "
-            "problems after each round (round 0: the base model), the held-out answer loss, what a client uploads per "
+            "problems after each round (round 0: before any local training; for FedIT that is the base model, B = 0; "
+            "for Fed-SB it is the base model plus its initialization R0 = S_r/s), the held-out answer loss, what a "
+            "client uploads per "
             "round and once, and the wall time on this machine. `PEFT` is the same exact match recomputed by loading "
             "the exported `adapter/peft/` into the base model with plain transformers + peft.", "",
             "| method | rank | lr | exact match by round | held-out loss by round | upload / client / round | one-time / "
             "client | PEFT exact match | wall |", "|---|---|---|---|---|---|---|---|---|"]
+    rounds = {}
     for r in llm["rows"]:
         ev = r["evaluate"]
         em = " → ".join(f"{e['exact_match']:.2f}" for e in ev if e.get("exact_match") is not None)
         loss = " → ".join(f"{e['loss']:.2f}" for e in ev)
         s = r["summary"]
+        rounds[r["method"]] = (len(ev) - 1, s["bytes_up_per_client_round"], s.get("bytes_one_time_per_client") or 0)
         out.append(f"| {r['method']} | {r['rank']} | {r.get('learning_rate')} | {em} | {loss} | "
                    f"{_b(s['bytes_up_per_client_round'])} | {_b(s.get('bytes_one_time_per_client'))} | "
                    f"{r['peft_exact_match']:.2f} (server: {s['final_exact_match']:.2f}, n={r['generated']}) | "
                    f"{r['wall_seconds'] / 60:.1f} min |")
-    out += ["", "Commands:", ""] + [f"- `{r['command']}`" for r in llm["rows"]]
+    by = {r["method"]: r for r in llm["rows"]}
+    if "fed-sb" in by:
+        ev = by["fed-sb"]["evaluate"]
+        rise = ev[-1]["exact_match"] - ev[0]["exact_match"]
+        out += ["", f"Fed-SB's exact match rose by {rise:.2f} absolute over {len(ev) - 1} rounds (goal ≥ 0.2: "
+                f"{'met' if rise >= 0.2 else 'unmet'}); the PEFT-loaded adapter reproduced the server's final figure"
+                f"{'' if by['fed-sb']['peft_exact_match'] == by['fed-sb']['summary']['final_exact_match'] else ' NOT'}."]
+        if "fedit" in by:
+            out += [f"Fed-SB's initialization (the approximated first full fine-tuning step, init-lr = 1e-3) moved the "
+                    f"held-out loss from {by['fedit']['evaluate'][0]['loss']:.2f} (the base model: FedIT's round 0) to "
+                    f"{ev[0]['loss']:.2f} before any training. First round with exact match ≥ 0.5: "
+                    + ", ".join(f"{m} {next((e['round'] for e in by[m]['evaluate'] if e['exact_match'] >= 0.5), 'none')}"
+                                for m in ("fed-sb", "fedit"))
+                    + ". One seed and one learning rate per method: no ordering between them is claimed."]
+    out += ["", "What one client sends over the whole run (its upload every round, plus its one-time init upload and "
+            "basis download): " + "; ".join(f"{m}: {_b(n * up + once)} B" for m, (n, up, once) in rounds.items()) + ".",
+            "", "Commands:", ""] + [f"- `{r['command']}`" for r in llm["rows"]]
     for r in llm["rows"]:
         out += ["", f"<details><summary>{r['method']}: generated answers before and after</summary>", "",
                 "| prompt (end) | answer | base model | after |", "|---|---|---|---|"]
         cell = lambda t: t.replace("|", "\\|").replace("\n", " ⏎ ").strip()  # noqa: E731
-        out += [f"| …{cell(e['prompt'][-70:])} | {cell(e['answer'])} | {cell(e['before'])} | {cell(e['after'])} |"
+        out += [f"| {cell(e['prompt'].splitlines()[0][-60:])} | {cell(e['answer'])} | {cell(e['before'])} | {cell(e['after'])} |"
                 for e in r["examples"]]
         out += ["", "</details>"]
+    trials = _load("llm_trials.json")
+    if trials:
+        out += ["", "Tried first, to choose the default task (Fed-SB, one run each; exact match by round):", ""]
+        out += [f"- {r['method']}: " + " → ".join(f"{e['exact_match']:.2f}" for e in r["evaluate"]) + f" (`{r['command']}`)"
+                for r in trials["rows"]]
     if llm.get("note"):
         out += ["", llm["note"]]
     return out + [""]
