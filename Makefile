@@ -18,7 +18,7 @@ RUN_CONFIG ?=
 
 LLM_RUN_DIR ?= $(CURDIR)/runs/make-run-llm-$(shell date +%Y%m%d-%H%M%S)
 # The causal-LM job (README "Causal LMs"): SmolLM2-135M-Instruct learns one-digit sums with Fed-SB, 4 clients.
-LLM_RUN_CONFIG := task='causal-lm' rank=32 init-samples=16 num-server-rounds=5 local-steps=10 batch-size=8 \
+LLM_RUN_CONFIG := task='causal-lm' basis-dtype='float32' rank=32 init-samples=16 num-server-rounds=5 local-steps=10 batch-size=8 \
 	learning-rate=0.002 fraction-train=1.0 eval-max-samples=40 eval-generate-samples=40 test-fraction=0.2
 
 .PHONY: install run run-llm test docker-test clean-runs

@@ -36,13 +36,13 @@ from server.transport import arrays, nbytes
 RESULTS = Path("bench/results")
 CLIENTS = 10
 VARIANTS = {  # name -> run-config keys on top of the defaults
-    "dense-f32": {"init-upload": "dense", "basis-dtype": "float32"},
-    "sign-f32": {"init-upload": "sign", "basis-dtype": "float32"},
-    "sign-int8": {"init-upload": "sign", "basis-dtype": "int8"},
+    "dense-f32": {"init-source": "clients", "init-upload": "dense", "basis-dtype": "float32"},
+    "sign-f32": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "float32"},
+    "sign-int8": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "int8"},
     "server-int8": {"init-source": "server", "basis-dtype": "int8"},
     "random-int8": {"init-basis": "random", "basis-dtype": "int8"},
     # issue 20: the same as sign-int8 with the frozen base weights in bfloat16
-    "sign-int8-bf16": {"init-upload": "sign", "basis-dtype": "int8", "base-dtype": "bfloat16"},
+    "sign-int8-bf16": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "int8", "base-dtype": "bfloat16"},
 }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bench.common import machine
 
-RUN_CONFIG = ("task='causal-lm' rank=32 init-samples=16 num-server-rounds=5 local-steps=10 batch-size=8 "
+RUN_CONFIG = ("task='causal-lm' basis-dtype='float32' rank=32 init-samples=16 num-server-rounds=5 local-steps=10 batch-size=8 "
               "learning-rate=0.002 fraction-train=1.0 eval-max-samples=40 eval-generate-samples=40 test-fraction=0.2")
 # Similar cost per round: Fed-SB r=32 uploads 7 x 32^2 = 7,168 numbers per decoder layer; FedIT r=1 uploads
 # 1 x (m + n) summed over the 7 projections = 10,176 (SmolLM2: hidden 576, kv 192, MLP 1536): the nearest rank.
