@@ -42,9 +42,39 @@ def init_section() -> list[str]:
     if runs.get("dense-f32"):
         out += ["", "Accuracy against today's dense-gradient float32 basis (`dense-f32`), per variant:", ""]
         out += [f"- {_versus(v, a, 'dense-f32', runs['dense-f32'])}" for v, a in runs.items() if v != "dense-f32"]
+    out += _init_decision(by, runs, acc, ov)
     if acc and acc.get("note"):
         out += ["", acc["note"]]
     return out + [""] + traffic_section()
+
+
+def _init_decision(by: dict, runs: dict[str, list[float]], acc: dict | None, ov: dict | None) -> list[str]:
+    """The default's one-time cost against the ≤ 10 rounds goal, and what meets it, from the measured rows."""
+    rows = {r["variant"]: r for r in by["rows"]}
+    if "sign-int8" not in rows:
+        return []
+    d, srv = rows["sign-int8"], rows.get("server-int8")
+    out = ["", f"The default (`init-upload=sign basis-dtype=int8`, clients' gradients) costs each client "
+           f"{_b(d['one_time_bytes'])} B once, {d['rounds_equivalent']:.1f} rounds of its R upload: the ≤ 10 rounds goal is "
+           f"**unmet** by {d['rounds_equivalent'] - 10:.1f} rounds. The basis download alone is "
+           f"{d['basis_download_bytes'] / d['round_upload_bytes']:.1f} rounds and the 1-bit init upload "
+           f"{d['init_upload_bytes'] / d['round_upload_bytes']:.1f}: one bit per weight of every adapted layer costs "
+           "about as much as the whole int8 basis, and each alone is close to the goal."]
+    if srv:
+        out.append(f"`init-source=server` meets it ({srv['rounds_equivalent']:.1f} rounds).")
+        pair = {r["seed"]: r["accuracy"] for r in (acc or {}).get("rows", []) if r["variant"] == "sign-int8"}
+        diffs = [r["accuracy"] - pair[r["seed"]] for r in (acc or {}).get("rows", [])
+                 if r["variant"] == "server-int8" and r["seed"] in pair]
+        if diffs and len(runs.get("server-int8", [])) > 1:
+            out[-1] += (f" Its accuracy is within the seed spread of the dense-gradient basis "
+                        if "within" in _versus("s", runs["server-int8"], "d", runs.get("dense-f32", [])) else
+                        " Its accuracy is beyond the seed spread of the dense-gradient basis ")
+            out[-1] += (f"({_versus('server-int8', runs['server-int8'], 'dense-f32', runs.get('dense-f32', []))}), but "
+                        f"seed by seed it {'trailed the clients’ sign vote every time' if all(x < 0 for x in diffs) else 'differed from the clients’ sign vote by'} ({', '.join(f'{x:+.3f}' for x in diffs)}), "
+                        + _overlaps(ov) + ". So the default stays "
+                        "`init-source=clients`; a deployment that counts bytes first should set `init-source=server` "
+                        "(with its own `init-dataset`, or the carved slice).")
+    return out
 
 
 def _versus(name: str, vals: list[float], ref_name: str, ref: list[float]) -> str:
@@ -227,3 +257,13 @@ def traffic_section() -> list[str]:
         ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
         out += ["", f"Fed-SB's total is {ratio:.3f} of FedIT's (goal ≤ 0.1: {'met' if ratio <= 0.1 else 'unmet'})."]
     return out + [""]
+
+
+def _overlaps(ov: dict | None) -> str:
+    rows = {r["variant"]: r for r in (ov or {}).get("rows", [])}
+    srv = next((r for n, r in rows.items() if n.startswith("server")), None)
+    vote = rows.get("sign vote, 10 clients")
+    if not (srv and vote):
+        return "and its basis overlap was not measured"
+    return (f"and its basis overlaps the dense one less (median over layers, B: {srv['overlap_B_median']:.2f} against "
+            f"the sign vote's {vote['overlap_B_median']:.2f})")
