@@ -60,11 +60,7 @@ test: $(STAMP)
 # The compose files for real (needs root): starts dockerd if it is not running (installs docker.io and
 # docker-compose if missing), builds the images without Docker Hub (cached between runs), runs a TLS +
 # node-auth federation in containers and removes it again. See docker/README.md.
-docker-run-llm: $(STAMP)
-	$(VENV)/bin/fedsb simulate --num-supernodes 4 --run-config "$(LLM_RUN_CONFIG) output-dir='$(LLM_RUN_DIR)' $(RUN_CONFIG)"
-	$(VENV)/bin/fedsb check-run $(LLM_RUN_DIR)
-
-test: $(STAMP)
+docker-test: $(STAMP)
 	PYTHONPATH=$(CURDIR) $(PY) -m pytest -q -s -p no:cacheprovider -m docker tests/test_deploy_files.py tests/test_docker.py $(PYTEST_ARGS)
 
 clean-runs:

@@ -37,3 +37,17 @@ def test_make_run_completes_and_stops_the_superlink_it_started(tiny_bert, sentim
     assert "deprecated" not in log.lower(), log[-4000:]
     monkeypatch.setenv("FLWR_HOME", str(home))
     assert local_superlink.local_superlinks() == []  # make run stopped the SuperLink flwr run started
+
+
+def test_make_targets_run_what_they_say():
+    """make test runs the suite without the docker marker; docker-test and run-llm are their own targets, and no
+    recipe overrides another (an edit once made make test build Docker images)."""
+    def dry(target):
+        p = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0 and "overriding recipe" not in p.stderr, p.stderr
+        return p.stdout.strip().splitlines()
+
+    assert "pytest -q" in dry("test")[-1] and "-m docker" not in dry("test")[-1]
+    assert "-m docker" in dry("docker-test")[-1]
+    sim, check = dry("run-llm")[-2:]
+    assert "fedsb simulate --num-supernodes 4" in sim and "task='causal-lm'" in sim and "fedsb check-run" in check
