@@ -256,6 +256,15 @@ def traffic_section() -> list[str]:
     if "fed-sb" in rows and "fedit" in rows:
         ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
         out += ["", f"Fed-SB's total is {ratio:.3f} of FedIT's (goal ≤ 0.1: {'met' if ratio <= 0.1 else 'unmet'})."]
+        by = {r["variant"]: r for r in (_load("init_bytes.json") or {}).get("rows", [])}
+        d, srv = by.get("sign-int8"), by.get("server-int8")
+        if d and srv and ratio > 0.1:
+            clients = round(int(rows["fed-sb"]["bytes_one_time"]) / d["one_time_bytes"])
+            est = int(rows["fed-sb"]["bytes_up_total"]) + int(rows["fed-sb"]["bytes_down_total"]) + clients * srv["one_time_bytes"]
+            out += [f"The one-time part is {clients} clients × {_b(d['one_time_bytes'])} B (signs up, int8 basis down). "
+                    f"With `init-source=server` it would be {clients} × {_b(srv['one_time_bytes'])} B (basis only), a "
+                    f"total of {_b(est)} B = {est / int(rows['fedit']['bytes_total']):.3f} of FedIT's (computed from "
+                    "the measured message sizes above, not a separate run)."]
     return out + [""]
 
 

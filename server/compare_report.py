@@ -56,10 +56,11 @@ def group_rows(rows: list[dict]) -> list[dict]:
         lr = rs[0]["lr"]
         out.append({"method": method, "rank": rank, "lr": lr, "lr_at_edge": bool(sel) and lr in (sel[0], sel[-1]),
                     "seeds": len(rs), "accuracy_mean": mean, "accuracy_std": std,
-                    "bytes_up_per_client_round": statistics.fmean(r["bytes_up_per_client_round"] for r in rs),
-                    "bytes_one_time": statistics.fmean(r["bytes_one_time"] for r in rs),
-                    "bytes_rounds": statistics.fmean(r["bytes_up_total"] + r["bytes_down_total"] for r in rs),
-                    "bytes_total": statistics.fmean(r["bytes_total"] for r in rs)})
+                    # byte counts: means over seeds, rounded to whole bytes
+                    "bytes_up_per_client_round": round(statistics.fmean(r["bytes_up_per_client_round"] for r in rs)),
+                    "bytes_one_time": round(statistics.fmean(r["bytes_one_time"] for r in rs)),
+                    "bytes_rounds": round(statistics.fmean(r["bytes_up_total"] + r["bytes_down_total"] for r in rs)),
+                    "bytes_total": round(statistics.fmean(r["bytes_total"] for r in rs))})
     return out
 
 
