@@ -43,9 +43,12 @@ def test_make_targets_run_what_they_say():
     """make test runs the suite without the docker marker; docker-test and run-llm are their own targets, and no
     recipe overrides another (an edit once made make test build Docker images)."""
     def dry(target):
-        p = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        # (under `make test` this runs inside make: MAKEFLAGS and MAKELEVEL would add "Entering directory" lines)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        p = subprocess.run(["make", "--no-print-directory", "-n", target], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60, env=env)
         assert p.returncode == 0 and "overriding recipe" not in p.stderr, p.stderr
-        return p.stdout.strip().splitlines()
+        return [line for line in p.stdout.strip().splitlines() if not line.startswith("make")]
 
     assert "pytest -q" in dry("test")[-1] and "-m docker" not in dry("test")[-1]
     assert "-m docker" in dry("docker-test")[-1]
