@@ -2,7 +2,9 @@
 [CLS] pooler (today) and with the pooler trained alongside the head (``train-pooler=true``, counted in what
 every method sends), for each method, over seeds, on the whole held-out set.
 
-    python -m bench.pooler [--methods fed-sb fedit] [--seeds 42 43 44] [--rounds 10]
+    python -m bench.pooler [--methods fed-sb fedit] [--seeds 42 43 44] [--rounds 10] [--sized]
+
+``--sized``: on the comparison task of ``bench.frontier`` (2 clients a round, 32 tokens), about half the time.
 
 Results: bench/results/pooler.json, saved after every run (a long sweep can be resumed).
 """
@@ -25,12 +27,19 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--runs", default="runs/pooler")
+    p.add_argument("--sized", action="store_true", help="the comparison task of bench.frontier (SIZED keys)")
     args = p.parse_args()
     from server.simulation import simulate
 
     base = {"num-server-rounds": args.rounds, "eval-max-samples": 0, "eval-every": args.rounds}
-    out = json.loads(PATH.read_text()) if PATH.exists() else {"what": "frozen vs trained [CLS] pooler, default run",
-                                                              "base_keys": base, "rows": []}
+    if args.sized:
+        from bench.frontier import SIZED
+
+        base.update(SIZED)
+    out = json.loads(PATH.read_text()) if PATH.exists() else {"what": "frozen vs trained [CLS] pooler, " + (
+        "the comparison task of bench.frontier" if args.sized else "default run"), "base_keys": base, "rows": []}
+    if out["base_keys"] != base:
+        raise SystemExit(f"{PATH} holds rows run with other keys ({out['base_keys']}); move it away to start over")
     for seed in args.seeds:
         for method in args.methods:
             for train_pooler in (False, True):
