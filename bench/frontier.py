@@ -2,7 +2,7 @@
 chosen per (method, rank) on a validation split, 3 seeds, on a comparison task sized to fit this 2-core
 machine.
 
-    python -m bench.frontier [--part nonprivate] [--methods fed-sb,fedit,ffa-lora] [--out runs/frontier-nonprivate]
+    python -m bench.frontier [--part nonprivate|private-eps1|private-eps3] [--arms fed-sb,fedit] [--extra KEYS]
 
 How the task is sized (``SIZED`` below), against the default ``make run`` (one run ≈ 2.6 min):
 - 2 clients sampled per round out of 10 (``fraction-train = 0.2``): the two Ray actors train in one wave on
@@ -11,63 +11,79 @@ How the task is sized (``SIZED`` below), against the default ``make run`` (one r
 - one evaluation per run, after the last round, on the whole held-out set (``eval-max-samples = 0``,
   3,816 examples; a selection run evaluates on the whole validation slice instead), and none per round;
 - selection runs last half as many rounds (``--select-rounds 5``).
-Everything else (model, data, local steps, batch size, 10 rounds) is the default's. Each part keeps its
-run directories under ``--out`` and resumes where it stopped; its ``compare.csv``, ``compare.md`` and
-``pareto.png`` are copied to ``bench/results/frontier-<part>/`` after each method, for ``python -m bench.report``.
+Everything else (model, data, local steps, batch size, 10 rounds) is the default's. Each arm (one
+method, or one Fed-SB initialization, over its ranks) keeps its run directories under
+``runs/frontier-<part>/<arm>`` and resumes where it stopped; after each arm, the arms so far are merged into
+``bench/results/frontier-<part>/`` (``compare.csv``, ``compare.md``, ``pareto.png``, ``commands.txt``) for
+``python -m bench.report``.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import shlex
 import shutil
 from pathlib import Path
 
 SIZED = {"fraction-train": 0.2, "max-length": 32, "num-server-rounds": 10, "eval-every": 10, "eval-max-samples": 0}
 LRS = "2.5e-3|5e-3|1e-2"
+# A part is a set of arms, each one ``fedsb compare`` of one method over its ranks with its own keys; an arm's
+# name labels its rows in the merged table (Fed-SB's initializations are arms of the same method).
 PARTS = {
-    # the non-private frontier: Fed-SB at r in {16..128} against the LoRA methods at r in {4, 8, 16}
-    "nonprivate": {"ranks": {"fed-sb": "16|32|64|128", "fedit": "4|8|16", "ffa-lora": "4|8|16",
-                             "fedex-lora": "4|8|16", "flora": "4|8|16"}, "keys": {}},
+    "nonprivate": {"keys": {}, "arms": {
+        "fed-sb": ("fed-sb", "16|32|64|128", ""), "fedit": ("fedit", "4|8|16", ""), "ffa-lora": ("ffa-lora", "4|8|16", ""),
+        "fedex-lora": ("fedex-lora", "4|8|16", ""), "flora": ("flora", "4|8|16", "")}},
+    **{f"private-eps{eps}": {"keys": {"dp": True, "target-epsilon": float(eps)}, "arms": {
+        "fed-sb": ("fed-sb", "32", ""),  # the private client-gradient initialization
+        "fed-sb-random": ("fed-sb", "32", "init-basis='random'"),
+        "fed-sb-server": ("fed-sb", "32", "init-source='server'"),
+        "fedit": ("fedit", "8", ""), "ffa-lora": ("ffa-lora", "8", "")}} for eps in (1, 3)},
 }
 RESULTS = Path("bench/results")
 
 
-def command(part: str, methods: list[str]) -> str:
-    """The ``fedsb compare`` command line equivalent to this part (for BENCHMARKS.md)."""
-    spec = PARTS[part]
-    keys = {**SIZED, **spec["keys"]}
-    rc = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in keys.items())
-    ranks = ",".join(f"{m}={spec['ranks'][m]}" for m in methods)
-    lrs = ",".join(f"{m}={LRS}" for m in methods)
-    return (f"fedsb compare --methods {','.join(methods)} --num-supernodes 10 --rank '{ranks}' --lr '{lrs}' --seeds 3 "
-            f"--validation-fraction 0.05 --select-rounds 5 --max-extend 1 --run-config \"{rc}\" --out runs/frontier-{part}")
+def command(part: str, arm: str, extra: str = "") -> str:
+    """The ``fedsb compare`` command line of one arm of a part (``extra``: more run-config keys)."""
+    method, ranks, keys = PARTS[part]["arms"][arm]
+    shared = {**SIZED, **PARTS[part]["keys"]}
+    rc = " ".join([*(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shared.items()),
+                   *keys.split(), *extra.split()])
+    return (f"fedsb compare --methods {method} --num-supernodes 10 --rank '{method}={ranks}' --lr '{method}={LRS}' "
+            f"--seeds 3 --validation-fraction 0.05 --select-rounds 5 --max-extend 1 --run-config \"{rc}\" "
+            f"--out runs/frontier-{part}/{arm}")
+
+
+def merge(part: str, arms: list[str], extra: str = "") -> None:
+    """The arms' runs in one table and plot, in bench/results/frontier-<part>/, with the commands."""
+    from server.compare_report import run_row, write_summary
+
+    rows = []
+    for arm in arms:
+        for sub in ("select", "runs"):
+            for p in sorted(Path(f"runs/frontier-{part}/{arm}/{sub}").glob("*/summary.json")):
+                rows.append({**run_row(p.parent), "method": arm})
+    dest = RESULTS / f"frontier-{part}"
+    write_summary(rows, dest)
+    (dest / "commands.txt").write_text("".join(command(part, a, extra) + "\n" for a in arms))
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=list(PARTS), default="nonprivate")
-    p.add_argument("--methods", default="fed-sb,fedit,ffa-lora")
-    p.add_argument("--out", default="")
+    p.add_argument("--arms", default="", help="comma-separated arms of the part (default: all, in order)")
+    p.add_argument("--extra", default="", help="more run-config keys for every run, e.g. 'train-pooler=true'")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from server.compare import Comparison, parse_lrs, parse_ranks
+    from server.cli import main as fedsb
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    spec = PARTS[args.part]
-    out = Path(args.out or f"runs/frontier-{args.part}")
-    dest = RESULTS / f"frontier-{args.part}"
-    for method in methods:  # one (method) at a time, so the results in bench/results grow as the sweep goes
-        done = methods[: methods.index(method) + 1]
-        Comparison(done, 10, out, {**SIZED, **spec["keys"]},
-                   parse_ranks(",".join(f"{m}={spec['ranks'][m]}" for m in done), done),
-                   parse_lrs(",".join(f"{m}={LRS}" for m in done), done),
-                   seeds=3, validation_fraction=0.05, select_rounds=5, max_extend=1).run()
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ("compare.csv", "compare.md", "pareto.png"):
-            if (out / name).exists():
-                shutil.copy(out / name, dest / name)
-        (dest / "command.txt").write_text(command(args.part, done) + "\n")
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()] or list(PARTS[args.part]["arms"])
+    bad = [a for a in arms if a not in PARTS[args.part]["arms"]]
+    if bad:
+        raise SystemExit(f"--arms: {bad} not in part {args.part} ({', '.join(PARTS[args.part]['arms'])})")
+    for k, arm in enumerate(arms):  # merged after each arm: the results grow as the sweep goes
+        cmd = command(args.part, arm, args.extra)
+        if fedsb(shlex.split(cmd)[1:]) != 0:  # exactly the command BENCHMARKS.md shows
+            raise SystemExit(f"failed: {cmd}")
+        merge(args.part, arms[: k + 1], args.extra)
 
 
 if __name__ == "__main__":

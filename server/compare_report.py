@@ -94,7 +94,15 @@ def verdicts(groups: list[dict]) -> list[str]:
 def summarize(out: Path) -> list[dict]:
     """Read every run under ``out/select`` and ``out/runs``; write the csv, the markdown and the plots."""
     rows = [run_row(p.parent) for sub in ("select", "runs") for p in sorted((out / sub).glob("*/summary.json"))]
-    rows.sort(key=lambda r: (r["split"] != "validation", r["method"], r["rank"], r["lr"], r["seed"]))
+    write_summary(rows, out)
+    return rows
+
+
+def write_summary(rows: list[dict], out: Path) -> None:
+    """``compare.csv``, ``compare.md``, ``pareto.png`` and ``curves.png`` in ``out`` from per-run rows (several
+    comparisons' rows may be merged first, their ``method`` relabelled to tell variants apart)."""
+    rows = sorted(rows, key=lambda r: (r["split"] != "validation", r["method"], r["rank"], r["lr"], r["seed"]))
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "compare.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
@@ -108,7 +116,6 @@ def summarize(out: Path) -> list[dict]:
                *_table(["method", "rank", "lr", "seed", "rounds", "final_accuracy"], sel)]
     (out / "compare.md").write_text("\n".join(md) + "\n")
     _plots(out, groups, rows)
-    return rows
 
 
 def _table(columns: list[str], rows: list[dict]) -> list[str]:
@@ -172,4 +179,4 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-__all__ = ["COLUMNS", "GROUP_COLUMNS", "group_rows", "mean_std", "run_row", "summarize", "verdicts"]
+__all__ = ["COLUMNS", "GROUP_COLUMNS", "group_rows", "mean_std", "run_row", "summarize", "verdicts", "write_summary"]

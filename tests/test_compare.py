@@ -159,3 +159,31 @@ def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_c
     assert main(args) == 0
     assert {d: (d / "summary.json").stat().st_mtime for d in dirs} == before
     assert (out / "compare.md").read_text() == md
+
+
+def test_frontier_command_is_a_valid_compare_command(monkeypatch, tmp_path):
+    """bench.frontier runs exactly the command BENCHMARKS.md shows: it must parse into a Comparison."""
+    import shlex
+
+    from bench.frontier import command
+    from server import compare
+
+    seen = {}
+
+    def fake_run(self):
+        seen.update(methods=self.methods, ranks=self.ranks, lrs=self.lrs, seeds=self.seeds, overrides=self.overrides)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "compare.md").write_text("")
+        return []
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare.Comparison, "run", fake_run)
+    from server.cli import main
+
+    assert main(shlex.split(command("nonprivate", "fed-sb", "train-pooler=true"))[1:]) == 1  # no rows
+    assert seen["methods"] == ["fed-sb"] and seen["seeds"] == 3
+    assert seen["ranks"] == {"fed-sb": [16, 32, 64, 128]} and seen["lrs"] == {"fed-sb": [2.5e-3, 5e-3, 1e-2]}
+    assert seen["overrides"]["train-pooler"] is True and seen["overrides"]["max-length"] == 32
+    assert main(shlex.split(command("private-eps3", "fed-sb-server"))[1:]) == 1
+    assert seen["overrides"]["init-source"] == "server" and seen["overrides"]["dp"] is True
+    assert seen["overrides"]["target-epsilon"] == 3.0 and seen["ranks"] == {"fed-sb": [32]}
