@@ -1,6 +1,7 @@
-"""Why the default classification head is weak (issue 15, item 4): the same default run with the frozen
-[CLS] pooler (today) and with the pooler trained alongside the head (``train-pooler=true``, counted in what
-every method sends), for each method, over seeds, on the whole held-out set.
+"""Why the default classification head is weak (issue 15, item 4): the same run with the frozen [CLS]
+pooler (today), with the pooler trained in full alongside the head (``train-pooler=true``), and with the
+pooler's dense layer adapted by the method like every block layer (``target-modules`` + ``pooler.dense``),
+each counted in what the method sends, for each method, over seeds, on the whole held-out set.
 
     python -m bench.pooler [--methods fed-sb fedit] [--seeds 42 43 44] [--rounds 10] [--sized]
 
@@ -19,6 +20,11 @@ from pathlib import Path
 from bench.common import machine
 
 PATH = Path("bench/results/pooler.json")
+# frozen: today's default; trained: the pooler trains in full with the head (train-pooler); adapted: the
+# pooler's dense layer is one more target of the method's adapter (Fed-SB: r² more numbers, not 384²)
+VARIANTS = {"frozen": {}, "trained": {"train-pooler": True},
+            "adapted": {"target-modules": "query,key,value,attention.output.dense,intermediate.dense,output.dense,"
+                                          "pooler.dense"}}
 
 
 def main() -> None:
@@ -27,6 +33,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--runs", default="runs/pooler")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--sized", action="store_true", help="the comparison task of bench.frontier (SIZED keys)")
     args = p.parse_args()
     from server.simulation import simulate
@@ -36,28 +43,33 @@ def main() -> None:
         from bench.frontier import SIZED
 
         base.update(SIZED)
-    out = json.loads(PATH.read_text()) if PATH.exists() else {"what": "frozen vs trained [CLS] pooler, " + (
+    out = json.loads(PATH.read_text()) if PATH.exists() else {"what": "the [CLS] pooler frozen, trained or adapted, " + (
         "the comparison task of bench.frontier" if args.sized else "default run"), "base_keys": base, "rows": []}
     if out["base_keys"] != base:
         raise SystemExit(f"{PATH} holds rows run with other keys ({out['base_keys']}); move it away to start over")
     for seed in args.seeds:
         for method in args.methods:
-            for train_pooler in (False, True):
-                if any(r["method"] == method and r["seed"] == seed and r["train_pooler"] == train_pooler for r in out["rows"]):
+            for pooler in args.variants:
+                if any(r["method"] == method and r["seed"] == seed and variant(r) == pooler for r in out["rows"]):
                     continue
-                keys = dict(base, method=method, seed=seed, **{"train-pooler": train_pooler, "output-dir": str(
-                    Path(args.runs).resolve() / f"{method}-pooler{int(train_pooler)}-s{seed}")})
+                keys = dict(base, method=method, seed=seed, **VARIANTS[pooler], **{"output-dir": str(
+                    Path(args.runs).resolve() / f"{method}-pooler-{pooler}-s{seed}")})
                 if method != "fed-sb":
                     keys["rank"] = 24
                 t0 = time.time()
                 s = json.loads((simulate(keys, 10) / "summary.json").read_text())
-                out["rows"].append({"method": method, "seed": seed, "train_pooler": train_pooler,
+                out["rows"].append({"method": method, "seed": seed, "pooler": pooler,
+                                    "train_pooler": keys.get("train-pooler", False),
                                     "accuracy": s["final_accuracy"], "communicated_params": s["communicated_params"],
                                     "bytes_up_per_client_round": s["bytes_up_per_client_round"],
                                     "seconds": round(time.time() - t0, 1)})
                 out["machine"] = machine()
                 PATH.write_text(json.dumps(out, indent=2))
 
+
+def variant(row: dict) -> str:
+    """A row's pooler variant (rows from before the `adapted` variant have only train_pooler)."""
+    return row.get("pooler") or ("trained" if row["train_pooler"] else "frozen")
 
 if __name__ == "__main__":
     main()

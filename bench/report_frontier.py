@@ -18,20 +18,26 @@ def pooler_section() -> list[str]:
         return out + _missing("python -m bench.pooler --sized")
     keys = " ".join(f"{k}={v}" for k, v in pl["base_keys"].items())
     out += [f"Command: `python -m bench.pooler --sized` ({pl['what']}; keys `{keys}`; Fed-SB r=32, FedIT r=24, "
-            "learning rate 5e-3 for both, the same with and without the pooler; whole held-out set).", "",
+            "learning rate 5e-3 for both and every variant; whole held-out set). `frozen`: the pretrained pooler as "
+            "it is; `trained`: `train-pooler=true`, the pooler trains in full with the head and is sent every round; "
+            "`adapted`: `pooler.dense` added to `target-modules`, the method adapts it like every block layer.", "",
             "| method | pooler | held-out accuracy (mean ± std) | communicated parameters | upload / client / round |",
             "|---|---|---|---|---|"]
+    from bench.pooler import variant
+
     by: dict[tuple, list[dict]] = {}
     for r in pl["rows"]:
-        by.setdefault((r["method"], r["train_pooler"]), []).append(r)
-    for (method, trained), rs in sorted(by.items()):
-        out.append(f"| {method} | {'trained' if trained else 'frozen'} | {_mean_std([r['accuracy'] for r in rs])} | "
+        by.setdefault((r["method"], variant(r)), []).append(r)
+    order = {"frozen": 0, "trained": 1, "adapted": 2}
+    for (method, v), rs in sorted(by.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
+        out.append(f"| {method} | {v} | {_mean_std([r['accuracy'] for r in rs])} | "
                    f"{rs[0]['communicated_params']:,} | {rs[0]['bytes_up_per_client_round']:,.0f} |")
     out.append("")
     for method in dict.fromkeys(m for m, _ in by):
-        frozen = [r["accuracy"] for r in by.get((method, False), [])]
-        trained = [r["accuracy"] for r in by.get((method, True), [])]
-        out.append("- " + _versus(f"{method} trained pooler", trained, "frozen", frozen))
+        frozen = [r["accuracy"] for r in by.get((method, "frozen"), [])]
+        for v in ("trained", "adapted"):
+            if (method, v) in by:
+                out.append("- " + _versus(f"{method} {v} pooler", [r["accuracy"] for r in by[(method, v)]], "frozen", frozen))
     return out + [""]
 
 

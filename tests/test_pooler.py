@@ -52,6 +52,42 @@ def test_peft_loads_a_trained_pooler(tiny_bert, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
 
 
+@pytest.mark.parametrize("method", ["fed-sb", "fedit"])
+def test_pooler_adapted_as_one_more_target_and_peft_loads_it(tiny_bert, tmp_path, method):
+    """bench.pooler's `adapted` variant: pooler.dense in target-modules is adapted like a block layer (Fed-SB:
+    r² more numbers sent, not the pooler's hidden²), and the PEFT export reproduces the model."""
+    from bench.pooler import VARIANTS
+    from peft import PeftModel
+
+    targets = VARIANTS["adapted"]["target-modules"].split(",")
+    sent = {}
+    for tg in (None, targets):
+        model = load_base_model(str(tiny_bert), "seq-cls", 3, 0)
+        m = make_method(method, 4, 1.0, 8.0, 0)
+        layers = m.build(model, adapters.find_targets(model, tg))
+        sent[tg is None] = m.get_vector(model).size
+    assert "bert.pooler.dense" in layers and "bert.pooler.dense" in adapters.adapter_layers(model)
+    extra = sent[False] - sent[True]
+    assert extra == (16 if method == "fed-sb" else 4 * (32 + 32))  # one r x r R, or one LoRA pair A, B
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for l in layers.values():
+            if method == "fed-sb":
+                l.set_basis(torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))[0],
+                            torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))[0].t(), torch.randn(4, 4, generator=g))
+            else:
+                for p in l.parameters():
+                    if p.requires_grad:
+                        p.add_(0.1 * torch.randn(p.shape, generator=g))
+    export_peft(tmp_path / "peft", model, str(tiny_bert), "SEQ_CLS")
+    ids = torch.randint(1000, 3000, (3, 9), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_bert), "seq-cls", 3, 0), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        ours, theirs = model.eval()(**batch).logits, peft_model(**batch).logits
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
 def test_train_pooler_in_a_federated_run_and_its_errors(tiny_bert, sentiment_csv, tmp_path):
     from fedsb.config import ConfigError, FedSBConfig
     from server.simulation import simulate
