@@ -33,6 +33,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--runs", default="runs/pooler")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of every run (the default's 5e-3)")
+    p.add_argument("--rank", type=int, default=0, help="adapter rank (0: 32 for Fed-SB, 24 for the LoRA methods)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     p.add_argument("--sized", action="store_true", help="the comparison task of bench.frontier (SIZED keys)")
     args = p.parse_args()
@@ -50,15 +52,16 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             for pooler in args.variants:
-                if any(r["method"] == method and r["seed"] == seed and variant(r) == pooler for r in out["rows"]):
+                rank = args.rank or (32 if method == "fed-sb" else 24)
+                if any(r["method"] == method and r["seed"] == seed and variant(r) == pooler and
+                       r.get("lr", 5e-3) == args.lr and r.get("rank", rank) == rank for r in out["rows"]):
                     continue
-                keys = dict(base, method=method, seed=seed, **VARIANTS[pooler], **{"output-dir": str(
-                    Path(args.runs).resolve() / f"{method}-pooler-{pooler}-s{seed}")})
-                if method != "fed-sb":
-                    keys["rank"] = 24
+                keys = dict(base, method=method, seed=seed, rank=rank, **VARIANTS[pooler], **{
+                    "learning-rate": args.lr, "output-dir": str(
+                        Path(args.runs).resolve() / f"{method}-r{rank}-lr{args.lr:g}-pooler-{pooler}-s{seed}")})
                 t0 = time.time()
                 s = json.loads((simulate(keys, 10) / "summary.json").read_text())
-                out["rows"].append({"method": method, "seed": seed, "pooler": pooler,
+                out["rows"].append({"method": method, "rank": rank, "lr": args.lr, "seed": seed, "pooler": pooler,
                                     "train_pooler": keys.get("train-pooler", False),
                                     "accuracy": s["final_accuracy"], "communicated_params": s["communicated_params"],
                                     "bytes_up_per_client_round": s["bytes_up_per_client_round"],

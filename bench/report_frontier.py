@@ -17,17 +17,19 @@ def pooler_section() -> list[str]:
     if not pl:
         return out + _missing("python -m bench.pooler --sized")
     keys = " ".join(f"{k}={v}" for k, v in pl["base_keys"].items())
-    out += [f"Command: `python -m bench.pooler --sized` ({pl['what']}; keys `{keys}`; Fed-SB r=32, FedIT r=24, "
-            "learning rate 5e-3 for both and every variant; whole held-out set). `frozen`: the pretrained pooler as "
+    out += [f"Command: `python -m bench.pooler --sized [--methods M] [--rank R] [--lr LR]` ({pl['what']}; keys `{keys}`; "
+            "the whole held-out set; each method at one rank and learning rate for all its variants). `frozen`: the pretrained pooler as "
             "it is; `trained`: `train-pooler=true`, the pooler trains in full with the head and is sent every round; "
             "`adapted`: `pooler.dense` added to `target-modules`, the method adapts it like every block layer.", "",
-            "| method | pooler | held-out accuracy (mean ± std) | communicated parameters | upload / client / round |",
+            "| method, rank, lr | pooler | held-out accuracy (mean ± std) | communicated parameters | upload / client / round |",
             "|---|---|---|---|---|"]
     from bench.pooler import variant
 
     by: dict[tuple, list[dict]] = {}
     for r in pl["rows"]:
-        by.setdefault((r["method"], variant(r)), []).append(r)
+        # rows from before rank and lr were recorded ran at the defaults: 32 (Fed-SB) or 24, and 5e-3
+        arm = f"{r['method']} r={r.get('rank', 32 if r['method'] == 'fed-sb' else 24)} lr={r.get('lr', 5e-3):g}"
+        by.setdefault((arm, variant(r)), []).append(r)
     order = {"frozen": 0, "trained": 1, "adapted": 2}
     for (method, v), rs in sorted(by.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         out.append(f"| {method} | {v} | {_mean_std([r['accuracy'] for r in rs])} | "
