@@ -35,11 +35,25 @@ def pooler_section() -> list[str]:
         out.append(f"| {method} | {v} | {_mean_std([r['accuracy'] for r in rs])} | "
                    f"{rs[0]['communicated_params']:,} | {rs[0]['bytes_up_per_client_round']:,.0f} |")
     out.append("")
+    beyond = []
     for method in dict.fromkeys(m for m, _ in by):
         frozen = [r["accuracy"] for r in by.get((method, "frozen"), [])]
         for v in ("trained", "adapted"):
             if (method, v) in by:
-                out.append("- " + _versus(f"{method} {v} pooler", [r["accuracy"] for r in by[(method, v)]], "frozen", frozen))
+                line = _versus(f"{method} {v} pooler", [r["accuracy"] for r in by[(method, v)]], "frozen", frozen)
+                out.append("- " + line)
+                if "beyond" in line and not line.split(": ")[1].startswith("-"):
+                    beyond.append(f"{method} {v}")
+    means = {k: statistics.mean(r["accuracy"] for r in rs) for k, rs in by.items()}
+    best = max(means.values())
+    stuck = sorted({m for (m, v), a in means.items() if v == "frozen" and a < best - 0.1})
+    if stuck:
+        out += ["", f"{', '.join(stuck)}: more than 0.1 below the best row with the frozen pooler, at a rate that was not "
+                "tuned for this task (its training loss fell, then rose): these rows say nothing about the head; the "
+                "frontier below tunes each method's rate."]
+    out += ["", ("Beyond the seed spread: " + ", ".join(beyond) + "." if beyond else
+                 "No variant beats the frozen pooler beyond the seed spread, so the default stays `train-pooler=false` "
+                 "with the block layers only: the cheapest head, and what every method sends is unchanged.")]
     return out + [""]
 
 
