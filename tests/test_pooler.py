@@ -15,6 +15,18 @@ from fedsb.tasks.models import load_base_model
 from tests.conftest import tiny_run_config
 
 
+def _assert_peft_reproduces(model, tiny_bert, peft_dir, g: torch.Generator) -> None:
+    """The exported adapter, loaded by plain PEFT into a fresh base, gives the trained model's logits."""
+    from peft import PeftModel
+
+    ids = torch.randint(1000, 3000, (3, 9), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_bert), "seq-cls", 3, 0), str(peft_dir)).eval()
+    with torch.no_grad():
+        ours, theirs = model.eval()(**batch).logits, peft_model(**batch).logits
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+
+
 @pytest.mark.parametrize("method", ["fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora"])
 def test_pooler_trains_and_travels_with_every_method(tiny_bert, method):
     counts = {}
@@ -31,8 +43,6 @@ def test_pooler_trains_and_travels_with_every_method(tiny_bert, method):
 
 
 def test_peft_loads_a_trained_pooler(tiny_bert, tmp_path):
-    from peft import PeftModel
-
     model = load_base_model(str(tiny_bert), "seq-cls", 3, 0, train_pooler=True)
     layers = make_method("fed-sb", 4, 0.5, 8.0, 0).build(model, adapters.find_targets(model, None))
     g = torch.Generator().manual_seed(0)
@@ -44,12 +54,7 @@ def test_peft_loads_a_trained_pooler(tiny_bert, tmp_path):
     export_peft(tmp_path / "peft", model, str(tiny_bert), "SEQ_CLS")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert set(cfg["modules_to_save"]) == {"classifier", "bert.pooler"}
-    ids = torch.randint(1000, 3000, (3, 9), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_bert), "seq-cls", 3, 0), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        ours, theirs = model.eval()(**batch).logits, peft_model(**batch).logits
-    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    _assert_peft_reproduces(model, tiny_bert, tmp_path / "peft", g)
 
 
 @pytest.mark.parametrize("method", ["fed-sb", "fedit"])
@@ -57,7 +62,6 @@ def test_pooler_adapted_as_one_more_target_and_peft_loads_it(tiny_bert, tmp_path
     """bench.pooler's `adapted` variant: pooler.dense in target-modules is adapted like a block layer (Fed-SB:
     r² more numbers sent, not the pooler's hidden²), and the PEFT export reproduces the model."""
     from bench.pooler import VARIANTS
-    from peft import PeftModel
 
     targets = VARIANTS["adapted"]["target-modules"].split(",")
     sent = {}
@@ -80,12 +84,7 @@ def test_pooler_adapted_as_one_more_target_and_peft_loads_it(tiny_bert, tmp_path
                     if p.requires_grad:
                         p.add_(0.1 * torch.randn(p.shape, generator=g))
     export_peft(tmp_path / "peft", model, str(tiny_bert), "SEQ_CLS")
-    ids = torch.randint(1000, 3000, (3, 9), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_bert), "seq-cls", 3, 0), str(tmp_path / "peft")).eval()
-    with torch.no_grad():
-        ours, theirs = model.eval()(**batch).logits, peft_model(**batch).logits
-    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    _assert_peft_reproduces(model, tiny_bert, tmp_path / "peft", g)
 
 
 def test_train_pooler_in_a_federated_run_and_its_errors(tiny_bert, sentiment_csv, tmp_path):
