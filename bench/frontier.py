@@ -4,7 +4,7 @@ machine.
 
     python -m bench.frontier [--part nonprivate|private-eps1|private-eps3] [--arms fed-sb,fedit] [--extra KEYS]
 
-How the task is sized (``SIZED`` below), against the default ``make run`` (one run ≈ 2.6 min):
+How the task is sized (``SIZED`` below), against the default ``make run`` (about 3 min a run, see README):
 - 2 clients sampled per round out of 10 (``fraction-train = 0.2``): the two Ray actors train in one wave on
   the two cores instead of two waves;
 - ``max-length = 32`` tokens per example (the default's tweets: median 16 words, 90th percentile 24);
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 from pathlib import Path
 
 SIZED = {"fraction-train": 0.2, "max-length": 32, "num-server-rounds": 10, "eval-every": 10, "eval-max-samples": 0}
