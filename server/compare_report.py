@@ -64,17 +64,18 @@ def group_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def verdicts(groups: list[dict]) -> list[str]:
-    """Per communication budget (each group's total bytes): each method's best (method, rank) within it,
-    and whether the leader's margin over the runner-up exceeds two standard errors of the difference."""
+def verdicts(groups: list[dict], key: str = "bytes_total") -> list[str]:
+    """Per communication budget (each group's ``key`` bytes: the total, or the per-round traffic alone as a
+    long deployment amortizes the one-time cost): each method's best (method, rank) within it, and whether
+    the leader's margin over the runner-up exceeds two standard errors of the difference."""
     lines = []
-    for budget in sorted({g["bytes_total"] for g in groups}):
+    for budget in sorted({g[key] for g in groups}):
         best: dict[str, dict] = {}
         for g in groups:
-            if g["bytes_total"] <= budget and (g["method"] not in best or g["accuracy_mean"] > best[g["method"]]["accuracy_mean"]):
+            if g[key] <= budget and (g["method"] not in best or g["accuracy_mean"] > best[g["method"]]["accuracy_mean"]):
                 best[g["method"]] = g
         ranked = sorted(best.values(), key=lambda g: -g["accuracy_mean"])
-        head = f"≤ {budget / 1e6:,.1f} MB total"
+        head = f"≤ {budget / 1e6:,.1f} MB {'total' if key == 'bytes_total' else 'of per-round traffic'}"
         if len(ranked) < 2:
             lines.append(f"- {head}: only {ranked[0]['method']} r={ranked[0]['rank']} fits")
             continue
@@ -108,8 +109,11 @@ def write_summary(rows: list[dict], out: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     groups = group_rows(rows)
-    md = _table(GROUP_COLUMNS, groups) + ["", "Which method wins at each budget (best of its ranks within it):", "",
-                                          *verdicts(groups)]
+    md = _table(GROUP_COLUMNS, groups) + ["", "Which method wins at each budget of total bytes, one-time costs included "
+                                          "(best of its ranks within it):", "", *verdicts(groups)]
+    if any(g["bytes_one_time"] for g in groups):
+        md += ["", "The same by per-round traffic alone (what a long deployment pays once the one-time costs are "
+               "amortized):", "", *verdicts(groups, "bytes_rounds")]
     sel = [r for r in rows if r["split"] == "validation"]
     if sel:
         md += ["", "Learning-rate selection (one run each, validation accuracy):", "",

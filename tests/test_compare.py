@@ -74,6 +74,11 @@ def test_mean_std_and_verdicts_come_from_the_rows():
     v = verdicts(list(g.values()))
     assert "**a wins**" in v[0]  # a vs b at 1 MB: 0.11 apart, SE ~ 0.008
     assert "not resolved" in v[1]  # at 2 MB c (0.802 ± 0.1) against a (0.81): within the spread
+    # a one-time cost counts in the total but not in the per-round view (a long deployment amortizes it)
+    g["a"] = dict(g["a"], bytes_one_time=int(5e6), bytes_total=int(6e6))
+    by_total, by_round = verdicts(list(g.values())), verdicts(list(g.values()), "bytes_rounds")
+    assert "only b r=4 fits" in by_total[0] and "MB total" in by_total[0]
+    assert "**a wins**" in by_round[0] and "per-round traffic" in by_round[0]
 
 
 def test_lr_grid_grows_at_its_edge_until_the_best_is_inside(tmp_path):
