@@ -86,9 +86,9 @@ def verdicts(groups: list[dict], key: str = "bytes_total") -> list[str]:
         if min(a["seeds"], b["seeds"]) < 2:
             lines.append(f"- {head}: {who} by {d:.3f}: one seed, no standard error: not a claim")
         elif d > 2 * se:
-            lines.append(f"- {head}: **{a['method']} wins**: {who} by {d:.3f} > 2 SE = {2 * se:.3f}")
+            lines.append(f"- {head}: **{a['method']} wins**: {who} by {d:.4f} > 2 SE = {2 * se:.4f}")
         else:
-            lines.append(f"- {head}: not resolved: {who} by {d:.3f} ≤ 2 SE = {2 * se:.3f}")
+            lines.append(f"- {head}: not resolved: {who} by {d:.4f} ≤ 2 SE = {2 * se:.4f}")
     return lines
 
 
