@@ -1,4 +1,4 @@
-"""BENCHMARKS.md sections of issue 15: the frozen-vs-trained pooler study and the accuracy–communication
+"""BENCHMARKS.md sections of issue 15: the pooler study (frozen, trained, adapted) and the accuracy–communication
 frontier over ranks, tuned learning rates and seeds. Rendered by ``bench.report``."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import csv
 import statistics
 
 from bench.report_common import R, _load, _missing
-from bench.report_variants import _mean_std, _versus
+from bench.report_variants import _difference, _mean_std, _versus
 
 
 def pooler_section() -> list[str]:
-    """Issue 15 item 4: the [CLS] pooler frozen (the default) or trained with the head, per method, over seeds."""
+    """Issue 15 item 4: the [CLS] pooler frozen (the default), trained with the head or adapted, over seeds."""
     pl = _load("pooler.json")
-    out = ["## The classification head: frozen or trained `[CLS]` pooler", ""]
+    out = ["## The classification head: the `[CLS]` pooler frozen, trained or adapted", ""]
     if not pl:
         return out + _missing("python -m bench.pooler --sized")
     keys = " ".join(f"{k}={v}" for k, v in pl["base_keys"].items())
@@ -40,19 +40,21 @@ def pooler_section() -> list[str]:
         frozen = [r["accuracy"] for r in by.get((method, "frozen"), [])]
         for v in ("trained", "adapted"):
             if (method, v) in by:
-                line = _versus(f"{method} {v} pooler", [r["accuracy"] for r in by[(method, v)]], "frozen", frozen)
-                out.append("- " + line)
-                if "beyond" in line and not line.split(": ")[1].startswith("-"):
-                    beyond.append(f"{method} {v}")
+                accs = [r["accuracy"] for r in by[(method, v)]]
+                out.append("- " + _versus(f"{method} {v} pooler", accs, "frozen", frozen))
+                if len(accs) > 1 and len(frozen) > 1:
+                    d, se = _difference(accs, frozen)
+                    if d > 2 * se:
+                        beyond.append(f"{method} {v}")
     means = {k: statistics.mean(r["accuracy"] for r in rs) for k, rs in by.items()}
     best = max(means.values())
     stuck = sorted({m for (m, v), a in means.items() if v == "frozen" and a < best - 0.1})
     if stuck:
         out += ["", f"{', '.join(stuck)}: more than 0.1 below the best row with the frozen pooler, at a rate that was not "
-                "tuned for this task (its training loss fell, then rose): these rows say nothing about the head; the "
+                "tuned for this task: these rows say nothing about the head; the "
                 "frontier below tunes each method's rate."]
     out += ["", ("Beyond the seed spread: " + ", ".join(beyond) + "." if beyond else
-                 "No variant beats the frozen pooler beyond the seed spread, so the default stays `train-pooler=false` "
+                 "No variant is better than the frozen pooler beyond the seed spread, so the default stays `train-pooler=false` "
                  "with the block layers only: the cheapest head, and what every method sends is unchanged.")]
     return out + [""]
 

@@ -82,10 +82,15 @@ def _versus(name: str, vals: list[float], ref_name: str, ref: list[float]) -> st
     the difference (computed from the runs, so the sentence can never disagree with the table)."""
     if len(vals) < 2 or len(ref) < 2:
         return f"{name} vs {ref_name}: fewer than 2 runs each, no statement"
-    d = statistics.mean(vals) - statistics.mean(ref)
-    se = (statistics.variance(vals) / len(vals) + statistics.variance(ref) / len(ref)) ** 0.5
+    d, se = _difference(vals, ref)
     verdict = "beyond the seed spread" if abs(d) > 2 * se else "within the seed spread"
     return f"{name} vs {ref_name}: {d:+.3f} (2 SE = {2 * se:.3f}): {verdict}"
+
+
+def _difference(vals: list[float], ref: list[float]) -> tuple[float, float]:
+    """Difference of the means and its standard error (each side needs 2 or more runs)."""
+    d = statistics.mean(vals) - statistics.mean(ref)
+    return d, (statistics.variance(vals) / len(vals) + statistics.variance(ref) / len(ref)) ** 0.5
 
 
 def _mean_std(vals: list[float]) -> str:
