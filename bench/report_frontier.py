@@ -94,7 +94,8 @@ def frontier_section() -> list[str]:
                 share.setdefault((r["method"], int(r["rank"])), []).append(float(r["bytes_one_time"]) / float(r["bytes_total"]))
         if share:
             per_client = SIZED["fraction-train"] * SIZED["num-server-rounds"]
-            out.append("Fed-SB's one-time bytes (every client's 1-bit init upload and int8 basis) are this share of its "
+            out.append("Fed-SB's one-time bytes (the int8 basis, and the clients' 1-bit init upload unless the server's data made "
+                       "the basis) are this share of its "
                        "total: " + ", ".join(f"{m} r={k} {statistics.mean(v):.0%}" for (m, k), v in sorted(share.items()))
                        + f". On this task a client trains in about {per_client:g} of "
                        "the rounds, so the one-time cost is paid for few rounds; the per-round verdicts show the other "
