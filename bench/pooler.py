@@ -53,8 +53,8 @@ def main() -> None:
         for method in args.methods:
             for pooler in args.variants:
                 rank = args.rank or (32 if method == "fed-sb" else 24)
-                if any(r["method"] == method and r["seed"] == seed and variant(r) == pooler and
-                       r.get("lr", 5e-3) == args.lr and r.get("rank", rank) == rank for r in out["rows"]):
+                if any((r["method"], r["seed"], r["pooler"], r["lr"], r["rank"]) == (method, seed, pooler, args.lr, rank)
+                       for r in out["rows"]):
                     continue
                 keys = dict(base, method=method, seed=seed, rank=rank, **VARIANTS[pooler], **{
                     "learning-rate": args.lr, "output-dir": str(
@@ -68,11 +68,6 @@ def main() -> None:
                                     "seconds": round(time.time() - t0, 1)})
                 out["machine"] = machine()
                 PATH.write_text(json.dumps(out, indent=2))
-
-
-def variant(row: dict) -> str:
-    """A row's pooler variant (rows from before the `adapted` variant have only train_pooler)."""
-    return row.get("pooler") or ("trained" if row["train_pooler"] else "frozen")
 
 if __name__ == "__main__":
     main()

@@ -23,13 +23,9 @@ def pooler_section() -> list[str]:
             "`adapted`: `pooler.dense` added to `target-modules`, the method adapts it like every block layer.", "",
             "| method, rank, lr | pooler | held-out accuracy (mean ± std) | communicated parameters | upload / client / round |",
             "|---|---|---|---|---|"]
-    from bench.pooler import variant
-
     by: dict[tuple, list[dict]] = {}
     for r in pl["rows"]:
-        # rows from before rank and lr were recorded ran at the defaults: 32 (Fed-SB) or 24, and 5e-3
-        arm = f"{r['method']} r={r.get('rank', 32 if r['method'] == 'fed-sb' else 24)} lr={r.get('lr', 5e-3):g}"
-        by.setdefault((arm, variant(r)), []).append(r)
+        by.setdefault((f"{r['method']} r={r['rank']} lr={r['lr']:g}", r["pooler"]), []).append(r)
     order = {"frozen": 0, "trained": 1, "adapted": 2}
     for (method, v), rs in sorted(by.items(), key=lambda kv: (kv[0][0], order[kv[0][1]])):
         out.append(f"| {method} | {v} | {_mean_std([r['accuracy'] for r in rs])} | "
