@@ -83,28 +83,25 @@ def test_basis_codecs_decode_to_what_the_server_holds(dtype, ratio):
 
 
 def test_regenerated_random_basis_matches_the_servers_bit_for_bit(tiny_bert, sentiment_csv, tmp_path):
-    from fedsb import adapters
+    # the server's own path (targets in config order) against a node's (modules in model order): the
+    # tiny model's targets are not in module order, which once gave every layer another layer's seed
     from fedsb.config import FedSBConfig
     from fedsb.methods.fed_sb import BasisSeedMismatch, regenerate_random_basis
     from fedsb.tasks import get_task
-    from fedsb.wire import basis_tensors, layers_fingerprint
-    from fedsb.adapters.sb_init import apply_bases
+    from server.driver import FedSBServer
 
     for dtype in ("float32", "int8"):
         cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / dtype, **{
             "init-basis": "random", "basis-dtype": dtype}))
-        task = get_task(cfg)
-        server = task.base_model()
-        layers = adapters.inject_sb(server, task.layer_names, cfg.rank)
-        bases = random_bases({n: (l.out_features, l.in_features) for n, l in layers.items()}, cfg.rank, cfg.seed)
-        for b in bases.values():
-            b.B, b.A = round_basis(b.B, dtype), round_basis(b.A, dtype)
-        apply_bases(layers, bases)
-        fp = layers_fingerprint(task.model_path, cfg.rank, layers)
-        vec = regenerate_random_basis(task, cfg.rank, cfg.seed, fp)
-        assert np.array_equal(vec, flatten(basis_tensors(layers)))
+        server = FedSBServer(None, cfg)
+        assert list(server.task.layer_names) != [n for n, _ in server.model.named_modules()
+                                                 if n in set(server.task.layer_names)]
+        server.basis.initialize([])
+        fp = server.basis.fingerprint_for(-1)
+        vec = regenerate_random_basis(get_task(cfg), cfg.rank, cfg.seed, fp)
+        assert np.array_equal(vec, server.state.basis)
         with pytest.raises(BasisSeedMismatch):
-            regenerate_random_basis(task, cfg.rank, cfg.seed + 1, fp)
+            regenerate_random_basis(get_task(cfg), cfg.rank, cfg.seed + 1, fp)
 
 
 def _run(tiny_bert, sentiment_csv, out, n=3, **extra):
@@ -141,3 +138,14 @@ def test_server_source_sends_no_init_query_and_spends_no_privacy(tiny_bert, sent
     assert init["bytes_down"] == 0
     assert all(h[2] != 1 for h in s["dp_history"])  # only local DP-SGD steps, no init step
     assert sum(h[2] for h in s["dp_history"]) == 5
+
+
+def test_random_basis_under_dp_travels_as_its_seed(tiny_bert, sentiment_csv, tmp_path):
+    # Each node regenerates the basis from the seed (its fingerprint matches the server's), also when
+    # DP-SGD wraps its model: no node asks for the matrices, and the one-time download is the seed alone.
+    recs, s, _ = _run(tiny_bert, sentiment_csv, tmp_path / "dp-random", **{
+        "init-basis": "random", "basis-dtype": "int8", "dp": True, "target-epsilon": 8.0,
+        "num-server-rounds": 2, "local-steps": 2})
+    trains = [r for r in recs if r.get("phase") == "train"]
+    assert trains and all(r["basis_resent"] == 0 for r in trains)
+    assert s["bytes_basis_total"] <= 3 * 512

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -126,8 +127,10 @@ def random_bases(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) ->
     at random gives the same subspace for no upload and no privacy spent. R0 = 0: the adapter starts at W0.
     """
     out = {}
-    for i, (name, (m, n)) in enumerate(shapes.items()):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    for name, (m, n) in shapes.items():
+        # seeded by the layer's name, not its position: the server lists layers in target order and a node
+        # in module order, and both must draw the same B, A for the same layer (crc32 is stable everywhere)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         B, _ = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))
         A, _ = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64))
         out[name] = Basis(B=B.float(), A=A.t().contiguous().float(), R0=torch.zeros(rank, rank))
