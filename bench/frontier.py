@@ -53,15 +53,17 @@ def command(part: str, arm: str, extra: str = "") -> str:
 
 
 def merge(part: str, arms: list[str], extra: str = "") -> None:
-    """The arms' runs in one table and plot, in bench/results/frontier-<part>/, with the commands."""
-    from server.compare_report import run_row, write_summary
+    """The arms' runs in one table and plot, in bench/results/frontier-<part>/, with the commands. An arm
+    with no run directories here (another checkout ran it) keeps its rows from the merged csv."""
+    from server.compare_report import read_rows, run_row, write_summary
 
+    dest = RESULTS / f"frontier-{part}"
+    kept = read_rows(dest / "compare.csv") if (dest / "compare.csv").exists() else []
     rows = []
     for arm in arms:
-        for sub in ("select", "runs"):
-            for p in sorted(Path(f"runs/frontier-{part}/{arm}/{sub}").glob("*/summary.json")):
-                rows.append({**run_row(p.parent), "method": arm})
-    dest = RESULTS / f"frontier-{part}"
+        found = [{**run_row(p.parent), "method": arm} for sub in ("select", "runs")
+                 for p in sorted(Path(f"runs/frontier-{part}/{arm}/{sub}").glob("*/summary.json"))]
+        rows += found or [r for r in kept if r["method"] == arm]
     write_summary(rows, dest)
     (dest / "commands.txt").write_text("".join(command(part, a, extra) + "\n" for a in arms))
 

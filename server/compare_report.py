@@ -37,6 +37,18 @@ def run_row(run_dir: Path) -> dict[str, Any]:
             "run_dir": str(run_dir)}
 
 
+_TYPES = {"rank": int, "seed": int, "lr": float, "final_accuracy": float, "final_loss": float, "rounds": int,
+          "seconds": float, "bytes_up_per_client_round": float}
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The per-run rows of a ``compare.csv`` as ``run_row`` gives them (for merging runs whose directories
+    are gone: the csv is what a finished comparison keeps)."""
+    with open(path, newline="") as fh:
+        return [{k: (_TYPES.get(k, int)(v) if k in _TYPES or k.startswith(("bytes_", "trainable", "communicated"))
+                     else v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -155,8 +167,9 @@ def _plots(out: Path, groups: list[dict], rows: list[dict]) -> None:
     for g in groups:
         by_round: dict[int, list[float]] = {}
         for r in rows:
-            if r["split"] == "test" and (r["method"], r["rank"]) == (g["method"], g["rank"]):
-                for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines():
+            metrics = Path(r["run_dir"]) / "metrics.jsonl"  # absent for rows merged from a csv
+            if r["split"] == "test" and (r["method"], r["rank"]) == (g["method"], g["rank"]) and metrics.exists():
+                for line in metrics.read_text().splitlines():
                     rec = json.loads(line)
                     if rec["phase"] == "evaluate":
                         by_round.setdefault(rec["round"], []).append(rec["accuracy"])

@@ -192,3 +192,29 @@ def test_frontier_command_is_a_valid_compare_command(monkeypatch, tmp_path):
     assert main(shlex.split(command("private-eps3", "fed-sb-server"))[1:]) == 1
     assert seen["overrides"]["init-source"] == "server" and seen["overrides"]["dp"] is True
     assert seen["overrides"]["target-epsilon"] == 3.0 and seen["ranks"] == {"fed-sb": [32]}
+
+
+def test_merge_keeps_an_arm_whose_run_directories_are_gone(monkeypatch, tmp_path):
+    """A fresh checkout has bench/results but not the runs/ of another checkout: merging a new arm must keep
+    the old arms' rows from the csv, typed as run_row gives them, and write the same table."""
+    import bench.frontier as frontier
+    from server.compare_report import COLUMNS, read_rows, write_summary
+
+    def row(arm, seed, acc, split="test"):
+        return {"method": arm, "rank": 4, "lr": 5e-3, "seed": seed, "split": split, "final_accuracy": acc,
+                "final_loss": 0.5, "bytes_up_total": 100, "bytes_down_total": 200, "bytes_one_time": 0,
+                "bytes_total": 300, "bytes_up_per_client_round": 10.0, "trainable_params": 7,
+                "communicated_params": 7, "rounds": 10, "seconds": 1.5, "run_dir": f"runs/gone/{arm}-{seed}"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(frontier, "RESULTS", tmp_path / "results")
+    dest = tmp_path / "results" / "frontier-nonprivate"
+    old = [row("fedit", s, 0.7 + s / 1000) for s in (42, 43, 44)]
+    write_summary(old, dest)
+    assert read_rows(dest / "compare.csv") == old and list(old[0]) == COLUMNS
+    md = (dest / "compare.md").read_text()
+    frontier.merge("nonprivate", ["fedit"])
+    assert read_rows(dest / "compare.csv") == old and (dest / "compare.md").read_text() == md
+    frontier.merge("nonprivate", ["fedit", "flora"])  # flora ran nowhere: nothing of it, fedit kept
+    assert {r["method"] for r in read_rows(dest / "compare.csv")} == {"fedit"}
+    assert "flora" in (dest / "commands.txt").read_text()
