@@ -2,12 +2,15 @@
 ClientApp process per message) against a simulation round (Ray actors that keep the model loaded),
 same default model and config, and where a client's time goes (median over replies, from the
 ``client_seconds`` of metrics.jsonl): before (``FEDSB_DATA_CACHE=0``: every process tokenizes and
-partitions) and after (the on-disk data cache, warm from the run's first message on).
+partitions) and after (the on-disk data cache, warm from the run's first message on); and the same run in
+containers (``docker/compose.yml`` + ``compose.tls.yml``: SuperLink, 3 SuperNodes and their executors, the
+images built here by tests/docker_harness.py; needs root).
 
-    python -m bench.deploy_overhead [--rounds 3]
+    python -m bench.deploy_overhead [--rounds 3] [--parts before,after,containers]
 
-Writes bench/results/deploy_overhead.json. The first train round also pays for the init query and a
-cold cache, so the ratio uses rounds 2 and later.
+Each part is measured beside a simulation run in the same invocation (its ratio is to that one), and is
+merged into bench/results/deploy_overhead.json without dropping the parts not measured this time. The
+first train round also pays for the init query and a cold cache, so the ratio uses rounds 2 and later.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -56,26 +60,65 @@ def deployment(tmp: Path, name: str, cfg: dict, cache: bool) -> dict:
     return {"status": status, "wall_seconds": wall, **_breakdown(_train_rows(tmp / name / "run"))}
 
 
+def containers(cfg: dict) -> dict:
+    """The same run on the committed compose files with TLS and node authentication, in containers."""
+    from tests.docker_harness import ComposeFederation, build_images, ensure_engine
+
+    ensure_engine()
+    build_images()  # cached: a no-op when the images are current
+    work, run_dir = Path(tempfile.mkdtemp(prefix="fedsb-deploy-bench-docker-")), "/app/runs/deploy-bench"
+    fed = ComposeFederation(work / "project")
+    try:
+        fed.make_certs()
+        fed.start_superlink()
+        for i in range(fed.num_nodes):
+            if (res := fed.register(i)).returncode != 0:
+                raise RuntimeError(f"registering supernode {i}: {res.stdout}{res.stderr}")
+        fed.up()
+        t0 = time.time()
+        run_id = fed.start_run(dict(cfg, **{"output-dir": run_dir}))
+        while not (status := fed.status(run_id)).startswith("finished"):
+            if time.time() - t0 > 1800:
+                raise RuntimeError(f"run {run_id} still {status!r} after 30 min")
+            time.sleep(5)
+        wall, rows = time.time() - t0, [r for r in fed.records(run_dir) if r["phase"] == "train"]
+    finally:
+        fed.down()
+        shutil.rmtree(work, ignore_errors=True)
+    return {"status": status, "wall_seconds": wall, **_breakdown(rows)}
+
+
+PARTS = {"before": "deployment_before", "after": "deployment_after", "containers": "containers"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--parts", default="before,after",
+                   help="deployments to measure beside a simulation: before (loopback, no data cache), after "
+                        "(loopback, data cache), containers (docker-compose; needs root)")
     args = p.parse_args()
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if bad := [x for x in parts if x not in PARTS]:
+        raise SystemExit(f"--parts: {bad} not among {list(PARTS)}")
     from server.simulation import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="fedsb-deploy-bench-"))
     cfg = {"num-server-rounds": args.rounds, "fraction-train": 1.0, "min-available-nodes": 3, "local-steps": 10,
            "eval-max-samples": 200, "round-timeout": 600.0}
     sim = _breakdown(_train_rows(simulate(dict(cfg, **{"output-dir": str(tmp / "sim")}), 3)))
-    before = deployment(tmp, "no-cache", cfg, cache=False)
-    after = deployment(tmp, "cache", cfg, cache=True)
-    out = {"what": "train-round seconds, default model, 3 clients, 10 local steps each; client_seconds: median over "
+    path = Path("bench/results/deploy_overhead.json")
+    out = json.loads(path.read_text()) if path.exists() else {}
+    command = f"python -m bench.deploy_overhead --rounds {args.rounds} --parts {','.join(parts)}"
+    for part in parts:
+        d = containers(cfg) if part == "containers" else deployment(tmp, part, cfg, cache=part == "after")
+        out[PARTS[part]] = {**d, "command": command, "simulation": sim, "machine": machine(),
+                            "ratio": d["round_seconds_median_later"] / sim["round_seconds_median_later"]}
+        path.write_text(json.dumps(out, indent=1))  # after each part: a later failure keeps what finished
+    out["what"] = ("train-round seconds, default model, 3 clients, 10 local steps each; client_seconds: median over "
                    "replies of process age at the handler, setup (config + task load), model (+ basis), data "
-                   "(partition), seconds (local training)",
-           "command": f"python -m bench.deploy_overhead --rounds {args.rounds}", "simulation": sim,
-           "deployment_before": before, "deployment_after": after,
-           "ratio_before": before["round_seconds_median_later"] / sim["round_seconds_median_later"],
-           "ratio_after": after["round_seconds_median_later"] / sim["round_seconds_median_later"], "machine": machine()}
-    Path("bench/results/deploy_overhead.json").write_text(json.dumps(out, indent=1))
+                   "(partition), seconds (local training); each deployment's ratio is to the simulation beside it")
+    path.write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 
 
