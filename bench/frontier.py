@@ -26,6 +26,8 @@ from pathlib import Path
 
 SIZED = {"fraction-train": 0.2, "max-length": 32, "num-server-rounds": 10, "eval-every": 10, "eval-max-samples": 0}
 LRS = "2.5e-3|5e-3|1e-2"
+# how ``fedsb compare`` chooses and repeats (the report's prose is written from these)
+SELECTION = {"seeds": 3, "validation-fraction": 0.05, "select-rounds": 5, "max-extend": 1}
 # A part is a set of arms, each one ``fedsb compare`` of one method over its ranks with its own keys; an arm's
 # name labels its rows in the merged table (Fed-SB's initializations are arms of the same method).
 PARTS = {
@@ -48,7 +50,7 @@ def command(part: str, arm: str, extra: str = "") -> str:
     rc = " ".join([*(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shared.items()),
                    *keys.split(), *extra.split()])
     return (f"fedsb compare --methods {method} --num-supernodes 10 --rank '{method}={ranks}' --lr '{method}={LRS}' "
-            f"--seeds 3 --validation-fraction 0.05 --select-rounds 5 --max-extend 1 --run-config \"{rc}\" "
+            + "".join(f"--{k} {v} " for k, v in SELECTION.items()) + f"--run-config \"{rc}\" "
             f"--out runs/frontier-{part}/{arm}")
 
 

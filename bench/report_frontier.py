@@ -57,18 +57,23 @@ def pooler_section() -> list[str]:
 
 def frontier_section() -> list[str]:
     """Issue 15 item 5: the frontier from ``bench.frontier``, non-private and private parts."""
-    from bench.frontier import LRS, PARTS, SIZED
+    from bench.frontier import LRS, PARTS, SELECTION, SIZED
+    from fedsb.config import FedSBConfig
 
+    seed, n = FedSBConfig().seed, SELECTION["seeds"]  # compare's seeds: the config's seed, then the next ones
+    seeds = ", ".join(str(seed + k) for k in range(n))
+    extend = {0: "never extended", 1: "extended once by 2×"}.get(SELECTION["max-extend"],
+                                                                 f"extended up to {SELECTION['max-extend']} times by 2×")
     keys = " ".join(f"{k}={v}" for k, v in SIZED.items())
-    out = ["## The accuracy–communication frontier (tuned per method and rank, 3 seeds)", "",
+    out = [f"## The accuracy–communication frontier (tuned per method and rank, {n} seeds)", "",
            f"The comparison task: the default model and data with `{keys}`; 10 clients, 10 rounds of 10 local steps of "
            "16 examples. Sized for this 2-core machine (see `bench/frontier.py`): two clients a round train in one wave "
            "on the two cores, 32 tokens cover most of the short texts, and the whole held-out set is evaluated once per "
            "run, after the last round. Each (method, rank) chose its learning rate among "
-           f"{LRS.replace('|', ', ')} on a 5% "
-           "validation split carved from the training data before partitioning (5-round selection runs, seed 42; the "
-           "grid extended once by 2× when the best rate was at an edge: `lr_at_edge` says it stayed there); the final "
-           "runs use seeds 42, 43, 44. Bytes are up + down over the whole run, all clients; `bytes_one_time` is "
+           f"{LRS.replace('|', ', ')} on a {SELECTION['validation-fraction']:.0%} "
+           f"validation split carved from the training data before partitioning ({SELECTION['select-rounds']}-round "
+           f"selection runs, seed {seed}; the grid {extend} when the best rate was at an edge: `lr_at_edge` says it "
+           f"stayed there); the final runs use seeds {seeds}. Bytes are up + down over the whole run, all clients; `bytes_one_time` is "
            "Fed-SB's init upload and basis download. Each table and its verdicts are rendered from the runs by "
            "`server.compare_report`: a method wins a budget only by more than two standard errors.", ""]
     for part, spec in PARTS.items():
