@@ -41,6 +41,9 @@ VARIANTS = {  # name -> run-config keys on top of the defaults
     "sign-int8": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "int8"},
     "server-int8": {"init-source": "server", "basis-dtype": "int8"},
     "random-int8": {"init-basis": "random", "basis-dtype": "int8"},
+    "sign-int4": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "int4"},
+    # half the nodes asked for init signs: the one-time upload per client halves on average
+    "sign-half-int4": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "int4", "init-fraction": 0.5},
     # issue 20: the same as sign-int8 with the frozen base weights in bfloat16
     "sign-int8-bf16": {"init-source": "clients", "init-upload": "sign", "basis-dtype": "int8", "base-dtype": "bfloat16"},
 }
@@ -84,7 +87,7 @@ def cmd_bytes(args) -> None:
             "sign": init_reply("signs", pack_signs(np.zeros(total, np.float32))), "none": 0}
     bases = random_bases(shapes, cfg.rank, 0)
     basis = {}
-    for dtype in ("float32", "bfloat16", "int8"):
+    for dtype in ("float32", "bfloat16", "int8", "int4"):
         t = {}
         for n, b in bases.items():
             t[n + ".B"], t[n + ".A"] = round_basis(b.B, dtype), round_basis(b.A, dtype)
@@ -96,8 +99,9 @@ def cmd_bytes(args) -> None:
             continue
         upload = "none" if keys.get("init-source") == "server" or keys.get("init-basis") == "random" else keys["init-upload"]
         down = basis["seed"] if keys.get("init-basis") == "random" else basis[keys["basis-dtype"]]
-        one_time = init[upload] + down
-        rows.append({"variant": name, "keys": keys, "init_upload_bytes": init[upload], "basis_download_bytes": down,
+        up = init[upload] * keys.get("init-fraction", 1.0)  # per client on average: only the asked nodes upload
+        one_time = up + down
+        rows.append({"variant": name, "keys": keys, "init_upload_bytes": up, "basis_download_bytes": down,
                      "one_time_bytes": one_time, "round_upload_bytes": round_up, "rounds_equivalent": one_time / round_up})
     out = {"what": "one-time bytes per client by init variant, default model (measured message sizes)",
            "rank": cfg.rank, "adapted_layers": len(shapes), "gradient_entries": total, "rows": rows, "machine": machine()}
@@ -123,9 +127,17 @@ def cmd_overlap(args) -> None:
     data = stask.server_dataset()
     ssum, sn = accumulate_gradients(stask.base_model(), names, stask.loader(data, shuffle=False), stask.loss_fn)
     shapes = {k: tuple(grads[0][0][k].shape) for k in names}
-    three = [0, 1, 2]
+    three, half = [0, 1, 2], list(range(CLIENTS // 2))
+    half_vote = {}
+    for k in names:
+        v = SignVote(grads[0][0][k].numel())
+        for i in half:
+            v.add(unpack_signs(pack_signs(grads[i][0][k].numpy().ravel()), grads[i][0][k].numel()), grads[i][1])
+        half_vote[k] = torch.from_numpy(v.result().reshape(grads[0][0][k].shape))
     variants = {
         "sign vote, 10 clients": compute_bases(vote, count, cfg.rank, **kw),
+        f"sign vote, {len(half)} of {CLIENTS} clients": compute_bases(half_vote, sum(grads[i][1] for i in half),
+                                                                     cfg.rank, **kw),
         "dense, 3 of 10 clients": compute_bases({k: sum(grads[i][0][k].double() for i in three) for k in names},
                                                 sum(grads[i][1] for i in three), cfg.rank, **kw),
         f"server's own {sn} examples": compute_bases({k: v.double() for k, v in ssum.items()}, sn, cfg.rank, **kw),
@@ -137,7 +149,7 @@ def cmd_overlap(args) -> None:
         oa = [overlap(b[k].A.t(), dense[k].A.t()) for k in names]
         rows.append({"variant": name, "overlap_B_median": statistics.median(ob), "overlap_B_min": min(ob),
                      "overlap_A_median": statistics.median(oa), "overlap_A_min": min(oa)})
-    for dtype in ("bfloat16", "int8"):
+    for dtype in ("bfloat16", "int8", "int4"):
         ob = [overlap(round_basis(dense[k].B, dtype), dense[k].B) for k in names]
         oa = [overlap(round_basis(dense[k].A, dtype).t(), dense[k].A.t()) for k in names]
         rows.append({"variant": f"dense basis sent as {dtype}", "overlap_B_median": statistics.median(ob),

@@ -88,8 +88,8 @@ class FedSBConfig:
     init_dataset: str = _f("", "the server's data for init-source=server (same format and columns as dataset); "
                            "empty: a slice of dataset carved out before the split and never given to a client")
     init_server_samples: int = _f(640, "examples the server's init gradient sums over (init-source=server)", lo=1)
-    basis_dtype: str = _f("int8", "dtype of the one-time B, A broadcast (int8: per-row scales; what every party "
-                          "uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
+    basis_dtype: str = _f("int8", "dtype of the one-time B, A broadcast (int8, int4: a scale per basis vector, "
+                          "int4 packed two per byte; what every party uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
 
     # --- hardware ----------------------------------------------------------------------------
     device: str = _f("auto", "where clients train and the server evaluates and initializes: `auto` (CUDA when "

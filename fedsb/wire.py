@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-BASIS_DTYPES = ("float32", "bfloat16", "int8")
+BASIS_DTYPES = ("float32", "bfloat16", "int8", "int4")
+_QMAX = {"int8": 127, "int4": 7}  # symmetric code range of the integer basis dtypes
 
 
 def flatten(tensors: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -58,27 +59,48 @@ def basis_tensors(layers: Mapping[str, nn.Module], k: int | None = None) -> dict
     return out
 
 
-def _int8_rows(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 codes and one scale per basis vector of a 2-D matrix: per row of a wide matrix (A,
-    r×n), per column of a tall one (B, m×r), so r scales either way. Each scale is the power of two just
-    above max |vector| / 127: code·scale is then exact in float32 and quantizing a dequantized matrix again
-    gives the same codes and scales, so the server can re-encode the basis it holds bit for bit (a plain
-    max/127 scale would round differently the second time)."""
+def _quant_vectors(m: np.ndarray, qmax: int = 127) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric integer codes in [-qmax, qmax] (int8) and one scale per basis vector of a 2-D matrix: per
+    row of a wide matrix (A, r×n), per column of a tall one (B, m×r), so r scales either way. Each scale is
+    the power of two just above max |vector| / qmax: code·scale is then exact in float32, and quantizing a
+    dequantized matrix again gives the same codes and scales (its peak code stays above qmax / 2), so the
+    server can re-encode the basis it holds bit for bit (a plain max/qmax scale would round differently the
+    second time)."""
     m = np.asarray(m, dtype=np.float32)
     if m.shape[0] > m.shape[1]:
-        codes, scale = _int8_rows(m.T)
+        codes, scale = _quant_vectors(m.T, qmax)
         return np.ascontiguousarray(codes.T), scale
     peak = np.abs(m).max(axis=1).astype(np.float64)
-    scale = np.where(peak > 0, np.exp2(np.ceil(np.log2(np.where(peak > 0, peak, 1.0) / 127.0))), 1.0).astype(np.float32)
-    codes = np.clip(np.rint(m / scale[:, None]), -127, 127).astype(np.int8)
+    scale = np.where(peak > 0, np.exp2(np.ceil(np.log2(np.where(peak > 0, peak, 1.0) / qmax))), 1.0).astype(np.float32)
+    codes = np.clip(np.rint(m / scale[:, None]), -qmax, qmax).astype(np.int8)
     return codes, scale
 
 
 def _dequant(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    # the one place int8 becomes float32 again: the server rounds its own basis through it too
+    # the one place integer codes become float32 again: the server rounds its own basis through it too
     if codes.shape[0] > codes.shape[1]:
         return codes.astype(np.float32) * scale[None, :]
     return codes.astype(np.float32) * scale[:, None]
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """int4 codes in [-7, 7], two per byte (code + 8 in each half; an odd count ends with a zero half)."""
+    u = (codes.reshape(-1).astype(np.int16) + 8).astype(np.uint8)
+    if u.size % 2:
+        u = np.append(u, np.uint8(0))
+    return (u[0::2] << 4) | u[1::2]
+
+
+def _unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.shape != ((n + 1) // 2,):
+        raise ValueError(f"int4 basis: {packed.size} bytes for {n} codes, expected {(n + 1) // 2}")
+    u = np.empty(packed.size * 2, np.uint8)
+    u[0::2], u[1::2] = packed >> 4, packed & 0x0F
+    codes = u[:n].astype(np.int16) - 8
+    if codes.min(initial=0) < -7 or codes.max(initial=0) > 7:
+        raise ValueError("int4 basis: a code outside [-7, 7]")
+    return codes.astype(np.int8)
 
 
 def round_basis(t: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -86,8 +108,8 @@ def round_basis(t: torch.Tensor, dtype: str) -> torch.Tensor:
     uses the rounded matrices itself, so that every party holds (and fingerprints) the same bits."""
     if dtype == "bfloat16":
         return t.bfloat16().float()
-    if dtype == "int8":
-        return torch.from_numpy(_dequant(*_int8_rows(t.detach().cpu().numpy())))
+    if dtype in _QMAX:
+        return torch.from_numpy(_dequant(*_quant_vectors(t.detach().cpu().numpy(), _QMAX[dtype])))
     if dtype == "float32":
         return t
     raise ValueError(f"unknown basis dtype {dtype!r}; one of {BASIS_DTYPES}")
@@ -96,15 +118,17 @@ def round_basis(t: torch.Tensor, dtype: str) -> torch.Tensor:
 def encode_basis(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, np.ndarray]:
     """B and A of every layer (``basis_tensors``, already rounded) as message arrays: float32 as is,
     bfloat16 as its bits in a uint16 array (half the bytes), int8 as codes with a float32 scale per basis
-    vector and the matrices' shapes (a quarter of the bytes, plus 4 B per vector)."""
+    vector and the matrices' shapes (a quarter of the bytes, plus 4 B per vector), int4 the same with two
+    codes per byte (an eighth)."""
     vec = flatten(tensors)
     if dtype == "float32":
         return {"basis": vec}
     if dtype == "bfloat16":
         return {"basis_bf16": torch.from_numpy(vec).bfloat16().view(torch.uint16).numpy()}
-    if dtype == "int8":
-        parts = [_int8_rows(t.detach().cpu().numpy()) for t in tensors.values()]
-        return {"basis_i8": np.concatenate([c.reshape(-1) for c, _ in parts]),
+    if dtype in _QMAX:
+        parts = [_quant_vectors(t.detach().cpu().numpy(), _QMAX[dtype]) for t in tensors.values()]
+        codes = np.concatenate([c.reshape(-1) for c, _ in parts])
+        return {"basis_i8" if dtype == "int8" else "basis_i4": codes if dtype == "int8" else _pack_nibbles(codes),
                 "basis_scale": np.concatenate([sc for _, sc in parts]),
                 "basis_rows": np.array([d for t in tensors.values() for d in t.shape], dtype=np.int32)}
     raise ValueError(f"unknown basis dtype {dtype!r}; one of {BASIS_DTYPES}")
@@ -115,15 +139,19 @@ def decode_basis(arrays: Mapping[str, np.ndarray]) -> np.ndarray:
     if "basis_bf16" in arrays:
         bits = torch.from_numpy(np.asarray(arrays["basis_bf16"]).astype(np.uint16).view(np.int16))
         return bits.view(torch.bfloat16).float().numpy()
-    if "basis_i8" in arrays:
-        codes, scales, dims = (np.asarray(arrays[k]) for k in ("basis_i8", "basis_scale", "basis_rows"))
+    if "basis_i8" in arrays or "basis_i4" in arrays:
+        scales, dims = np.asarray(arrays["basis_scale"]), np.asarray(arrays["basis_rows"])
+        if "basis_i8" in arrays:
+            codes = np.asarray(arrays["basis_i8"])
+        else:
+            codes = _unpack_nibbles(arrays["basis_i4"], int(np.prod(dims.reshape(-1, 2), axis=1).sum()))
         out, c, r = [], 0, 0
         for rows, cols in dims.reshape(-1, 2):
             k = min(rows, cols)  # one scale per basis vector
             out.append(_dequant(codes[c : c + rows * cols].reshape(rows, cols), scales[r : r + k]).reshape(-1))
             c, r = c + rows * cols, r + k
         if c != codes.size or r != scales.size:
-            raise ValueError(f"int8 basis: {codes.size} codes / {scales.size} scales do not match the shapes")
+            raise ValueError(f"integer basis: {codes.size} codes / {scales.size} scales do not match the shapes")
         return np.concatenate(out) if out else np.zeros(0, np.float32)
     return np.asarray(arrays["basis"], dtype=np.float32)
 

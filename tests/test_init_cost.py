@@ -66,7 +66,8 @@ def test_truncated_or_padded_packed_replies_are_rejected():
     assert e.value.reason == "fingerprint"
 
 
-@pytest.mark.parametrize("dtype, ratio", [("float32", 1.0), ("bfloat16", 0.5), ("int8", 0.30)])
+@pytest.mark.parametrize("dtype, ratio", [("float32", 1.0), ("bfloat16", 0.5), ("int8", 0.30),
+                                          ("int4", 0.17)])
 def test_basis_codecs_decode_to_what_the_server_holds(dtype, ratio):
     bases = random_bases({"a": (64, 96), "b": (32, 48)}, 8, seed=3)
     rounded = {}
@@ -79,7 +80,17 @@ def test_basis_codecs_decode_to_what_the_server_holds(dtype, ratio):
     nbytes = sum(a.nbytes for a in arrays.values())
     assert nbytes <= ratio * 4 * sum(t.numel() for t in rounded.values())
     err = max(float((rounded[n + ".B"] - bases[n].B).abs().max()) for n in bases)
-    assert err <= {"float32": 0.0, "bfloat16": 4e-3, "int8": 2e-2}[dtype]
+    assert err <= {"float32": 0.0, "bfloat16": 4e-3, "int8": 2e-2, "int4": 0.1}[dtype]
+
+
+def test_int4_basis_packs_two_codes_per_byte_and_refuses_a_short_one():
+    bases = random_bases({"a": (33, 7)}, 3, seed=1)  # an odd number of codes: 99 + 21
+    t = {"a.B": round_basis(bases["a"].B, "int4"), "a.A": round_basis(bases["a"].A, "int4")}
+    arrays = encode_basis(t, "int4")
+    assert arrays["basis_i4"].dtype == np.uint8 and arrays["basis_i4"].size == (33 * 3 + 3 * 7 + 1) // 2
+    assert np.array_equal(decode_basis(arrays), flatten(t))
+    with pytest.raises(ValueError, match="int4 basis"):
+        decode_basis(dict(arrays, basis_i4=arrays["basis_i4"][:-1]))
 
 
 def test_regenerated_random_basis_matches_the_servers_bit_for_bit(tiny_bert, sentiment_csv, tmp_path):
@@ -117,9 +128,9 @@ def _run(tiny_bert, sentiment_csv, out, n=3, **extra):
 
 
 def test_sign_upload_run_is_32x_smaller_and_learns(tiny_bert, sentiment_csv, tmp_path):
-    recs, s, entries = _run(tiny_bert, sentiment_csv, tmp_path / "sign", **{"basis-dtype": "int8"})
+    recs, s, entries = _run(tiny_bert, sentiment_csv, tmp_path / "sign", **{"basis-dtype": "int4"})
     init = recs[0]
-    assert init["phase"] == "init" and init["init_upload"] == "sign" and init["basis_dtype"] == "int8"
+    assert init["phase"] == "init" and init["init_upload"] == "sign" and init["basis_dtype"] == "int4"
     assert init["accepted"] == 3 and init["rejected"] == []
     # 1 bit per gradient entry (a dense float32 upload is 32), plus framing and the metrics
     assert 3 * entries / 8 <= s["bytes_init_total"] <= 3 * (entries / 8 + 1024)

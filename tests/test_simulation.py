@@ -49,7 +49,7 @@ def test_each_node_got_the_basis_once(fedsb_run):
     from safetensors.torch import load_file
 
     saved = load_file(str(fedsb_run[0] / "adapter" / "fedsb_adapter.safetensors"))
-    per_entry = {"float32": 4, "bfloat16": 2, "int8": 1}[summary["config"]["basis-dtype"]]
+    per_entry = {"float32": 4, "bfloat16": 2, "int8": 1, "int4": 0.5}[summary["config"]["basis-dtype"]]
     per_node = sum(per_entry * t.numel() for k, t in saved.items() if k.endswith((".sb_B", ".sb_A")))
     assert 3 * per_node <= summary["bytes_basis_total"] <= 3 * (per_node + 2048)
 
