@@ -49,6 +49,22 @@ VARIANTS = {  # name -> run-config keys on top of the defaults
 }
 
 
+# keys every variant runs with unless it names them: what the defaults were when the first variants ran, so
+# a variant means the same run after a default changes
+PINNED = {"init-fraction": 1.0}
+INIT_FIELDS = ("init_source", "init_upload", "basis_dtype", "init_fraction", "init_basis", "base_dtype")
+
+
+def variant_config(name: str) -> FedSBConfig:
+    return FedSBConfig.from_run_config({**PINNED, **VARIANTS[name]})
+
+
+def default_variant() -> str | None:
+    """The variant that is today's default configuration (its initialization and basis keys), if one is."""
+    d = FedSBConfig()
+    return next((v for v in VARIANTS if all(getattr(variant_config(v), f) == getattr(d, f) for f in INIT_FIELDS)), None)
+
+
 def overlap(P: torch.Tensor, Q: torch.Tensor) -> float:
     """‖Pᵀ·Q‖²_F / r for two orthonormal m×r bases."""
     return float((P.t().double() @ Q.double()).pow(2).sum() / P.shape[1])
@@ -99,7 +115,7 @@ def cmd_bytes(args) -> None:
             continue
         upload = "none" if keys.get("init-source") == "server" or keys.get("init-basis") == "random" else keys["init-upload"]
         down = basis["seed"] if keys.get("init-basis") == "random" else basis[keys["basis-dtype"]]
-        up = init[upload] * keys.get("init-fraction", 1.0)  # per client on average: only the asked nodes upload
+        up = init[upload] * variant_config(name).init_fraction  # per client on average: only the asked nodes upload
         one_time = up + down
         rows.append({"variant": name, "keys": keys, "init_upload_bytes": up, "basis_download_bytes": down,
                      "one_time_bytes": one_time, "round_upload_bytes": round_up, "rounds_equivalent": one_time / round_up})
@@ -174,7 +190,7 @@ def cmd_accuracy(args) -> None:
         for variant in args.variants:
             if any(r["variant"] == variant and r["seed"] == seed for r in out["rows"]):
                 continue
-            keys = {**out["base_keys"], **VARIANTS[variant], "seed": seed,
+            keys = {**out["base_keys"], **PINNED, **VARIANTS[variant], "seed": seed,
                     "output-dir": str(Path(args.runs).resolve() / f"{variant}-s{seed}")}
             t0 = time.time()
             s = json.loads((simulate(keys, CLIENTS) / "summary.json").read_text())
