@@ -2,11 +2,13 @@
 ClientApp process per message) against a simulation round (Ray actors that keep the model loaded),
 same default model and config, and where a client's time goes (median over replies, from the
 ``client_seconds`` of metrics.jsonl): before (``FEDSB_DATA_CACHE=0``: every process tokenizes and
-partitions) and after (the on-disk data cache, warm from the run's first message on); and the same run in
+partitions), after (the on-disk data cache, warm from the run's first message on), and with warm start
+(each ClientApp process forked from a node's process that has imported torch and transformers once,
+client/warm_start.py); and the same run in
 containers (``docker/compose.yml`` + ``compose.tls.yml``: SuperLink, 3 SuperNodes and their executors, the
 images built here by tests/docker_harness.py; needs root).
 
-    python -m bench.deploy_overhead [--rounds 3] [--parts before,after,containers]
+    python -m bench.deploy_overhead [--rounds 3] [--parts before,after,warm,containers]
 
 Each part is measured beside a simulation run in the same invocation (its ratio is to that one), and is
 merged into bench/results/deploy_overhead.json without dropping the parts not measured this time. The
@@ -40,11 +42,11 @@ def _breakdown(rows: list[dict]) -> dict:
                                             for k in sorted(parts)}}
 
 
-def deployment(tmp: Path, name: str, cfg: dict, cache: bool) -> dict:
+def deployment(tmp: Path, name: str, cfg: dict, cache: bool, warm: bool = False) -> dict:
     from tests.deployment_harness import Federation
 
     os.environ["FEDSB_DATA_CACHE"] = "1" if cache else "0"  # inherited by every process the harness starts
-    fed = Federation(tmp / name, num_nodes=3)
+    fed = Federation(tmp / name, num_nodes=3, warm=warm)
     try:
         fed.start_superlink()
         for i in range(3):
@@ -88,7 +90,7 @@ def containers(cfg: dict) -> dict:
     return {"status": status, "wall_seconds": wall, **_breakdown(rows)}
 
 
-PARTS = {"before": "deployment_before", "after": "deployment_after", "containers": "containers"}
+PARTS = {"before": "deployment_before", "after": "deployment_after", "warm": "deployment_warm", "containers": "containers"}
 
 
 def main() -> None:
@@ -96,7 +98,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--parts", default="before,after",
                    help="deployments to measure beside a simulation: before (loopback, no data cache), after "
-                        "(loopback, data cache), containers (docker-compose; needs root)")
+                        "(loopback, data cache), warm (after + warm start: client/warm_start.py), containers "
+                        "(docker-compose; needs root)")
     args = p.parse_args()
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     if bad := [x for x in parts if x not in PARTS]:
@@ -111,7 +114,7 @@ def main() -> None:
     out = json.loads(path.read_text()) if path.exists() else {}
     command = f"python -m bench.deploy_overhead --rounds {args.rounds} --parts {','.join(parts)}"
     for part in parts:
-        d = containers(cfg) if part == "containers" else deployment(tmp, part, cfg, cache=part == "after")
+        d = containers(cfg) if part == "containers" else deployment(tmp, part, cfg, cache=part != "before", warm=part == "warm")
         out[PARTS[part]] = {**d, "command": command, "simulation": sim, "machine": machine(),
                             "ratio": d["round_seconds_median_later"] / sim["round_seconds_median_later"]}
         path.write_text(json.dumps(out, indent=1))  # after each part: a later failure keeps what finished

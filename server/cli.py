@@ -131,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     ls.add_argument("action", choices=["running", "stop"])
     ls.set_defaults(func=_cmd_local_superlink)
 
+    w = sub.add_parser("warm-clientapp", add_help=False,
+                       help="a node's warm-start process: preloads torch and transformers and forks each ClientApp "
+                            "process (client/warm_start.py; `fedsb warm-clientapp --help`)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["warm-clientapp"]:  # its own parser: every option after the subcommand is its
+        from client.warm_start import main as warm_clientapp
+
+        return warm_clientapp(argv[1:])
+
     c = sub.add_parser("check-run", help="fail unless RUN_DIR holds a completed run")
     c.add_argument("run_dir")
     c.set_defaults(func=_cmd_check_run)

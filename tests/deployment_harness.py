@@ -32,6 +32,7 @@ class Federation:
     workdir: Path
     num_nodes: int = 3
     isolation: str = "subprocess"
+    warm: bool = False  # each SuperNode's ClientApp processes forked by a warm-start process (client/warm_start.py)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -78,8 +79,26 @@ class Federation:
     def register(self, i: int) -> subprocess.CompletedProcess:
         return self.flwr("supernode", "register", str(self.certs / "keys" / f"sn{i}.pub"), "fedsb-test")
 
+    def start_warm(self, i: int, env: dict) -> dict:
+        """Node i's warm-start process, once; returns the environment its SuperNode needs to use it."""
+        from client.warm_start import shim_dir
+
+        sock = self.workdir / f"warm-{i}" / "warm.sock"
+        ready = self.workdir / f"warm-{i}.ready"
+        if f"warm-{i}" not in self.procs:
+            ready.unlink(missing_ok=True)
+            self._start(f"warm-{i}", ["fedsb", "warm-clientapp", "--socket", str(sock), "--ready-file", str(ready)], env)
+            deadline = time.time() + 180
+            while not ready.exists():
+                if time.time() > deadline or self.procs[f"warm-{i}"].poll() is not None:
+                    raise RuntimeError(f"warm-start process {i} not ready: {self.log(f'warm-{i}')[-2000:]}")
+                time.sleep(0.5)
+        return dict(env, FEDSB_WARM_SOCKET=str(sock), PATH=f"{shim_dir(sock)}{os.pathsep}{env['PATH']}")
+
     def start_supernode(self, i: int, cache_dir: Path | None = None) -> subprocess.Popen:
         env = dict(self.env, FEDSB_CACHE_DIR=str(cache_dir or self.workdir / f"cache-{i}"))
+        if self.warm:
+            env = self.start_warm(i, env)
         p = self._start(f"supernode-{i}", supernode_args(f"127.0.0.1:{self.port}", self.node_ports[i], i, self.num_nodes,
                                                          self.sec, key=str(self.certs / "keys" / f"sn{i}"),
                                                          isolation=self.isolation), env)

@@ -64,3 +64,27 @@ def test_tls_auth_federation_survives_lost_and_restarted_node(federation, tiny_b
     assert "Failed to activate SuperNode" in fed.log("supernode-3")
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in fed.log("superlink")
     assert not any(r.get("clients") == 4 for r in train.values())  # the intruder never joined a round
+
+
+def test_warm_start_forks_every_clientapp_process(tiny_bert, sentiment_csv, tmp_path):
+    """With warm start (client/warm_start.py) each SuperNode's ClientApp processes are forked by its warm
+    process instead of started cold: the run completes, every message of both nodes went through a fork,
+    and no shim fell back to the real flwr-clientapp."""
+    fed = Federation(tmp_path / "fed", num_nodes=2, warm=True)
+    out = tmp_path / "run"
+    try:
+        fed.start_superlink()
+        for i in range(2):
+            assert fed.register(i).returncode == 0
+            fed.start_supernode(i)
+        run_id = fed.run(tiny_run_config(tiny_bert, sentiment_csv, out, **{
+            "num-server-rounds": 2, "local-steps": 3, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
+            "min-available-nodes": 2, "round-timeout": 90.0}))
+        assert fed.wait(run_id, timeout=300) == "finished:completed"
+    finally:
+        fed.stop()
+    train = [r for r in _records(out / "metrics.jsonl") if r["phase"] == "train"]
+    assert len(train) == 2 and all(r["replies"] == 2 and r["failed"] == 0 for r in train)
+    for i in range(2):  # hello, init and two train messages each
+        assert fed.log(f"warm-{i}").count("forked pid") >= 4, fed.log(f"warm-{i}")[-2000:]
+        assert "running the real flwr-clientapp" not in fed.log(f"supernode-{i}")
