@@ -143,6 +143,12 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
     fingerprint = next(r["fingerprint"] for r in recs if r["phase"] == "init")
     assert f"{fingerprint}.safetensors" in cached
 
+    # every node's ClientApp processes were forked by its warm-start process (docker/compose.yml's entrypoint)
+    for i in range(fed.num_nodes):
+        warm_log = fed.logs(f"superexec-clientapp-{i}")
+        log(f"superexec-clientapp-{i}: {warm_log.count('forked pid')} ClientApp processes forked warm")
+        assert "warm start: forked pid" in warm_log, warm_log[-2000:]
+
     # the unregistered key was refused and never took part
     code, intruder_log = fed.intruder_result()
     assert code != 0, intruder_log[-2000:]

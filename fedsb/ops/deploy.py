@@ -70,6 +70,15 @@ def connection_toml(name: str, address: str, root_ca: str | None) -> str:
 APP_UID = 49999  # the non-root user `app` of Flower's images (and so of the executor image)
 
 
+# A ClientApp executor starts its node's warm-start process (client/warm_start.py) beside Flower's executor:
+# the executor starts `flwr-clientapp` for each message, and the shim first on PATH hands it to the warm
+# process, which forks it with torch and transformers already imported (or runs the real one while the warm
+# process is still importing). `$$` is a literal `$` in compose files.
+WARM_SOCKET = "/tmp/fedsb-warm/warm.sock"
+WARM_ENTRYPOINT = ["sh", "-c", f"export FEDSB_WARM_SOCKET={WARM_SOCKET} PATH=/tmp/fedsb-warm/bin:$$PATH; "
+                   "fedsb warm-clientapp & exec flower-superexec \"$$@\"", "flower-superexec"]
+
+
 def compose_spec(num_nodes: int, tls: bool) -> dict:
     """docker compose services: SuperLink + ServerApp executor, N SuperNodes + ClientApp executors.
 
@@ -129,7 +138,8 @@ def compose_spec(num_nodes: int, tls: bool) -> dict:
         }
         if not tls:  # the overlay leaves the ClientApp executors as they are (see the docstring)
             services[f"superexec-clientapp-{i}"] = {
-                "image": APP_IMAGE, "command": superexec_args(f"supernode-{i}:9094", Security())[1:],
+                "image": APP_IMAGE, "entrypoint": WARM_ENTRYPOINT,
+                "command": superexec_args(f"supernode-{i}:9094", Security())[1:],
                 "volumes": [f"cache-{i}:/cache"], "environment": env, "depends_on": {f"supernode-{i}": started},
             }
     for svc in services.values():
