@@ -41,6 +41,18 @@ PRELOAD = ("torch", "numpy", "safetensors.torch", "transformers", "transformers.
            "transformers.models.auto.tokenization_auto", "tokenizers", "opacus",
            "flwr.app", "flwr.clientapp", "flwr.supernode.cli.flwr_clientapp")
 _MAX_REQUEST = 1 << 20
+# The project's own packages: the warm process imported some of them to start (`fedsb warm-clientapp`), and a
+# child must import them again from the run's FAB (Flower imports `client.app` by name and would otherwise
+# reuse the installed package already in sys.modules).
+APP_PACKAGES = ("fedsb", "server", "client")
+
+
+def forget_app_modules() -> list[str]:
+    """Drop the project's packages from sys.modules (in a forked child, before Flower loads the app)."""
+    gone = [m for m in sys.modules if m.split(".")[0] in APP_PACKAGES]
+    for m in gone:
+        del sys.modules[m]
+    return gone
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> dict[str, float]:
@@ -114,6 +126,7 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
         sys.argv = list(request["argv"])
+        forget_app_modules()
         from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
         flwr_clientapp()

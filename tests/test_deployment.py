@@ -88,3 +88,16 @@ def test_warm_start_forks_every_clientapp_process(tiny_bert, sentiment_csv, tmp_
     for i in range(2):  # hello, init and two train messages each
         assert fed.log(f"warm-{i}").count("forked pid") >= 4, fed.log(f"warm-{i}")[-2000:]
         assert "running the real flwr-clientapp" not in fed.log(f"supernode-{i}")
+
+
+def test_warm_child_forgets_the_installed_app_so_flower_loads_the_fabs():
+    """The warm process imported `client` and `server` to start; a forked child drops them (and `fedsb`) so
+    that Flower imports `client.app` from the run's FAB, and keeps the preloaded third-party modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, client.warm_start as w, server.cli, fedsb.config; gone = w.forget_app_modules(); "
+            "left = [m for m in sys.modules if m.split('.')[0] in w.APP_PACKAGES]; "
+            "print(len(gone) > 3, left, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
+    assert out == "True [] True"
