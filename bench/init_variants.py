@@ -66,8 +66,10 @@ def default_variant() -> str | None:
 
 
 def overlap(P: torch.Tensor, Q: torch.Tensor) -> float:
-    """‖Pᵀ·Q‖²_F / r for two orthonormal m×r bases."""
-    return float((P.t().double() @ Q.double()).pow(2).sum() / P.shape[1])
+    """‖Pᵀ·Q‖²_F / r for the column spaces of two m×r bases, each made orthonormal first (QR): a quantized
+    basis is only nearly orthonormal, and unnormalized columns would push the measure above 1."""
+    P, Q = torch.linalg.qr(P.double())[0], torch.linalg.qr(Q.double())[0]
+    return float((P.t() @ Q).pow(2).sum() / P.shape[1])
 
 
 def client_grads(cfg: FedSBConfig):
