@@ -28,16 +28,19 @@ SIZED = {"fraction-train": 0.2, "max-length": 32, "num-server-rounds": 10, "eval
 LRS = "2.5e-3|5e-3|1e-2"
 # how ``fedsb compare`` chooses and repeats (the report's prose is written from these)
 SELECTION = {"seeds": 3, "validation-fraction": 0.05, "select-rounds": 5, "max-extend": 1}
+# Fed-SB's initialization as it was when the frontier ran (the defaults then), pinned so that the commands
+# reproduce those runs after the defaults moved to init-fraction=0.5 basis-dtype=int4 (issue 14)
+FED_SB_INIT = "init-fraction=1.0 basis-dtype='int8'"
 # A part is a set of arms, each one ``fedsb compare`` of one method over its ranks with its own keys; an arm's
 # name labels its rows in the merged table (Fed-SB's initializations are arms of the same method).
 PARTS = {
     "nonprivate": {"keys": {}, "arms": {
-        "fed-sb": ("fed-sb", "16|32|64|128", ""), "fedit": ("fedit", "4|8|16", ""), "ffa-lora": ("ffa-lora", "4|8|16", ""),
+        "fed-sb": ("fed-sb", "16|32|64|128", FED_SB_INIT), "fedit": ("fedit", "4|8|16", ""), "ffa-lora": ("ffa-lora", "4|8|16", ""),
         "fedex-lora": ("fedex-lora", "4|8|16", ""), "flora": ("flora", "4|8|16", "")}},
     **{f"private-eps{eps}": {"keys": {"dp": True, "target-epsilon": float(eps)}, "arms": {
-        "fed-sb": ("fed-sb", "32", ""),  # the private client-gradient initialization
-        "fed-sb-random": ("fed-sb", "32", "init-basis='random'"),
-        "fed-sb-server": ("fed-sb", "32", "init-source='server'"),
+        "fed-sb": ("fed-sb", "32", FED_SB_INIT),  # the private client-gradient initialization
+        "fed-sb-random": ("fed-sb", "32", f"init-basis='random' {FED_SB_INIT}"),
+        "fed-sb-server": ("fed-sb", "32", f"init-source='server' {FED_SB_INIT}"),
         "fedit": ("fedit", "8", ""), "ffa-lora": ("ffa-lora", "8", "")}} for eps in (1, 3)},
 }
 RESULTS = Path("bench/results")

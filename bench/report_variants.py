@@ -63,9 +63,13 @@ def _init_decision(by: dict, runs: dict[str, list[float]], acc: dict | None, ov:
            f"on average, {d['rounds_equivalent']:.1f} rounds of its R upload: the ≤ 10 rounds goal is "
            + (f"**met** ({-gap:.1f} rounds under it)." if gap <= 0 else f"**unmet** by {gap:.1f} rounds.")
            + f" The basis download is {d['basis_download_bytes'] / d['round_upload_bytes']:.1f} rounds and the 1-bit init "
-           f"upload {d['init_upload_bytes'] / d['round_upload_bytes']:.1f}."]
+           f"upload {d['init_upload_bytes'] / d['round_upload_bytes']:.1f} (on average per client: with init-fraction "
+           f"{d['keys'].get('init-fraction', 1.0)} only that share of the clients uploads)."]
     if len(runs.get(name, [])) > 1:
         out[-1] += f" Accuracy: {_versus(name, runs[name], 'dense-f32', runs.get('dense-f32', []))}."
+        for ref in ("dense-f32", "sign-int8"):
+            if ref != name and (diffs := _paired(acc, name, ref)):
+                out[-1] += f" Seed by seed against {ref}: {', '.join(f'{x:+.3f}' for x in diffs)}."
     if srv:
         out.append(f"`init-source=server` costs {srv['rounds_equivalent']:.1f} rounds.")
         pair = {r["seed"]: r["accuracy"] for r in (acc or {}).get("rows", []) if r["variant"] == "sign-int8"}
@@ -77,10 +81,20 @@ def _init_decision(by: dict, runs: dict[str, list[float]], acc: dict | None, ov:
                         " Its accuracy is beyond the seed spread of the dense-gradient basis ")
             out[-1] += (f"({_versus('server-int8', runs['server-int8'], 'dense-f32', runs.get('dense-f32', []))}), but "
                         f"seed by seed it {'trailed the clients’ sign vote every time' if all(x < 0 for x in diffs) else 'differed from the clients’ sign vote by'} ({', '.join(f'{x:+.3f}' for x in diffs)}), "
-                        + _overlaps(ov) + ". So the default stays "
-                        "`init-source=clients`; a deployment that counts bytes first should set `init-source=server` "
-                        "(with its own `init-dataset`, or the carved slice).")
+                        + _overlaps(ov) + ". So the default stays `init-source=clients`"
+                        + ("; a deployment that counts bytes first should set `init-source=server` (with its own "
+                           "`init-dataset`, or the carved slice)." if srv["one_time_bytes"] < 0.9 * d["one_time_bytes"] else
+                           f"; with its int8 basis it costs no less than the default ({srv['rounds_equivalent']:.1f} "
+                           f"against {d['rounds_equivalent']:.1f} rounds)."))
     return out
+
+
+def _paired(acc: dict | None, name: str, ref: str) -> list[float]:
+    """``name``'s accuracy minus ``ref``'s, seed by seed, over the seeds both ran."""
+    rows = (acc or {}).get("rows", [])
+    base = {r["seed"]: r["accuracy"] for r in rows if r["variant"] == ref}
+    return [r["accuracy"] - base[r["seed"]] for r in sorted(rows, key=lambda r: r["seed"])
+            if r["variant"] == name and r["seed"] in base]
 
 
 def _versus(name: str, vals: list[float], ref_name: str, ref: list[float]) -> str:

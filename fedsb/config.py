@@ -75,7 +75,7 @@ class FedSBConfig:
     init_update: str = _f("sign", "update approximation: first Adam step (`sign`) or plain gradient (`grad`)", choices=("sign", "grad"))
     init_lr: float = _f(1e-3, "step size eta of the approximated full fine-tuning step", lo=0.0, lo_open=True)
     init_svd: str = _f("auto", "truncated SVD: `exact`, `randomized` or `auto` (randomized for large layers)", choices=("auto", "exact", "randomized"))
-    init_fraction: float = _f(1.0, "fraction of nodes asked for initialization gradients", lo=0.0, hi=1.0, lo_open=True)
+    init_fraction: float = _f(0.5, "fraction of nodes asked for Fed-SB initialization gradients (sampled with the seed; other methods ignore it)", lo=0.0, hi=1.0, lo_open=True)
     init_basis: str = _f("gradient", "Fed-SB basis: `gradient` (update approximation from init gradients) or "
                          "`random` (seeded orthonormal B, A and R0 = 0: no init upload, no privacy spent on it)",
                          choices=("gradient", "random"))
@@ -88,7 +88,7 @@ class FedSBConfig:
     init_dataset: str = _f("", "the server's data for init-source=server (same format and columns as dataset); "
                            "empty: a slice of dataset carved out before the split and never given to a client")
     init_server_samples: int = _f(640, "examples the server's init gradient sums over (init-source=server)", lo=1)
-    basis_dtype: str = _f("int8", "dtype of the one-time B, A broadcast (int8, int4: a scale per basis vector, "
+    basis_dtype: str = _f("int4", "dtype of the one-time B, A broadcast (int8, int4: a scale per basis vector, "
                           "int4 packed two per byte; what every party uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
 
     # --- hardware ----------------------------------------------------------------------------
@@ -219,8 +219,6 @@ class FedSBConfig:
             raise ConfigError("federated-evaluate", "cannot be combined with dp=true: clients would report "
                               "loss/accuracy on their private data outside the DP guarantee; set it to false "
                               "(the server's held-out evaluation still runs)")
-        if self.method != "fed-sb" and self.init_fraction != 1.0:
-            raise ConfigError("init-fraction", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 1.0")
         if self.device == "cuda":
             import torch
 
