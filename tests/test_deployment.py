@@ -101,3 +101,17 @@ def test_warm_child_forgets_the_installed_app_so_flower_loads_the_fabs():
             "print(len(gone) > 3, left, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")[0]
     assert out == "True [] True"
+
+
+def test_warm_shim_runs_the_real_clientapp_without_a_warm_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from client.warm_start import SHIM
+
+    env = dict(os.environ, FEDSB_WARM_SOCKET=str(tmp_path / "absent.sock"),
+               PATH=f"{SHIM.parent}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}")
+    res = subprocess.run([str(SHIM), "--help"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "usage: flwr-clientapp" in res.stdout
+    assert "running the real flwr-clientapp" in res.stderr
