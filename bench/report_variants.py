@@ -280,9 +280,10 @@ def traffic_section() -> list[str]:
         return out + _missing("fedsb compare --methods fed-sb,fedit --rank fed-sb=32,fedit=24 --validation-fraction 0 "
                               "--out runs/traffic")
     rows = {r["method"]: r for r in csv.DictReader(path.open())}
-    cmd = (R / "traffic_compare.cmd").read_text().strip()
+    cmd, *notes = (R / "traffic_compare.cmd").read_text().strip().splitlines()
+    ran = "".join(f" Fed-SB's initialization: `{n.split('ran with', 1)[1].strip()}`." for n in notes if "ran with" in n)
     out += [f"Command: `{cmd}` (then `compare.csv` copied to `bench/results/traffic_compare.csv`). Both runs: the "
-            "default configuration, 10 clients, 4 sampled per round, 10 rounds, identical partitions and seed.", "",
+            "default configuration, 10 clients, 4 sampled per round, 10 rounds, identical partitions and seed." + ran, "",
             "| method | rank | per-round bytes (up + down, all rounds) | one-time bytes | total | held-out accuracy |",
             "|---|---|---|---|---|---|"]
     for r in rows.values():
