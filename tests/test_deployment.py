@@ -85,8 +85,9 @@ def test_warm_start_forks_every_clientapp_process(tiny_bert, sentiment_csv, tmp_
         fed.stop()
     train = [r for r in _records(out / "metrics.jsonl") if r["phase"] == "train"]
     assert len(train) == 2 and all(r["replies"] == 2 and r["failed"] == 0 for r in train)
-    for i in range(2):  # hello, init and two train messages each
-        assert fed.log(f"warm-{i}").count("forked pid") >= 4, fed.log(f"warm-{i}")[-2000:]
+    forks = [fed.log(f"warm-{i}").count("forked pid") for i in range(2)]
+    # hello and two train messages each, and the init query to the node(s) init-fraction asked
+    assert min(forks) >= 3 and sum(forks) >= 7, forks
         assert "running the real flwr-clientapp" not in fed.log(f"supernode-{i}")
 
 
