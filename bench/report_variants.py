@@ -263,6 +263,15 @@ def deploy_section() -> list[str]:
             "local training is also slower: three client processes share the two cores at once, where the simulation "
             "runs two actors. The data cache removes the partition and the tokenization; what remains is the fresh "
             "process itself."]
+    if "deployment_warm" in do and "deployment_after" in do:
+        a, w = (do[k]["client_seconds_median_later"] for k in ("deployment_after", "deployment_warm"))
+        out += ["", f"Warm start (each ClientApp process forked from a node's process that imported torch and transformers "
+                f"once) against the cold data-cached deployment: process age {a['process-age']:.2f} → "
+                f"{w['process-age']:.2f} s (process start and imports), setup {a['setup']:.2f} → {w['setup']:.2f} s (what "
+                f"is left is reading the model and tokenizer), train round {do['deployment_after']['round_seconds_median_later']:.1f} → "
+                f"{do['deployment_warm']['round_seconds_median_later']:.1f} s. The rest of a deployment round is not "
+                "the client's: Flower's SuperNode looks for messages every 3 s when idle (a fixed sleep in flwr 1.41), "
+                "and three training processes share two cores."]
     if do.get("note"):
         out += ["", do["note"]]
     return out + [""]
