@@ -69,7 +69,14 @@ def containers(cfg: dict) -> dict:
     ensure_engine()
     build_images()  # cached: a no-op when the images are current
     work, run_dir = Path(tempfile.mkdtemp(prefix="fedsb-deploy-bench-docker-")), "/app/runs/deploy-bench"
-    fed = ComposeFederation(work / "project")
+    # The simulation beside it leaves this process's PYTHONPATH pointing into the venv (Ray does), and Debian's
+    # docker-compose (the system Python) would then import the venv's requests and fail: compose gets none.
+    pythonpath = os.environ.pop("PYTHONPATH", None)
+    try:
+        fed = ComposeFederation(work / "project")
+    finally:
+        if pythonpath is not None:
+            os.environ["PYTHONPATH"] = pythonpath
     try:
         fed.make_certs()
         fed.start_superlink()
