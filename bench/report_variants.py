@@ -236,7 +236,7 @@ def deploy_section() -> list[str]:
     do = _load("deploy_overhead.json")
     out = ["## Deployment round vs simulation round", ""]
     names = {"deployment_before": "loopback, no data cache", "deployment_after": "loopback, data cache",
-             "deployment_warm": "loopback, data cache, warm start", "containers": "containers, data cache"}
+             "deployment_warm": "loopback, data cache, warm start", "containers": "containers, data cache, warm start"}
     rows = [(names[k], do[k]) for k in names if do and k in do]
     if not rows:
         return out + _missing("python -m bench.deploy_overhead")
