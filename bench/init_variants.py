@@ -72,6 +72,17 @@ def overlap(P: torch.Tensor, Q: torch.Tensor) -> float:
     return float((P.t() @ Q).pow(2).sum() / P.shape[1])
 
 
+def sign_vote(grads: list, names: list[str]) -> dict[str, torch.Tensor]:
+    """The server's weighted majority vote over these clients' packed gradient signs, per layer."""
+    vote = {}
+    for k in names:
+        v = SignVote(grads[0][0][k].numel())
+        for g, n in grads:
+            v.add(unpack_signs(pack_signs(g[k].numpy().ravel()), g[k].numel()), n)
+        vote[k] = torch.from_numpy(v.result().reshape(grads[0][0][k].shape))
+    return vote
+
+
 def client_grads(cfg: FedSBConfig):
     """Each of the 10 default clients' gradient sum over init-samples examples (as the client computes it)."""
     task = get_task(cfg)
@@ -119,11 +130,11 @@ def cmd_bytes(args) -> None:
         down = basis["seed"] if keys.get("init-basis") == "random" else basis[keys["basis-dtype"]]
         share = variant_config(name).init_fraction  # only the asked nodes upload
         asked = init[upload] + down  # what a node asked for its init signs pays (summary.json's per-client figure)
+        mean = init[upload] * share + down
         rows.append({"variant": name, "keys": keys, "init_upload_bytes": init[upload], "init_share": share,
                      "basis_download_bytes": down, "one_time_bytes": asked, "round_upload_bytes": round_up,
-                     "rounds_equivalent": asked / round_up,
-                     "one_time_bytes_mean": init[upload] * share + down,
-                     "rounds_equivalent_mean": (init[upload] * share + down) / round_up})
+                     "rounds_equivalent": asked / round_up, "one_time_bytes_mean": mean,
+                     "rounds_equivalent_mean": mean / round_up})
     out = {"what": "one-time bytes by init variant, default model (measured message sizes): for a node asked for "
                    "init signs (one_time_bytes), and the mean over all nodes when only a share is asked",
            "rank": cfg.rank, "adapted_layers": len(shapes), "gradient_entries": total, "rows": rows, "machine": machine()}
@@ -138,24 +149,14 @@ def cmd_overlap(args) -> None:
     kw = dict(scale=cfg.scale, update="sign", lr=cfg.init_lr, svd="exact", seed=cfg.seed)
     count = sum(n for _, n in grads)
     dense = compute_bases({k: sum(g[k].double() for g, _ in grads) for k in names}, count, cfg.rank, **kw)
-    vote = {}
-    for k in names:
-        v = SignVote(grads[0][0][k].numel())
-        for g, n in grads:
-            v.add(unpack_signs(pack_signs(g[k].numpy().ravel()), g[k].numel()), n)
-        vote[k] = torch.from_numpy(v.result().reshape(grads[0][0][k].shape))
+    vote = sign_vote(grads, names)
     server_cfg = FedSBConfig(init_source="server")
     stask = get_task(server_cfg)
     data = stask.server_dataset()
     ssum, sn = accumulate_gradients(stask.base_model(), names, stask.loader(data, shuffle=False), stask.loss_fn)
     shapes = {k: tuple(grads[0][0][k].shape) for k in names}
     three, half = [0, 1, 2], list(range(CLIENTS // 2))
-    half_vote = {}
-    for k in names:
-        v = SignVote(grads[0][0][k].numel())
-        for i in half:
-            v.add(unpack_signs(pack_signs(grads[i][0][k].numpy().ravel()), grads[i][0][k].numel()), grads[i][1])
-        half_vote[k] = torch.from_numpy(v.result().reshape(grads[0][0][k].shape))
+    half_vote = sign_vote([grads[i] for i in half], names)
     variants = {
         "sign vote, 10 clients": compute_bases(vote, count, cfg.rank, **kw),
         f"sign vote, {len(half)} of {CLIENTS} clients": compute_bases(half_vote, sum(grads[i][1] for i in half),

@@ -77,9 +77,7 @@ def _init_decision(by: dict, runs: dict[str, list[float]], acc: dict | None, ov:
                 out[-1] += f" Seed by seed against {ref}: {', '.join(f'{x:+.3f}' for x in diffs)}."
     if srv:
         out.append(f"`init-source=server` costs {srv['rounds_equivalent']:.1f} rounds.")
-        pair = {r["seed"]: r["accuracy"] for r in (acc or {}).get("rows", []) if r["variant"] == "sign-int8"}
-        diffs = [r["accuracy"] - pair[r["seed"]] for r in (acc or {}).get("rows", [])
-                 if r["variant"] == "server-int8" and r["seed"] in pair]
+        diffs = _paired(acc, "server-int8", "sign-int8")
         if diffs and len(runs.get("server-int8", [])) > 1:
             out[-1] += (f" Its accuracy is within the seed spread of the dense-gradient basis "
                         if "within" in _versus("s", runs["server-int8"], "d", runs.get("dense-f32", [])) else
