@@ -113,6 +113,8 @@ def main() -> None:
         raise SystemExit(f"--parts: {bad} not among {list(PARTS)}")
     from server.simulation import simulate
 
+    # The 1/5/15-min load averages before anything starts: what "an idle machine" means, measured not claimed.
+    load_at_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="fedsb-deploy-bench-"))
     cfg = {"num-server-rounds": args.rounds, "fraction-train": 1.0, "min-available-nodes": 3, "local-steps": 10,
            "eval-max-samples": 200, "round-timeout": 600.0}
@@ -123,6 +125,7 @@ def main() -> None:
     for part in parts:
         d = containers(cfg) if part == "containers" else deployment(tmp, part, cfg, cache=part != "before", warm=part == "warm")
         out[PARTS[part]] = {**d, "command": command, "simulation": sim, "machine": machine(),
+                            "load_at_start": load_at_start,
                             "ratio": d["round_seconds_median_later"] / sim["round_seconds_median_later"]}
         path.write_text(json.dumps(out, indent=1))  # after each part: a later failure keeps what finished
     out["what"] = ("train-round seconds, default model, 3 clients, 10 local steps each; client_seconds: median over "

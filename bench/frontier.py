@@ -61,20 +61,23 @@ def command(part: str, arm: str, extra: str = "") -> str:
             f"--out runs/frontier-{part}/{arm}")
 
 
-def merge(part: str, arms: list[str], extra: str = "") -> None:
-    """The arms' runs in one table and plot, in bench/results/frontier-<part>/, with the commands. An arm
-    with no run directories here (another checkout ran it) keeps its rows from the merged csv."""
+def merge(part: str, extra: str = "") -> None:
+    """Every arm of the part that has runs, in one table and plot in bench/results/frontier-<part>/, with the
+    commands. An arm with run directories here takes its rows from them; an arm without (another checkout
+    ran it) keeps its rows from the merged csv, so re-running one arm never drops the others."""
     from server.compare_report import read_rows, run_row, write_summary
 
     dest = RESULTS / f"frontier-{part}"
     kept = read_rows(dest / "compare.csv") if (dest / "compare.csv").exists() else []
-    rows = []
-    for arm in arms:
+    rows, ran = [], []
+    for arm in PARTS[part]["arms"]:
         found = [{**run_row(p.parent), "method": arm} for sub in ("select", "runs")
                  for p in sorted(Path(f"runs/frontier-{part}/{arm}/{sub}").glob("*/summary.json"))]
-        rows += found or [r for r in kept if r["method"] == arm]
+        found = found or [r for r in kept if r["method"] == arm]
+        rows += found
+        ran += [arm] if found else []
     write_summary(rows, dest)
-    (dest / "commands.txt").write_text("".join(command(part, a, extra) + "\n" for a in arms))
+    (dest / "commands.txt").write_text("".join(command(part, a, extra) + "\n" for a in ran))
 
 
 def main() -> None:
@@ -89,11 +92,11 @@ def main() -> None:
     bad = [a for a in arms if a not in PARTS[args.part]["arms"]]
     if bad:
         raise SystemExit(f"--arms: {bad} not in part {args.part} ({', '.join(PARTS[args.part]['arms'])})")
-    for k, arm in enumerate(arms):  # merged after each arm: the results grow as the sweep goes
+    for arm in arms:  # merged after each arm: the results grow as the sweep goes
         cmd = command(args.part, arm, args.extra)
         if fedsb(shlex.split(cmd)[1:]) != 0:  # exactly the command BENCHMARKS.md shows
             raise SystemExit(f"failed: {cmd}")
-        merge(args.part, arms[: k + 1], args.extra)
+        merge(args.part, args.extra)
 
 
 if __name__ == "__main__":

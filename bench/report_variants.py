@@ -231,6 +231,8 @@ def llm_section() -> list[str]:
 
 def deploy_section() -> list[str]:
     """Issue 17: a deployment round against a simulation round, and where a client's time goes."""
+    from fedsb.ops.deploy import EXECUTOR_ENV
+
     do = _load("deploy_overhead.json")
     out = ["## Deployment round vs simulation round", ""]
     names = {"deployment_before": "loopback, no data cache", "deployment_after": "loopback, data cache",
@@ -238,20 +240,29 @@ def deploy_section() -> list[str]:
     rows = [(names[k], do[k]) for k in names if do and k in do]
     if not rows:
         return out + _missing("python -m bench.deploy_overhead")
-    parts = ["process-age", "setup", "model", "data", "seconds"]
+    parts, nodes = ["process-age", "setup", "model", "data", "seconds"], 3
+    # what a round spends outside the client's handler: waiting for the SuperNode to pull the message and
+    # push the reply, the executor to start the process, the server (medians, so an estimate)
+    outside = {name: d["round_seconds_median_later"] - sum(d["client_seconds_median_later"].get(k, 0) for k in parts)
+               for name, d in rows}
     out += ["Default model, 3 clients, 10 local steps, TLS and node authentication, a fresh ClientApp process per "
             "message: SuperLink + 3 SuperNodes as processes on loopback, or the committed compose files in containers "
             "(3 SuperNodes and their executors). Each deployment is measured beside a simulation of the same run in "
             "the same invocation, and its ratio is to that one. Medians over rounds 2 and later; the client parts are "
             "medians over replies: process age when the handler starts (process start and imports), setup (config "
-            "and task load), model (and basis), data (partition), local training.", "",
-            "| | command | train round | simulation beside it | ratio | " + " | ".join(parts) + " |",
-            "|---|---|---|---|---|" + "---|" * len(parts)]
+            "and task load), model (and basis), data (partition), local training; outside the client is the round "
+            "less those parts (the SuperNode pulling the message and pushing the reply, the executor starting the "
+            "process, the server's own work; an estimate, from medians).", "",
+            "The load column is the machine's 1-minute load average when the command started (an idle 2-core "
+            "machine reads well under 1; \"—\" where it was not recorded).", "",
+            "| | command | load at start | train round | simulation beside it | ratio | " + " | ".join(parts)
+            + " | outside the client |", "|---|---|---|---|---|---|" + "---|" * (len(parts) + 1)]
     for name, d in rows:
-        cs = d["client_seconds_median_later"]
-        out.append(f"| {name} | `{d['command']}` | {d['round_seconds_median_later']:.1f} s | "
+        cs, load = d["client_seconds_median_later"], d.get("load_at_start")
+        out.append(f"| {name} | `{d['command']}` | {f'{load[0]:.2f}' if load else '—'} | "
+                   f"{d['round_seconds_median_later']:.1f} s | "
                    f"{d['simulation']['round_seconds_median_later']:.1f} s | {d['ratio']:.2f}× | "
-                   + " | ".join(f"{cs[k]:.2f} s" if k in cs else "—" for k in parts) + " |")
+                   + " | ".join(f"{cs[k]:.2f} s" if k in cs else "—" for k in parts) + f" | {outside[name]:.2f} s |")
     sim = rows[-1][1]["simulation"]["client_seconds_median_later"]
     out += ["", "The simulation's own parts (beside the last row): " + ", ".join(f"{k} {sim[k]:.2f} s" for k in parts if k in sim)
             + ". Its process age is its Ray actor's lifetime (loaded once, reused), not a per-message cost.", "",
@@ -269,7 +280,16 @@ def deploy_section() -> list[str]:
                 f"is left is reading the model and tokenizer), train round {do['deployment_after']['round_seconds_median_later']:.1f} → "
                 f"{do['deployment_warm']['round_seconds_median_later']:.1f} s. The rest of a deployment round is not "
                 "the client's: Flower's SuperNode looks for messages every 3 s when idle (a fixed sleep in flwr 1.41), "
-                "and three training processes share two cores."]
+                "its ClientApp executor looks for tasks every `FLWR_SUPEREXEC_TASK_POLL_INTERVAL` (flwr's default 1 s; "
+                f"{EXECUTOR_ENV['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s in the compose files and the loopback harness, "
+                "`fedsb.ops.deploy.EXECUTOR_ENV`), and three training processes share two cores. A node that "
+                "found no message sleeps 3 s, so each picks up the next round's message at a random point of that "
+                f"sleep: the last of {nodes} nodes waits {3 * nodes / (nodes + 1):.2f} s on average (the expected "
+                f"maximum of {nodes} uniform waits), most of the {outside[names['deployment_warm']]:.2f} s that the "
+                "warm loopback round spends outside the client. Flower 1.41 has no setting for that sleep "
+                "(`flwr/supernode/start_client_internal.py`); the training itself is no slower than the "
+                f"simulation's ({w['seconds']:.2f} s for three processes on two cores at once, against two waves "
+                f"of {do['deployment_warm']['simulation']['client_seconds_median_later']['seconds']:.2f} s)."]
     if do.get("note"):
         out += ["", do["note"]]
     return out + [""]

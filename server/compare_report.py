@@ -76,28 +76,42 @@ def group_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def verdicts(groups: list[dict], key: str = "bytes_total") -> list[str]:
+def budget_leaders(groups: list[dict], key: str = "bytes_total") -> list[dict]:
     """Per communication budget (each group's ``key`` bytes: the total, or the per-round traffic alone as a
-    long deployment amortizes the one-time cost): each method's best (method, rank) within it, and whether
-    the leader's margin over the runner-up exceeds two standard errors of the difference."""
-    lines = []
+    long deployment amortizes the one-time cost): the leader and the runner-up among each method's best
+    (method, rank) within it, the margin ``d``, its standard error ``se`` (None with fewer than 2 seeds a side)
+    and whether the leader ``wins`` (d > 2 SE). ``runner_up`` is None where one method fits."""
+    out = []
     for budget in sorted({g[key] for g in groups}):
         best: dict[str, dict] = {}
         for g in groups:
             if g[key] <= budget and (g["method"] not in best or g["accuracy_mean"] > best[g["method"]]["accuracy_mean"]):
                 best[g["method"]] = g
         ranked = sorted(best.values(), key=lambda g: -g["accuracy_mean"])
-        head = f"≤ {budget / 1e6:,.1f} MB {'total' if key == 'bytes_total' else 'of per-round traffic'}"
-        if len(ranked) < 2:
-            lines.append(f"- {head}: only {ranked[0]['method']} r={ranked[0]['rank']} fits")
+        a, b = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+        d = se = None
+        if b is not None:
+            d = a["accuracy_mean"] - b["accuracy_mean"]
+            if min(a["seeds"], b["seeds"]) >= 2:
+                se = math.sqrt(a["accuracy_std"] ** 2 / a["seeds"] + b["accuracy_std"] ** 2 / b["seeds"])
+        out.append({"budget": budget, "key": key, "leader": a, "runner_up": b, "d": d, "se": se,
+                    "wins": se is not None and d > 2 * se})
+    return out
+
+
+def verdicts(groups: list[dict], key: str = "bytes_total") -> list[str]:
+    """``budget_leaders`` as the markdown lines of ``compare.md``."""
+    lines = []
+    for v in budget_leaders(groups, key):
+        a, b, d, se = v["leader"], v["runner_up"], v["d"], v["se"]
+        head = f"≤ {v['budget'] / 1e6:,.1f} MB {'total' if key == 'bytes_total' else 'of per-round traffic'}"
+        if b is None:
+            lines.append(f"- {head}: only {a['method']} r={a['rank']} fits")
             continue
-        a, b = ranked[0], ranked[1]
-        se = math.sqrt(a["accuracy_std"] ** 2 / a["seeds"] + b["accuracy_std"] ** 2 / b["seeds"])
-        d = a["accuracy_mean"] - b["accuracy_mean"]
         who = f"{a['method']} r={a['rank']} ({a['accuracy_mean']:.3f}) over {b['method']} r={b['rank']} ({b['accuracy_mean']:.3f})"
-        if min(a["seeds"], b["seeds"]) < 2:
+        if se is None:
             lines.append(f"- {head}: {who} by {d:.3f}: one seed, no standard error: not a claim")
-        elif d > 2 * se:
+        elif v["wins"]:
             lines.append(f"- {head}: **{a['method']} wins**: {who} by {d:.4f} > 2 SE = {2 * se:.4f}")
         else:
             lines.append(f"- {head}: not resolved: {who} by {d:.4f} ≤ 2 SE = {2 * se:.4f}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsb.ops.certs import make_certificates
-from fedsb.ops.deploy import Security, connection_toml, superexec_args, supernode_args, superlink_args
+from fedsb.ops.deploy import EXECUTOR_ENV, Security, connection_toml, superexec_args, supernode_args, superlink_args
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -48,7 +48,7 @@ class Federation:
             '[superlink]\ndefault = "fedsb-test"\n\n' + connection_toml("fedsb-test", f"127.0.0.1:{self.port}", str(self.certs / "ca.crt")))
         self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FEDSB_PROGRESS="0",
-                        PYTHONPATH=str(ROOT))
+                        PYTHONPATH=str(ROOT), **EXECUTOR_ENV)  # as the compose files set it
 
     # -- processes ------------------------------------------------------------------------------
     def _start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:

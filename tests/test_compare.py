@@ -213,8 +213,19 @@ def test_merge_keeps_an_arm_whose_run_directories_are_gone(monkeypatch, tmp_path
     write_summary(old, dest)
     assert read_rows(dest / "compare.csv") == old and list(old[0]) == COLUMNS
     md = (dest / "compare.md").read_text()
-    frontier.merge("nonprivate", ["fedit"])
+    frontier.merge("nonprivate")  # no arm has run directories here: fedit's rows are kept as they were
     assert read_rows(dest / "compare.csv") == old and (dest / "compare.md").read_text() == md
-    frontier.merge("nonprivate", ["fedit", "flora"])  # flora ran nowhere: nothing of it, fedit kept
-    assert {r["method"] for r in read_rows(dest / "compare.csv")} == {"fedit"}
-    assert "flora" in (dest / "commands.txt").read_text()
+    assert "--methods fedit" in (dest / "commands.txt").read_text()
+    assert "--methods flora" not in (dest / "commands.txt").read_text()  # flora ran nowhere
+    # flora runs here now (one run directory): its rows come from it, and fedit's stay
+    run = tmp_path / "runs" / "frontier-nonprivate" / "flora" / "runs" / "flora-r4-s42"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "config": {"method": "flora", "rank": 4, "learning-rate": 5e-3, "seed": 42}, "final_accuracy": 0.6,
+        "final_loss": 0.7, "bytes_basis_total": 0, "bytes_init_total": 0, "bytes_up_total": 100, "bytes_down_total": 200,
+        "bytes_up_per_client_round": 10.0, "trainable_params": 7, "communicated_params": 7, "rounds": 10, "seconds": 1.0}))
+    frontier.merge("nonprivate")
+    merged = read_rows(dest / "compare.csv")
+    assert [r for r in merged if r["method"] == "fedit"] == old
+    assert [(r["method"], r["final_accuracy"]) for r in merged if r["method"] != "fedit"] == [("flora", 0.6)]
+    assert "--methods flora" in (dest / "commands.txt").read_text()

@@ -37,6 +37,21 @@ def test_compose_files_suit_compose_1_29_and_v2(tls):
         assert {"superlink-state", "runs", "cache-0", "cache-2"} <= set(spec["volumes"])
 
 
+def test_clientapp_executors_poll_for_tasks_at_the_interval_flower_reads(monkeypatch):
+    """EXECUTOR_ENV sets the SuperExec's task poll interval under the name flwr reads (a rename in a later
+    flwr would silently bring back the 1 s default), and every ClientApp executor of the compose files has it."""
+    from flwr.supercore.superexec import run_superexec
+
+    from fedsb.ops.deploy import EXECUTOR_ENV
+
+    for k, v in EXECUTOR_ENV.items():
+        monkeypatch.setenv(k, v)
+    assert run_superexec._get_task_poll_interval() == float(EXECUTOR_ENV["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) < 1
+    executors = {n: s for n, s in compose_spec(3, False)["services"].items() if n.startswith("superexec-clientapp")}
+    assert len(executors) == 3
+    assert all(s["environment"].items() >= EXECUTOR_ENV.items() for s in executors.values())
+
+
 # With `make docker-test` (marker docker), not in `make test`: it failed once inside a full CI-style run on a
 # heavily loaded machine and passed alone, cause not found; the spec checks above run everywhere.
 @pytest.mark.docker

@@ -79,6 +79,14 @@ WARM_ENTRYPOINT = ["sh", "-c", f"export FEDSB_WARM_SOCKET={WARM_SOCKET} PATH=/tm
                    "fedsb warm-clientapp & exec flower-superexec \"$$@\"", "flower-superexec"]
 
 
+# A ClientApp executor (Flower's SuperExec) asks its SuperNode for a new task once a second by default, so
+# each message waits up to that tick before its process starts. FLWR_SUPEREXEC_TASK_POLL_INTERVAL is
+# flwr 1.41's own setting for it (0.01 to 60 s); 0.1 s costs ten requests a second to the SuperNode on the
+# local network and gains about half a second a message (BENCHMARKS.md, "Deployment round vs simulation
+# round").
+EXECUTOR_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+
+
 def compose_spec(num_nodes: int, tls: bool) -> dict:
     """docker compose services: SuperLink + ServerApp executor, N SuperNodes + ClientApp executors.
 
@@ -140,7 +148,7 @@ def compose_spec(num_nodes: int, tls: bool) -> dict:
             services[f"superexec-clientapp-{i}"] = {
                 "image": APP_IMAGE, "entrypoint": WARM_ENTRYPOINT,
                 "command": superexec_args(f"supernode-{i}:9094", Security())[1:],
-                "volumes": [f"cache-{i}:/cache"], "environment": env, "depends_on": {f"supernode-{i}": started},
+                "volumes": [f"cache-{i}:/cache"], "environment": {**env, **EXECUTOR_ENV}, "depends_on": {f"supernode-{i}": started},
             }
     for svc in services.values():
         for k in [k for k, v in svc.items() if v in (None, [])]:
