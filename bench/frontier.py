@@ -44,10 +44,6 @@ PARTS = {
         "fedit": ("fedit", "8", ""), "ffa-lora": ("ffa-lora", "8", "")}} for eps in (1, 3)},
 }
 RESULTS = Path("bench/results")
-# Arms merged before commit fecac3b, when a random basis was drawn per layer by position: no node could
-# regenerate it from the seed, so each asked for, and was sent, the int8 matrices instead. Their one-time
-# bytes are the matrices'; their accuracy is unaffected (every node trained on the server's basis).
-SENT_MATRICES = {"private-eps3": ["fed-sb-random"]}
 
 
 def command(part: str, arm: str, extra: str = "") -> str:

@@ -102,17 +102,6 @@ def frontier_section() -> list[str]:
                        "the rounds, so the one-time cost is paid for few rounds; the per-round verdicts show the other "
                        "end, a deployment long enough to amortize it.")
             out.append("")
-        from bench.frontier import SENT_MATRICES
-
-        stale = [a for a in SENT_MATRICES.get(part, []) if a in {r["method"] for r in test}]
-        if stale:
-            seed = next((r["basis_download_bytes"] for r in (_load("init_bytes.json") or {}).get("rows", [])
-                         if r["variant"].startswith("random")), None)
-            out += [f"**{', '.join(stale)}: its bytes are too high.** These runs predate the fix of the random basis's "
-                    "seeding (commit fecac3b): every node asked for the basis as int8 matrices instead of regenerating "
-                    "it from the seed" + (f" ({_b(seed)} B per node)" if seed else "") + ", so its one-time bytes "
-                    "and the budget verdicts that involve it overstate its cost; its accuracy is unaffected. "
-                    f"`python -m bench.frontier --part {part} --arms {','.join(stale)}` re-measures it.", ""]
         out.append(f"{len(test)} held-out runs and {len(rows) - len(test)} selection runs; median "
                    f"{statistics.median(float(r['seconds']) for r in rows):.0f} s of server time per run.")
         missing = [a for a in spec["arms"] if a not in {r["method"] for r in test}]
