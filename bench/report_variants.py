@@ -268,10 +268,10 @@ def deploy_section() -> list[str]:
             + ". Its process age is its Ray actor's lifetime (loaded once, reused), not a per-message cost.", "",
             "Goal ≤ 1.3×: " + "; ".join(f"{name} {d['ratio']:.2f}× ({'met' if d['ratio'] <= 1.3 else 'unmet'})"
                                         for name, d in rows if name != names["deployment_before"]) + ".",
-            "", "Reading the table: a deployment pays process start and imports and the task load on every message. Its "
-            "local training is also slower: three client processes share the two cores at once, where the simulation "
-            "runs two actors. The data cache removes the partition and the tokenization; what remains is the fresh "
-            "process itself."]
+            "", "Reading the table: a deployment pays process start and imports and the task load on every message. Each "
+            "client's local training takes longer than a simulated client's, because three client processes share the "
+            "two cores at once where the simulation runs two actors (so its three clients train in two waves). The "
+            "data cache removes the partition and the tokenization; what remains is the fresh process itself."]
     if "deployment_warm" in do and "deployment_after" in do:
         a, w = (do[k]["client_seconds_median_later"] for k in ("deployment_after", "deployment_warm"))
         out += ["", f"Warm start (each ClientApp process forked from a node's process that imported torch and transformers "
@@ -284,12 +284,14 @@ def deploy_section() -> list[str]:
                 f"{EXECUTOR_ENV['FLWR_SUPEREXEC_TASK_POLL_INTERVAL']} s in the compose files and the loopback harness, "
                 "`fedsb.ops.deploy.EXECUTOR_ENV`), and three training processes share two cores. A node that "
                 "found no message sleeps 3 s, so each picks up the next round's message at a random point of that "
-                f"sleep: the last of {nodes} nodes waits {3 * nodes / (nodes + 1):.2f} s on average (the expected "
-                f"maximum of {nodes} uniform waits), most of the {outside[names['deployment_warm']]:.2f} s that the "
+                f"sleep: if their phases are independent, the last of {nodes} nodes waits {3 * nodes / (nodes + 1):.2f} s "
+                f"on average (the expected maximum of {nodes} uniform waits), most of the {outside[names['deployment_warm']]:.2f} s that the "
                 "warm loopback round spends outside the client. Flower 1.41 has no setting for that sleep "
-                "(`flwr/supernode/start_client_internal.py`); the training itself is no slower than the "
-                f"simulation's ({w['seconds']:.2f} s for three processes on two cores at once, against two waves "
-                f"of {do['deployment_warm']['simulation']['client_seconds_median_later']['seconds']:.2f} s)."]
+                "(`flwr/supernode/start_client_internal.py`). The round's training is no longer than the "
+                f"simulation's: {w['seconds']:.2f} s for three processes at once, against two waves of "
+                f"{do['deployment_warm']['simulation']['client_seconds_median_later']['seconds']:.2f} s. The executor's "
+                "poll interval was not measured apart: it can save at most the default 1 s a message, less than "
+                "the spread between rounds."]
     if do.get("note"):
         out += ["", do["note"]]
     return out + [""]
