@@ -18,6 +18,7 @@ so the mean carries at most k·Δ / Σ_i w_i of it (``quantization_error_bound``
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -86,7 +87,7 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
                 info["fingerprints"].add(str(res.metrics.get("fingerprint", "")))
             losses = [(float(r.metrics["train-loss"]), r.num_examples) for _, r in results if "train-loss" in r.metrics]
             if losses:
-                info["loss"] = sum(l * n for l, n in losses) / sum(n for _, n in losses)
+                info["loss"] = math.fsum(l * n for l, n in losses) / math.fsum(n for _, n in losses)  # order-free
             if not results:
                 return None, {}
             # every FitRes already holds the secure mean (the workflow put it there): pass it through as is
