@@ -80,6 +80,7 @@ def frontier() -> str:
     """One bullet per part of ``bench.frontier``: best mean, what is resolved by total bytes and by per-round
     traffic, each method's bytes per run, Fed-SB's one-time share, and the rates left at a grid edge."""
     from bench.frontier import PARTS
+    from bench.report_frontier import one_time_shares
     from server.compare_report import budget_leaders, group_rows, read_rows
 
     bullets = []
@@ -102,7 +103,7 @@ def frontier() -> str:
         text += ". Total bytes per run: " + ", ".join(
             f"{m} {min(v) / 1e6:.1f}" + (f"–{max(v) / 1e6:.1f}" if max(v) > min(v) * 1.005 else "") + " MB"
             for m, v in _by_method(groups, "bytes_total").items()) + "."
-        share = {_label(g): g["bytes_one_time"] / g["bytes_total"] for g in groups if g["bytes_one_time"]}
+        share = one_time_shares(groups)
         if share:
             text += " Fed-SB's one-time share of its total: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()) + "."
         test = [r for r in rows if r["split"] == "test"]

@@ -55,9 +55,16 @@ def pooler_section() -> list[str]:
     return out + [""]
 
 
+def one_time_shares(groups: list[dict]) -> dict[str, float]:
+    """Each (method, rank)'s one-time bytes as a share of its total bytes (means over seeds), where it has any."""
+    return {f"{g['method']} r={g['rank']}": g["bytes_one_time"] / g["bytes_total"]
+            for g in sorted(groups, key=lambda g: (g["method"], g["rank"])) if g["bytes_one_time"]}
+
+
 def frontier_section() -> list[str]:
     """Issue 15 item 5: the frontier from ``bench.frontier``, non-private and private parts."""
     from bench.frontier import LRS, PARTS, SELECTION, SIZED
+    from server.compare_report import group_rows, read_rows
     from fedsb.config import FedSBConfig
 
     seed, n = FedSBConfig().seed, SELECTION["seeds"]  # compare's seeds: the config's seed, then the next ones
@@ -89,15 +96,12 @@ def frontier_section() -> list[str]:
                 *(f"- `{c}`" for c in (d / "commands.txt").read_text().split("\n") if c), "",
                 f"![{part}](bench/results/frontier-{part}/pareto.png)", ""]
         out += (d / "compare.md").read_text().strip().splitlines() + [""]
-        share: dict[tuple, list[float]] = {}
-        for r in test:
-            if r["method"].startswith("fed-sb") and float(r["bytes_one_time"]):
-                share.setdefault((r["method"], int(r["rank"])), []).append(float(r["bytes_one_time"]) / float(r["bytes_total"]))
+        share = one_time_shares(group_rows(read_rows(d / "compare.csv")))
         if share:
             per_client = SIZED["fraction-train"] * SIZED["num-server-rounds"]
             out.append("Fed-SB's one-time bytes (the int8 basis, and the clients' 1-bit init upload unless the server's data made "
                        "the basis) are this share of its "
-                       "total: " + ", ".join(f"{m} r={k} {statistics.mean(v):.0%}" for (m, k), v in sorted(share.items()))
+                       "total: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items())
                        + f". On this task a client trains in about {per_client:g} of "
                        "the rounds, so the one-time cost is paid for few rounds; the per-round verdicts show the other "
                        "end, a deployment long enough to amortize it.")
@@ -112,4 +116,4 @@ def frontier_section() -> list[str]:
     return out
 
 
-__all__ = ["frontier_section", "pooler_section"]
+__all__ = ["frontier_section", "one_time_shares", "pooler_section"]
