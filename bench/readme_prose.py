@@ -39,14 +39,15 @@ def one_time() -> str:
             ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
             text += (f" The whole default run ({rows['fed-sb']['rounds']} rounds) moved {ratio:.3f} of FedIT "
                      f"r={rows['fedit']['rank']}'s bytes, one-time costs included.")
+    acc_data = _load("init_accuracy.json")
     acc: dict[str, list[float]] = {}
-    for r in (_load("init_accuracy.json") or {}).get("rows", []):
+    for r in (acc_data or {}).get("rows", []):
         acc.setdefault(r["variant"], []).append(r["accuracy"])
     if len(acc.get(name, [])) > 1 and len(acc.get("dense-f32", [])) > 1:
         diff, se = _difference(acc[name], acc["dense-f32"])
         text += (f" Held-out accuracy over {len(acc[name])} seeds was {'within' if abs(diff) <= 2 * se else 'beyond'} "
                  "the seed spread of the dense float32 basis")
-        seeds = _paired(_load("init_accuracy.json"), name, "dense-f32")
+        seeds = _paired(acc_data, name, "dense-f32")
         if seeds and (all(x < 0 for x in seeds) or all(x > 0 for x in seeds)):
             gaps = sorted(abs(x) for x in seeds)
             lo, hi = gaps[0], gaps[-1]

@@ -3,10 +3,9 @@ frontier over ranks, tuned learning rates and seeds. Rendered by ``bench.report`
 
 from __future__ import annotations
 
-import csv
 import statistics
 
-from bench.report_common import R, _b, _load, _missing
+from bench.report_common import R, _load, _missing
 from bench.report_variants import _difference, _mean_std, _versus
 
 
@@ -90,13 +89,13 @@ def frontier_section() -> list[str]:
         if not (d / "compare.md").exists():
             out += _missing(f"python -m bench.frontier --part {part}")
             continue
-        rows = list(csv.DictReader(open(d / "compare.csv")))
+        rows = read_rows(d / "compare.csv")
         test = [r for r in rows if r["split"] == "test"]
         out += ["Commands (`python -m bench.frontier --part " + part + "` runs them in turn):", "",
                 *(f"- `{c}`" for c in (d / "commands.txt").read_text().split("\n") if c), "",
                 f"![{part}](bench/results/frontier-{part}/pareto.png)", ""]
         out += (d / "compare.md").read_text().strip().splitlines() + [""]
-        share = one_time_shares(group_rows(read_rows(d / "compare.csv")))
+        share = one_time_shares(group_rows(rows))
         if share:
             per_client = SIZED["fraction-train"] * SIZED["num-server-rounds"]
             out.append("Fed-SB's one-time bytes (the int8 basis, and the clients' 1-bit init upload unless the server's data made "
@@ -107,7 +106,7 @@ def frontier_section() -> list[str]:
                        "end, a deployment long enough to amortize it.")
             out.append("")
         out.append(f"{len(test)} held-out runs and {len(rows) - len(test)} selection runs; median "
-                   f"{statistics.median(float(r['seconds']) for r in rows):.0f} s of server time per run.")
+                   f"{statistics.median(r['seconds'] for r in rows):.0f} s of server time per run.")
         missing = [a for a in spec["arms"] if a not in {r["method"] for r in test}]
         if missing:
             out += ["", f"**Not run yet:** {', '.join(missing)} (`python -m bench.frontier --part {part} --arms "

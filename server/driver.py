@@ -9,7 +9,6 @@ checkpoint, export. Rounds, transport, the basis protocol and DP live in their o
 from __future__ import annotations
 
 import logging
-import math
 import time
 
 import numpy as np
@@ -198,8 +197,8 @@ class FedSBServer:
         self.transport.send(self.sample(rnd), MessageType.EVALUATE,
                             lambda n: model_content(self, n, rnd, global_vec)[0], "federated-evaluate", on_reply)
         total = sum(n for _, n in results)
-        # fsum: the mean does not depend on the order the replies arrived in
-        mean = (lambda k: math.fsum(m[k] * n for m, n in results) / total if total and all(k in m for m, _ in results) else None)
+        mean = (lambda k: robust.weighted_scalar_mean([(m[k], n) for m, n in results])
+                if total and all(k in m for m, _ in results) else None)
         return self.rec.log(rnd, "federated-evaluate", loss=mean("loss"), accuracy=mean("accuracy"), clients=len(results),
                             examples=total, bytes_up=totals["bytes_up"] - up0,
                             bytes_down=totals["bytes_down"] - down0, seconds=round(time.time() - t0, 3))

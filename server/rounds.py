@@ -154,8 +154,7 @@ class TrainRound:
         losses, up_sizes = self.losses, self.up_sizes
         self.server.state.up_per_client_round.extend(up_sizes)
         return {
-            # fsum: exactly rounded, so the mean does not depend on the order the replies arrived in
-            "loss": (math.fsum(l * n for l, n in losses) / math.fsum(n for _, n in losses)) if losses else None,
+            "loss": robust.weighted_scalar_mean(losses),
             "clients": len(self.sampled), "replies": len(self.weights), "failed": self.counts["failed"],
             "basis_resent": self.counts["basis_resent"], "budget_exhausted": self.counts["budget_exhausted"],
             **self.server.hook_metrics(), "rejected": self.rejected, "rejected_count": len(self.rejected),

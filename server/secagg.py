@@ -18,7 +18,6 @@ so the mean carries at most k·Δ / Σ_i w_i of it (``quantization_error_bound``
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,6 +25,7 @@ from typing import Callable
 import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
+from fedsb.aggregation import robust
 from fedsb.config import FedSBConfig
 from fedsb.wire import from_legacy_scalars, to_legacy_scalars
 from server.rounds import TrainRound, message_config
@@ -87,7 +87,7 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
                 info["fingerprints"].add(str(res.metrics.get("fingerprint", "")))
             losses = [(float(r.metrics["train-loss"]), r.num_examples) for _, r in results if "train-loss" in r.metrics]
             if losses:
-                info["loss"] = math.fsum(l * n for l, n in losses) / math.fsum(n for _, n in losses)  # order-free
+                info["loss"] = robust.weighted_scalar_mean(losses)
             if not results:
                 return None, {}
             # every FitRes already holds the secure mean (the workflow put it there): pass it through as is

@@ -253,3 +253,16 @@ def test_train_steps_applies_one_rate_per_step():
     assert not torch.equal(model.weight, before)
     with pytest.raises(ValueError, match="2 learning rates for 3 steps"):
         train_steps(model, data, 3, [0.1, 0.1], loss, progress=False)
+
+
+def test_a_weighted_metric_mean_does_not_depend_on_the_order_replies_arrive_in():
+    """Metrics (train loss, federated evaluate) are example-weighted means over replies that arrive in any
+    order: the sum is exactly rounded. A plain left-to-right sum gives 0 or 1/3 here depending on the order."""
+    import itertools
+
+    from fedsb.aggregation.robust import weighted_scalar_mean
+
+    pairs = [(1e16, 1), (1.0, 1), (-1e16, 1)]
+    assert {weighted_scalar_mean(p) for p in itertools.permutations(pairs)} == {1.0 / 3}
+    assert len({sum(x * w for x, w in p) for p in itertools.permutations(pairs)}) > 1  # what fsum prevents
+    assert weighted_scalar_mean([(0.5, 3), (1.0, 1)]) == 0.625 and weighted_scalar_mean([]) is None

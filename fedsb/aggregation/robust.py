@@ -95,6 +95,13 @@ def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np
     return acc.result()
 
 
+def weighted_scalar_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """``Σ wᵢ xᵢ / Σ wᵢ`` over ``(x, w)`` pairs (a metric weighted by example counts), None when there are none.
+    fsum is exactly rounded, so the result does not depend on the order the pairs (replies) arrived in."""
+    pairs = list(pairs)
+    return math.fsum(x * w for x, w in pairs) / math.fsum(w for _, w in pairs) if pairs else None
+
+
 def _stack(vectors: Sequence[np.ndarray]) -> np.ndarray:
     if len(vectors) == 0:
         raise ValueError("no vectors to aggregate")
