@@ -42,7 +42,9 @@ $(FLWR_HOME)/config.toml: Makefile
 
 # flwr run --stream exits 0 even when the run failed: check-run fails unless the run wrote its summary.
 # flwr run leaves the local SuperLink it started running: stop it again, unless it was running before.
+# check-config first: flwr run reports a bad value as a traceback and exits 0; this names the key and stops.
 run: $(STAMP) $(FLWR_HOME)/config.toml
+	@$(VENV)/bin/fedsb check-config --num-supernodes $(NUM_SUPERNODES) --run-config "output-dir='$(RUN_DIR)' $(RUN_CONFIG)"
 	@before=$$($(VENV)/bin/fedsb local-superlink running >/dev/null && echo up); \
 	$(VENV)/bin/flwr run . local --stream \
 		--federation-config "num-supernodes=$(NUM_SUPERNODES) client-resources-num-cpus=1 client-resources-num-gpus=$(NUM_GPUS_PER_CLIENT)" \

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,8 +51,14 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
         cfg = cfg.replace(output_dir=str(Path(f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()))
     else:
         cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).expanduser().resolve()))
+    from fedsb.preflight import preflight
+
+    preflight(cfg, num_supernodes)  # every error it can know of, before Flower starts and before any directory exists
     full = cfg.to_run_config()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Ray's "Tip: In future versions of Ray..." about GPU env vars on every start: it describes Ray's future,
+    # not this run (clients with --gpus-per-client 0 see no GPU, as now)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     with tempfile.TemporaryDirectory(prefix="fedsb-app-") as app_dir:
         project = {
             "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
