@@ -63,12 +63,14 @@ def check_model(cfg: FedSBConfig) -> None:
     validate_targets(cfg, model)
 
 
-def preflight(cfg: FedSBConfig, num_nodes: int | None = None) -> None:
-    """Raise ConfigError (naming the key) for any error found before a run starts; create nothing."""
+def preflight(cfg: FedSBConfig, num_nodes: int | None = None, model_and_data: bool = True) -> None:
+    """Raise ConfigError (naming the key) for any error found before a run starts; create nothing.
+    ``model_and_data=False``: an app with its own Task, whose model and data fedsb cannot check."""
     from fedsb.run.records import check_run_dir
 
     if num_nodes is not None:
         check_num_nodes(cfg, num_nodes)
     check_run_dir(cfg)
-    check_data(cfg)
-    check_model(cfg)
+    if model_and_data:
+        check_data(cfg)
+        check_model(cfg)

@@ -248,7 +248,7 @@ class FedSBServer:
         meta = {"method": cfg.method, "rank": cfg.rank, "scale": self.method.scale, "base_model": self.task.model_path,
                 "task": cfg.task, "fingerprint": s.fingerprint, "label_names": self.task.data.label_names}
         save_fedsb_adapter(adapter_dir, self.model, meta)
-        export_peft(adapter_dir / "peft", self.model, self.task.model_path, self.task.peft_task_type)
+        export_peft(adapter_dir / "peft", self.model, self.task.portable_model_name, self.task.peft_task_type)
         self.rec.plot()
         ev = self.rec.last("evaluate") or {}
         first = next((r for r in self.rec.records if r["phase"] == "evaluate"), {})
