@@ -9,6 +9,8 @@ export FLWR_HOME := $(CURDIR)/.flwr
 # flwr starts flower-superlink (and the simulation) from PATH: use the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+# Ray's FutureWarning on every simulation start ("Tip: In future versions of Ray..."): about Ray's future, not the run.
+export PYTHONWARNINGS := ignore::FutureWarning:ray._private.worker
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 NUM_SUPERNODES ?= 10
