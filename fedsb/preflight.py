@@ -1,9 +1,11 @@
 """The pre-flight check: every config error a run can know of before Flower starts, found cheaply.
 
-``fedsb simulate``, ``fedsb check-config`` (which ``make run`` calls before ``flwr run``) and the
-ServerApp call it. It reads the config, checks that files exist, reads only a dataset's header and a
-model's ``config.json`` (the model is built on the meta device: module names and shapes, no weights),
-and checks the run directory, without creating anything: a run that fails here leaves nothing behind.
+``fedsb simulate`` and ``fedsb check-config`` (which ``make run`` calls before ``flwr run``) call it. It
+reads the config, checks that files exist, reads only a dataset's header and a model's ``config.json``
+(the model is built on the meta device: module names and shapes, no weights), and checks the run
+directory, without creating anything: a run that fails here leaves nothing behind. (Under a bare
+``flwr run`` the ServerApp finds the same errors when it loads its task, before it creates the run
+directory.)
 """
 
 from __future__ import annotations
