@@ -94,3 +94,21 @@ def test_federated_evaluation_reports_weighted_client_metrics(fedsb_run):
     assert [r["round"] for r in fed] == [1, 2, 3]
     assert all(r["clients"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["examples"] > 0 for r in fed)
     assert fed[-1]["accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("key", ["dataset", "model", "init-dataset"])
+def test_a_missing_file_fails_before_flower_starts(monkeypatch, tiny_bert, sentiment_csv, tmp_path, key):
+    """A typo'd path is refused by its key before the simulation runtime is touched (it used to surface as
+    Flower's "Queue timeout. No context received." once every node had failed to read it)."""
+    from client import flower_private
+    from fedsb.config import ConfigError
+    from server.simulation import simulate
+
+    def flower_started(**kwargs):
+        raise AssertionError("Flower's simulation started with a missing file")
+
+    monkeypatch.setattr(flower_private, "_run_simulation", flower_started)
+    extra = {"init-source": "server"} if key == "init-dataset" else {}
+    cfg = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "out", **extra, **{key: str(tmp_path / "typo.csv")})
+    with pytest.raises(ConfigError, match=rf"'{key}': .*typo\.csv' does not exist"):
+        simulate(cfg, 2)
