@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 
 import pytest
 
@@ -81,7 +82,7 @@ def test_run_directory_contract(fedsb_run):
     assert summary["bytes_init_total"] == init["bytes_up"] > 0
     assert summary["trainable_params"] == summary["communicated_params"] > 0
     assert summary["config"]["rank"] == 4 and summary["config"]["output-dir"] == str(run_dir)
-    assert summary["versions"]["flwr"] == "1.41.0" and summary["fingerprint"] == init["fingerprint"]
+    assert summary["versions"]["flwr"] == version("flwr") and summary["fingerprint"] == init["fingerprint"]
     assert (run_dir / "adapter" / "fedsb_adapter.safetensors").is_file()
     assert (run_dir / "adapter" / "peft" / "adapter_config.json").is_file()
     assert (run_dir / "adapter" / "peft" / "adapter_model.safetensors").is_file()
