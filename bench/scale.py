@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--out", default="bench/results/scale.json")
     args = p.parse_args()
     from server.simulation import simulate
-    from tests.conftest import make_sentiment_csv, make_tiny_bert, tiny_run_config
+    from lab.tiny import make_sentiment_csv, make_tiny_bert, tiny_run_config
 
     tmp = Path(tempfile.mkdtemp(prefix="fedsb-scale-"))
     model, data = make_tiny_bert(tmp / "tiny"), make_sentiment_csv(tmp / "data.csv", n=6000)

@@ -26,7 +26,8 @@ def legacy_to_plain(msg: Message) -> Message:
     import numpy as np
     from flwr.app import Array
     from flwr.common import parameters_to_ndarrays
-    from flwr.compat.common import recorddict_compat as compat
+
+    from client.flower_private import recorddict_compat as compat
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     vec = parameters_to_ndarrays(fitins.parameters)[0]
@@ -37,7 +38,8 @@ def legacy_to_plain(msg: Message) -> Message:
 
 def plain_to_legacy(reply: Message, msg: Message) -> Message:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-    from flwr.compat.common import recorddict_compat as compat
+
+    from client.flower_private import recorddict_compat as compat
 
     c = reply.content
     if c["config"].get("status") != "ok":

@@ -28,6 +28,7 @@ import socket
 import sys
 import time
 import traceback
+from importlib.metadata import entry_points
 from pathlib import Path
 
 log = logging.getLogger("fedsb.warm")
@@ -127,9 +128,9 @@ def _child(conn: socket.socket, fds: list[int], request: dict) -> None:
         os.chdir(request["cwd"])
         sys.argv = list(request["argv"])
         forget_app_modules()
-        from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
-
-        flwr_clientapp()
+        # the `flwr-clientapp` command itself, wherever Flower keeps its function
+        (flwr_clientapp,) = entry_points(group="console_scripts", name="flwr-clientapp")
+        flwr_clientapp.load()()
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)

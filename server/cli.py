@@ -51,7 +51,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from server.compare import Comparison, parse_lrs, parse_ranks
+    from lab.compare import Comparison, parse_lrs, parse_ranks
     from server.simulation import parse_run_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -61,13 +61,12 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
                  on_metrics: Callable[[int, dict], None] = lambda node, m: None) -> SecAggResult:
     from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.compat.common import recorddict_compat as compat
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.server_config import ServerConfig
+    from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import SecAggPlusWorkflow
+
+    from client.flower_private import GridClientProxy
+    from client.flower_private import recorddict_compat as compat
 
     seen: list[np.ndarray] = []
     info = {"results": 0, "failures": 0, "loss": None, "fingerprints": set()}

@@ -1,8 +1,9 @@
 """In-process Flower simulation of the same ServerApp/ClientApp (``fedsb simulate``, tests, ``compare``).
 
 Flower's deprecated ``run_simulation`` takes no run config, so this uses the simulation runtime it
-wraps: the full, validated config is written as the app config of a throw-away app directory, which
-is how every simulated ClientApp and the ServerApp receive the same ``context.run_config``.
+wraps (a non-public name: client/flower_private.py): the full, validated config is written as the app
+config of a throw-away app directory, which is how every simulated ClientApp and the ServerApp receive
+the same ``context.run_config``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ log = logging.getLogger("fedsb.simulation")
 def parse_run_config(text: str) -> dict[str, Any]:
     """Parse Flower's ``--run-config "k=v k2='s'"`` syntax (values are TOML scalars)."""
     import click
-    from flwr.common.config import parse_config_args
+
+    from client.flower_private import parse_config_args
 
     try:
         return dict(parse_config_args([text])) if text and text.strip() else {}
@@ -36,12 +38,9 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
              gpus_per_client: float = 0.0, verbose: bool = False, client_app=None, server_app=None) -> Path:
     """Run one simulated federation; returns the run directory. Raises if the run failed."""
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
+    from flwr.common import EventType
+
+    from client import flower_private as fp
 
     custom_server_app = server_app
     if server_app is None:
@@ -77,23 +76,18 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
             }}},
         }
         (Path(app_dir) / "pyproject.toml").write_text(tomli_w.dumps(project))
-        run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
-        run = Run.create_empty(run_id=run_id)
-        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-        try:
-            from flwr.supercore.constant import NOOP_FEDERATION_ID
-
-            run.federation_id = NOOP_FEDERATION_ID
-        except ImportError:  # pragma: no cover
-            pass
+        run_id = fp.generate_rand_int_from_bytes(fp.RUN_ID_NUM_BYTES)
+        run = fp.Run.create_empty(run_id=run_id)
+        run.primary_task_id = fp.generate_rand_int_from_bytes(fp.TASK_ID_NUM_BYTES)
+        run.federation_id = fp.NOOP_FEDERATION_ID
+        fp.TaskIdentity.task_id, fp.TaskIdentity.run_id, fp.TaskIdentity.node_id = 1, run_id, fp.SUPERLINK_NODE_ID
         ctx = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(full))
         backend = {
             # a fraction of a GPU per client lets several simulated clients share one GPU
             "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
         }
-        _run_simulation(
+        fp._run_simulation(
             num_supernodes=num_supernodes,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
             client_app=client_app,

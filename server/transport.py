@@ -12,8 +12,9 @@ from typing import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
+
+from client.flower_private import recorddict_to_proto
 
 log = logging.getLogger("fedsb.server")
 

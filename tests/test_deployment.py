@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tests.conftest import tiny_run_config
-from tests.deployment_harness import Federation
+from lab.deployment_harness import Federation
 
 pytestmark = pytest.mark.deployment
 

@@ -1,6 +1,6 @@
 """The docker-compose deployment for real (``make docker-test``; marker ``docker``, deselected by default).
 
-Builds the images here without Docker Hub (tests/docker_harness.py; cached between runs), then runs the
+Builds the images here without Docker Hub (lab/docker_harness.py; cached between runs), then runs the
 committed ``docker/compose.yml`` + ``docker/compose.tls.yml`` under Compose 1.29: SuperLink + 3 SuperNodes
 + their executors with TLS and SuperNode authentication, a Fed-SB run started with ``flwr run`` from the
 host, one SuperNode container stopped after round 1 and started again, and a SuperNode whose key was
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker_harness import ComposeFederation, build_images, ensure_engine, log
+from lab.docker_harness import ComposeFederation, build_images, ensure_engine, log
 
 pytestmark = pytest.mark.docker
 

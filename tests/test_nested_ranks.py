@@ -90,7 +90,7 @@ def _sim(tiny_bert, sentiment_csv, out, **extra):
 
 
 def test_all_ranks_equal_r_is_todays_fed_sb_bit_for_bit(tiny_bert, sentiment_csv, tmp_path):
-    from bench.same_run import compare
+    from lab.same_run import compare
 
     a = _sim(tiny_bert, sentiment_csv, tmp_path / "plain", **{"num-server-rounds": 2})
     b = _sim(tiny_bert, sentiment_csv, tmp_path / "nested", **{"num-server-rounds": 2, "client-ranks": "4,4,4"})

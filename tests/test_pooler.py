@@ -59,11 +59,9 @@ def test_peft_loads_a_trained_pooler(tiny_bert, tmp_path):
 
 @pytest.mark.parametrize("method", ["fed-sb", "fedit"])
 def test_pooler_adapted_as_one_more_target_and_peft_loads_it(tiny_bert, tmp_path, method):
-    """bench.pooler's `adapted` variant: pooler.dense in target-modules is adapted like a block layer (Fed-SB:
-    r² more numbers sent, not the pooler's hidden²), and the PEFT export reproduces the model."""
-    from bench.pooler import VARIANTS
-
-    targets = VARIANTS["adapted"]["target-modules"].split(",")
+    """pooler.dense in target-modules (bench/pooler.py's `adapted` variant) is adapted like a block layer
+    (Fed-SB: r² more numbers sent, not the pooler's hidden²), and the PEFT export reproduces the model."""
+    targets = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense", "pooler.dense"]
     sent = {}
     for tg in (None, targets):
         model = load_base_model(str(tiny_bert), "seq-cls", 3, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 
 import pytest
 
@@ -81,7 +82,7 @@ def test_run_directory_contract(fedsb_run):
     assert summary["bytes_init_total"] == init["bytes_up"] > 0
     assert summary["trainable_params"] == summary["communicated_params"] > 0
     assert summary["config"]["rank"] == 4 and summary["config"]["output-dir"] == str(run_dir)
-    assert summary["versions"]["flwr"] == "1.41.0" and summary["fingerprint"] == init["fingerprint"]
+    assert summary["versions"]["flwr"] == version("flwr") and summary["fingerprint"] == init["fingerprint"]
     assert (run_dir / "adapter" / "fedsb_adapter.safetensors").is_file()
     assert (run_dir / "adapter" / "peft" / "adapter_config.json").is_file()
     assert (run_dir / "adapter" / "peft" / "adapter_model.safetensors").is_file()
@@ -94,3 +95,21 @@ def test_federated_evaluation_reports_weighted_client_metrics(fedsb_run):
     assert [r["round"] for r in fed] == [1, 2, 3]
     assert all(r["clients"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["examples"] > 0 for r in fed)
     assert fed[-1]["accuracy"] >= 0.8
+
+
+@pytest.mark.parametrize("key", ["dataset", "model", "init-dataset"])
+def test_a_missing_file_fails_before_flower_starts(monkeypatch, tiny_bert, sentiment_csv, tmp_path, key):
+    """A typo'd path is refused by its key before the simulation runtime is touched (it used to surface as
+    Flower's "Queue timeout. No context received." once every node had failed to read it)."""
+    from client import flower_private
+    from fedsb.config import ConfigError
+    from server.simulation import simulate
+
+    def flower_started(**kwargs):
+        raise AssertionError("Flower's simulation started with a missing file")
+
+    monkeypatch.setattr(flower_private, "_run_simulation", flower_started)
+    extra = {"init-source": "server"} if key == "init-dataset" else {}
+    cfg = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "out", **extra, **{key: str(tmp_path / "typo.csv")})
+    with pytest.raises(ConfigError, match=rf"'{key}': .*typo\.csv"):
+        simulate(cfg, 2)

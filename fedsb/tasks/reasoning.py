@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from fedsb.extras import require
 from fedsb.tasks.causal import PromptAnswer
 
 NUMBER = "Answer with only the number."
@@ -61,7 +62,7 @@ class ReasoningRecord(PromptAnswer):
 def spec_for(name: str) -> TaskSpec:
     if name in TASKS:
         return TASKS[name]
-    from reasoning_gym.factory import DATASETS
+    DATASETS = require("reasoning_gym.factory", "the reasoning-gym tasks", "llm-task").DATASETS
 
     if name not in DATASETS:
         raise ValueError(f"unknown reasoning-gym generator {name!r}; tuned ones: {', '.join(sorted(TASKS))}")
@@ -70,8 +71,7 @@ def spec_for(name: str) -> TaskSpec:
 
 def make_dataset(name: str, size: int, seed: int, **overrides):
     """The seeded reasoning-gym dataset of a task (its small-difficulty config, updated by ``overrides``)."""
-    import reasoning_gym
-
+    reasoning_gym = require("reasoning_gym", "the reasoning-gym tasks", "llm-task")
     spec = spec_for(name)
     return reasoning_gym.create_dataset(spec.generator or name, size=size, seed=seed, **{**spec.config, **overrides})
 

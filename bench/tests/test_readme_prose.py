@@ -8,7 +8,7 @@ import pytest
 
 from bench.readme_prose import _wins, render
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_readme_holds_the_current_rendering_of_the_measured_prose(monkeypatch):

