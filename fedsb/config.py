@@ -291,10 +291,6 @@ class FedSBConfig:
             return None
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
 
-    @property
-    def lora_scale(self) -> float:
-        return self.lora_alpha / self.rank
-
 
 if __name__ == "__main__":  # python -m fedsb.config [--write-readme README.md]
     if len(sys.argv) == 3 and sys.argv[1] == "--write-readme":

@@ -21,7 +21,7 @@ from fedsb.aggregation import robust
 from fedsb.aggregation.validation import InvalidReply, check_num_examples
 from fedsb.config import FedSBConfig
 from fedsb.run.checkpoint import check_compatible
-from fedsb.run.export import export_peft, head_state, save_fedsb_adapter
+from fedsb.run.export import export_run, head_state
 from fedsb.run.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
 from fedsb.run.state import RunState
 from fedsb.tasks import Task, get_task
@@ -247,8 +247,7 @@ class FedSBServer:
         adapter_dir = self.run_dir / "adapter"
         meta = {"method": cfg.method, "rank": cfg.rank, "scale": self.method.scale, "base_model": self.task.model_path,
                 "task": cfg.task, "fingerprint": s.fingerprint, "label_names": self.task.data.label_names}
-        save_fedsb_adapter(adapter_dir, self.model, meta)
-        export_peft(adapter_dir / "peft", self.model, self.task.portable_model_name, self.task.peft_task_type)
+        export_run(adapter_dir, self.model, self.method, self.task, meta)
         self.rec.plot()
         ev = self.rec.last("evaluate") or {}
         first = next((r for r in self.rec.records if r["phase"] == "evaluate"), {})
