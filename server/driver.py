@@ -208,7 +208,7 @@ class FedSBServer:
     # -- checkpoint: the run state, written and read in one place -------------------------------------
     def checkpoint(self, rnd: int) -> None:
         s = self.state
-        s.round, s.records = rnd, self.rec.records
+        s.round = rnd  # (the metrics history is in metrics.jsonl, already written and fsynced)
         s.totals["seconds"] = round(time.time() - self.t0, 3)
         s.global_vec = self.method.get_vector(self.model)
         s.method_tensors, s.method_nodes = self.method.server_state(), self.method.node_state()
@@ -227,7 +227,7 @@ class FedSBServer:
         self.method.load_server_state(self.model, state.method_tensors)
         self.method.load_node_state(state.method_nodes)
         self.method.set_vector(self.model, state.global_vec)
-        self.rec = RunRecorder(self.run_dir, self.cfg.method, state.records)
+        self.rec = RunRecorder.resume(self.run_dir, self.cfg.method, state.round)
         self.start_round = state.round + 1
         log.info("resumed from round %d of %s", state.round, self.run_dir)
 
