@@ -1,4 +1,4 @@
-"""``FedSBServer``: one Fed-SB run (DESIGN.md §2) driven over a Flower ``Grid``.
+"""``FedSBServer``: one federated fine-tuning run (any of fedsb's methods) driven over a Flower ``Grid``.
 
 The public server-side API: a Flower user with their own ``ServerApp`` builds one with their grid, a
 ``FedSBConfig`` and, optionally, their own ``Task`` (model and data), and calls ``run()``. The loop:

@@ -87,3 +87,17 @@ def test_every_module_opens_with_what_it_holds_and_stays_small():
             continue
         assert doc and doc.strip(), f"{path.relative_to(ROOT)} has no opening docstring"
         assert len(path.read_text().splitlines()) <= 330, f"{path.relative_to(ROOT)} is over ~300 lines: split it"
+
+
+def test_no_file_cites_notes_outside_the_project():
+    """The project explains itself in its own files: code, README and BENCHMARKS never send a reader to notes
+    that are not in the repository (design notes, style notes, a shared folder beside it)."""
+    import re
+
+    cited = re.compile(r"DESIGN\.md|STYLE\.md|NOTES-[\w.-]*\.md|\.\./shared")
+    files = [p for p in ROOT.rglob("*") if p.is_file() and (p.suffix == ".py" or p.name in ("README.md", "BENCHMARKS.md"))
+             and not {".venv", ".git", ".flwr", "node_modules"} & set(p.relative_to(ROOT).parts)]
+    assert len(files) > 50  # the whole tree was walked
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+                 if cited.search(line) and p != Path(__file__)]
+    assert not offenders, offenders
