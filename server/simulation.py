@@ -39,6 +39,7 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
@@ -81,12 +82,7 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
         run = Run.create_empty(run_id=run_id)
         run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-        try:
-            from flwr.supercore.constant import NOOP_FEDERATION_ID
-
-            run.federation_id = NOOP_FEDERATION_ID
-        except ImportError:  # pragma: no cover
-            pass
+        run.federation_id = NOOP_FEDERATION_ID
         ctx = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(full))
         backend = {
             # a fraction of a GPU per client lets several simulated clients share one GPU
