@@ -101,3 +101,18 @@ def test_no_file_cites_notes_outside_the_project():
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
                  if cited.search(line) and p != Path(__file__)]
     assert not offenders, offenders
+
+
+def test_the_examples_are_never_imported_as_a_package_named_examples():
+    """Opacus installs a top-level ``examples`` package too: ``import examples`` may be Opacus's. The
+    project's examples are files loaded by path (tests/test_public_api.py), never that package."""
+    assert not (ROOT / "examples" / "__init__.py").exists()
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if {".venv", ".git", ".flwr"} & set(path.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "examples"]
+    assert not offenders, offenders
