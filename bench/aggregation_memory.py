@@ -47,7 +47,8 @@ def peak_bytes(size: int, clients: int, streaming: bool) -> int:
     tracemalloc.start()
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
-    running, held, weights = robust.BlockWeightedMean(np.zeros(size, np.float32)), [], []
+    # the accumulator only on the streaming path: the hold-all path never builds one
+    running, held, weights = robust.BlockWeightedMean(np.zeros(size, np.float32)) if streaming else None, [], []
     for _ in range(clients):
         vec = rng.standard_normal(size, dtype=np.float32)  # one reply, as pulled off the link
         n_ex = check_reply(spec, {"adapter": vec}, 100, None, None)
