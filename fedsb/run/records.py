@@ -88,7 +88,8 @@ class RunRecorder:
             except ValueError:
                 if i == len(lines) - 1:  # the last line, cut short by a crash mid-write
                     break
-                raise ValueError(f"{path}: line {i + 1} is not JSON; the run's history is damaged") from None
+                raise ValueError(f"{path}: line {i + 1} is not JSON, so the run's history cannot be read back to "
+                                 "resume; repair or delete that line, or start afresh in another output-dir") from None
             if rec["round"] <= last_round:
                 records.append(rec)
         tmp = path.with_name(METRICS + ".tmp")
