@@ -3,8 +3,8 @@
 ``bench.scale`` measures the whole simulated server process, in which Flower's in-memory link state holds
 every message of a round; this isolates what fedsb's server does with the replies: each reply vector (the
 size of the default model's Fed-SB or FedIT upload) arrives one at a time, is validated with
-``fedsb.aggregation.validation.check_reply`` and folded into ``fedsb.aggregation.robust.RunningWeightedMean`` (the streaming path of
-``server/app.py``), then let go. Beside it, the hold-every-vector path that FedEx-LoRA, FLoRA and the robust
+``fedsb.aggregation.validation.check_reply`` and folded into ``fedsb.aggregation.robust.BlockWeightedMean`` (the streaming
+path of ``server/rounds.py``), then let go. Beside it, the hold-every-vector path that FedEx-LoRA, FLoRA and the robust
 rules (median, trimmed mean) need. Peak allocation by tracemalloc (numpy buffers are traced).
 Goal: the streaming peak does not grow with the number of clients.
 
@@ -47,7 +47,8 @@ def peak_bytes(size: int, clients: int, streaming: bool) -> int:
     tracemalloc.start()
     tracemalloc.reset_peak()
     base = tracemalloc.get_traced_memory()[0]
-    running, held, weights = robust.RunningWeightedMean(), [], []
+    # the accumulator only on the streaming path: the hold-all path never builds one
+    running, held, weights = robust.BlockWeightedMean(np.zeros(size, np.float32)) if streaming else None, [], []
     for _ in range(clients):
         vec = rng.standard_normal(size, dtype=np.float32)  # one reply, as pulled off the link
         n_ex = check_reply(spec, {"adapter": vec}, 100, None, None)

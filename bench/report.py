@@ -158,8 +158,9 @@ def main() -> None:
         out += ["", f"Goal (aggregation memory independent of the client count; read here as: each added client costs under 1% of",
                 f"one reply): **{'met' if met else 'not met'}** by the streaming mean, the path of Fed-SB, FedIT and FFA-LoRA with",
                 f"`aggregation=mean`. From {lo} to {hi:,} clients its peak grows " + "; ".join(lines) + ". What stays is one reply",
-                "and the float64 running sum; what grows is one float per client (its example count, kept for the round's",
-                "metrics). Holding every reply (FedEx-LoRA, FLoRA, median, trimmed mean) grows linearly (`—`: not run, it",
+                "and `BlockWeightedMean`'s per-entry state (float64 sums and weights, since nested ranks average each entry",
+                "over the clients that sent it, and the float32 global vector) with one reply's float64 temporaries; what",
+                "grows is one float per client (its example count, kept for the round's metrics). Holding every reply (FedEx-LoRA, FLoRA, median, trimmed mean) grows linearly (`—`: not run, it",
                 "would exceed the benchmark's memory cap). So the growth measured in the whole simulated process above is",
                 "Flower's per-message state, not fedsb's aggregation.", ""]
     else:

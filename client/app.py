@@ -14,9 +14,6 @@ from client.secagg import is_legacy, legacy_to_plain, plain_to_legacy, secagg_if
 app = ClientApp()
 fedsb_client = FedSBClient()
 
-# the names tests and wrappers use (tests/hostile_app.py)
-_train, _legacy_to_plain, _plain_to_legacy = fedsb_client.train, legacy_to_plain, plain_to_legacy
-
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:

@@ -8,8 +8,10 @@ Each field's metadata carries a help line (the README's key table is rendered fr
 fedsb.config --write-readme README.md``), where it applies the accepted choices or a numeric range, and
 whether it is part of a run's *identity*: a key that must not change when a run resumes from its
 checkpoint. Identity is the default, so a new key cannot be forgotten; only the operational keys that a
-resumed run may change say ``identity=False``. A bad value raises ``ConfigError`` naming the
-kebab-case key, what was given and what is accepted.
+resumed run may change say ``identity=False``, and a key that is identity only in some runs says when
+(``identity_when``: e.g. the number of rounds, which DP's calibrated noise and the linear lr schedule are
+planned over). A bad value raises ``ConfigError`` naming the kebab-case key, what was given and what is
+accepted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fedsb.aggregation.robust import TRIM_FRACTION_MAX
 from fedsb.config_text import ConfigError, coerce, markdown_table, readme_with_table, suggest
@@ -28,11 +30,14 @@ METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 TASKS = ("seq-cls", "causal-lm")
 
 
-def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, identity=True):
+def _f(default, help: str, *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False, identity=True,
+       identity_when: tuple[str, Callable[["FedSBConfig"], bool]] | None = None):
+    """A config field; ``identity_when=(text, predicate)``: not identity, except in a run where the
+    predicate holds (``text`` says when, in the README's key table)."""
     return field(
         default=default,
         metadata={"help": help, "choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open,
-                  "identity": identity},
+                  "identity": identity and identity_when is None, "identity_when": identity_when},
     )
 
 
@@ -100,7 +105,9 @@ class FedSBConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, more time)",
                                       identity=False)
     # --- rounds ------------------------------------------------------------------------------
-    num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1, identity=False)
+    num_server_rounds: int = _f(10, "federated rounds after the initialization", lo=1,
+                                # σ is calibrated to target-epsilon over all rounds, the linear schedule spans them
+                                identity_when=("dp=true or lr-schedule=linear", lambda c: c.dp or c.lr_schedule == "linear"))
     fraction_train: float = _f(0.4, "fraction of nodes sampled for training each round", lo=0.0, hi=1.0, lo_open=True)
     min_train_nodes: int = _f(2, "fewest nodes a round samples, and fewest valid replies it needs to update", lo=1)
     min_available_nodes: int = _f(2, "nodes the server waits for before starting", lo=1, identity=False)
@@ -278,11 +285,16 @@ class FedSBConfig:
 
     @classmethod
     def identity_keys(cls) -> list[str]:
-        """Keys that must not change when a run resumes (every key unless marked ``identity=False``)."""
+        """Keys that must not change when any run resumes (every key unless marked ``identity=False`` or
+        ``identity_when``)."""
         return [cls.key_of(f.name) for f in dataclasses.fields(cls) if f.metadata.get("identity", True)]
 
     def identity(self) -> dict[str, Any]:
-        return {k: v for k, v in self.to_run_config().items() if k in self.identity_keys()}
+        """This run's identity: the identity keys, and the ``identity_when`` keys whose condition holds here."""
+        when = {self.key_of(f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("identity_when") and f.metadata["identity_when"][1](self)}
+        keys = set(self.identity_keys()) | when
+        return {k: v for k, v in self.to_run_config().items() if k in keys}
 
     @property
     def targets(self) -> list[str] | None:
@@ -290,10 +302,6 @@ class FedSBConfig:
         if self.target_modules.strip() in ("", "auto"):
             return None
         return [t.strip() for t in self.target_modules.split(",") if t.strip()]
-
-    @property
-    def lora_scale(self) -> float:
-        return self.lora_alpha / self.rank
 
 
 if __name__ == "__main__":  # python -m fedsb.config [--write-readme README.md]

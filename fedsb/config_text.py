@@ -33,7 +33,9 @@ def markdown_table(cls) -> str:
     for f in dataclasses.fields(cls):
         m = f.metadata
         help_ = m["help"] + (f" (one of: {', '.join(f'`{c}`' for c in m['choices'])})" if m.get("choices") else "")
-        if not m.get("identity", True):
+        if m.get("identity_when"):
+            help_ += f"; may change on resume unless {m['identity_when'][0]}"
+        elif not m.get("identity", True):
             help_ += "; may change on resume"
         rows.append(f"| `{cls.key_of(f.name)}` | {_default_text(f.default)} | {help_} |")
     return "\n".join(rows) + "\n"

@@ -1,4 +1,4 @@
-"""Flower ServerApp: the Fed-SB protocol (DESIGN.md §2), driven by ``server.driver.FedSBServer``."""
+"""Flower ServerApp: the Fed-SB protocol (one-time basis, then rounds of R), driven by ``server.driver.FedSBServer``."""
 
 from __future__ import annotations
 

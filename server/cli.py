@@ -107,8 +107,21 @@ def _cmd_local_superlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_defaults(argv: list[str]) -> dict[str, str]:
+    """The rank and learning rate compare uses where --rank/--lr say nothing: fedsb's own defaults (compare
+    sets both keys itself and refuses them in --run-config). Read from FedSBConfig, which imports torch, so
+    only when the compare command is asked for."""
+    if argv[:1] != ["compare"]:
+        return {"rank": "fedsb's default rank", "lr": "fedsb's default learning-rate"}
+    from fedsb.config import FedSBConfig
+
+    return {"rank": f"{FedSBConfig.rank}, fedsb's default rank", "lr": f"{FedSBConfig.learning_rate:g}, fedsb's default learning-rate"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedsb.logs import configure as configure_logging
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = _compare_defaults(argv)
 
     configure_logging()
     p = argparse.ArgumentParser(prog="fedsb", description=DESCRIPTION, epilog=EPILOG,
@@ -132,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--out", required=True, help="directory for compare.csv, compare.md, pareto.png, curves.png")
     m.add_argument("--run-config", default="", help="overrides shared by every method")
     m.add_argument("--rank", default="", help="per-method ranks, several with |: 'fed-sb=16|32|64,fedit=4|8' "
-                   "(empty: the run config's rank)")
+                   # (%(default)s is '' here: it only stops the formatter from appending "(default: )")
+                   f"(default%(default)s for a method not named: {defaults['rank']}; rank in --run-config is refused)")
     m.add_argument("--lr", default="", help="per-method learning rates; several are a grid chosen on the validation "
-                   "split per method and rank: 'fed-sb=2.5e-3|5e-3|1e-2' (empty: the run config's learning-rate)")
+                   "split per method and rank: 'fed-sb=2.5e-3|5e-3|1e-2' (default%(default)s for a method not named: "
+                   f"{defaults['lr']}; learning-rate in --run-config is refused)")
     m.add_argument("--seeds", type=int, default=1, help="final runs per (method, rank): seeds s, s+1, ... (s: run "
                    "config's seed)")
     m.add_argument("--validation-fraction", type=float, default=0.1, help="training data set aside (seeded, before "
@@ -173,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("warm-clientapp", add_help=False,
                    help="a node's warm-start process: preloads torch and transformers and forks each ClientApp "
                         "process (`fedsb warm-clientapp --help`)")
-    argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["warm-clientapp"]:  # its own parser: every option after the subcommand is its
         from client.warm_start import main as warm_clientapp
 

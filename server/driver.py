@@ -1,4 +1,4 @@
-"""``FedSBServer``: one Fed-SB run (DESIGN.md §2) driven over a Flower ``Grid``.
+"""``FedSBServer``: one federated fine-tuning run (any of fedsb's methods) driven over a Flower ``Grid``.
 
 The public server-side API: a Flower user with their own ``ServerApp`` builds one with their grid, a
 ``FedSBConfig`` and, optionally, their own ``Task`` (model and data), and calls ``run()``. The loop:
@@ -21,7 +21,7 @@ from fedsb.aggregation import robust
 from fedsb.aggregation.validation import InvalidReply, check_num_examples
 from fedsb.config import FedSBConfig
 from fedsb.run.checkpoint import check_compatible
-from fedsb.run.export import export_peft, head_state, save_fedsb_adapter
+from fedsb.run.export import export_run, head_state
 from fedsb.run.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
 from fedsb.run.state import RunState
 from fedsb.tasks import Task, get_task
@@ -208,7 +208,7 @@ class FedSBServer:
     # -- checkpoint: the run state, written and read in one place -------------------------------------
     def checkpoint(self, rnd: int) -> None:
         s = self.state
-        s.round, s.records = rnd, self.rec.records
+        s.round = rnd  # (the metrics history is in metrics.jsonl, already written and fsynced)
         s.totals["seconds"] = round(time.time() - self.t0, 3)
         s.global_vec = self.method.get_vector(self.model)
         s.method_tensors, s.method_nodes = self.method.server_state(), self.method.node_state()
@@ -227,7 +227,7 @@ class FedSBServer:
         self.method.load_server_state(self.model, state.method_tensors)
         self.method.load_node_state(state.method_nodes)
         self.method.set_vector(self.model, state.global_vec)
-        self.rec = RunRecorder(self.run_dir, self.cfg.method, state.records)
+        self.rec = RunRecorder.resume(self.run_dir, self.cfg.method, state.round)
         self.start_round = state.round + 1
         log.info("resumed from round %d of %s", state.round, self.run_dir)
 
@@ -247,8 +247,7 @@ class FedSBServer:
         adapter_dir = self.run_dir / "adapter"
         meta = {"method": cfg.method, "rank": cfg.rank, "scale": self.method.scale, "base_model": self.task.model_path,
                 "task": cfg.task, "fingerprint": s.fingerprint, "label_names": self.task.data.label_names}
-        save_fedsb_adapter(adapter_dir, self.model, meta)
-        export_peft(adapter_dir / "peft", self.model, self.task.portable_model_name, self.task.peft_task_type)
+        export_run(adapter_dir, self.model, self.method, self.task, meta)
         self.rec.plot()
         ev = self.rec.last("evaluate") or {}
         first = next((r for r in self.rec.records if r["phase"] == "evaluate"), {})

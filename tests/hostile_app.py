@@ -7,6 +7,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from client import app as real
+from client.secagg import legacy_to_plain, plain_to_legacy, secagg_if_asked
 
 HONEST = (0, 1)
 # every kind of bad reply the server must reject, by (partition, round)
@@ -89,15 +90,15 @@ def _make_recording(drop_partition: int | None) -> ClientApp:
         if "fitins.parameters" in msg.content.array_records:
             if pid == drop_partition:
                 raise RuntimeError("dropping out after sharing keys")
-            plain = real._train(real._legacy_to_plain(msg), context)
+            plain = real.fedsb_client.train(legacy_to_plain(msg), context)
             vec = plain.content["adapter"]["adapter"].numpy()
             rnd = int(msg.content["config"]["round"])
             np.save(os.path.join(os.environ["FEDSB_TEST_DUMP"], f"r{rnd}-p{pid}.npy"),
                     np.concatenate([[float(plain.content["metrics"]["num-examples"])], vec.astype(np.float64)]))
-            return real._plain_to_legacy(plain, msg)
-        return real._train(msg, context)
+            return plain_to_legacy(plain, msg)
+        return real.fedsb_client.train(msg, context)
 
-    app.train(mods=[real.secagg_if_asked])(record)
+    app.train(mods=[secagg_if_asked])(record)
     return app
 
 

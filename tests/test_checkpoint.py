@@ -247,17 +247,15 @@ def test_mismatch_names_the_first_differing_field(tmp_path):
     assert (e2.field, e2.expected, e2.found) == ("rank", 8, 4)
 
 
-def test_legacy_checkpoints_without_format_tag_still_load(tmp_path):
-    """Checkpoints written before the format tag (digest without shapes) stay resumable."""
-    tensors = {"global": torch.arange(4.0)}
-    state_json = json.dumps({"round": 2}, sort_keys=True)
-    path = tmp_path / "old.safetensors"
-    save_file(tensors, str(path), metadata={"state": state_json, "sha256": ckpt._legacy_digest(tensors, state_json)})
-    back, state = load_checkpoint(path)
-    _assert_same(back["global"], tensors["global"])
-    assert state == {"round": 2}
-    save_file(tensors, str(path), metadata={"state": state_json, "sha256": "0" * 64})
-    with pytest.raises(CheckpointError):
+def test_a_checkpoint_without_the_format_tag_is_refused(tmp_path):
+    path = tmp_path / "untagged.safetensors"
+    _small(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    del meta["format"]
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="format"):
         load_checkpoint(path)
 
 

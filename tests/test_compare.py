@@ -54,6 +54,24 @@ def test_bad_compare_flags_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "c" / "runs").exists()  # nothing ran
 
 
+def test_compare_help_states_the_rank_and_lr_it_uses_by_default(tmp_path, capsys):
+    """rank and learning-rate in --run-config are refused, so the defaults are fedsb's own: the help says
+    which, and they are the ones a comparison without --rank/--lr runs."""
+    import pytest
+
+    from server.cli import main
+    from server.compare import Comparison
+
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    c = Comparison(["fed-sb"], 3, tmp_path, {}, {}, {})
+    assert f"default for a method not named: {c.default_rank}, fedsb's default rank" in text
+    assert f"default for a method not named: {c.default_lr:g}, fedsb's default learning-rate" in text
+    assert "the run config's rank" not in text and "the run config's learning-rate" not in text
+
+
 # ---------------------------------------------------------------- statistics
 def test_mean_std_and_verdicts_come_from_the_rows():
     from lab.compare_report import group_rows, mean_std, verdicts

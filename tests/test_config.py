@@ -73,6 +73,20 @@ def test_resume_refuses_a_checkpoint_made_with_another_split():
     assert "test-fraction" in str(e.value)
 
 
+@pytest.mark.parametrize("planned", [{"dp": True}, {"lr_schedule": "linear"}])
+def test_resume_refuses_other_rounds_when_noise_or_schedule_was_planned_over_them(planned):
+    """σ (calibrated to target-epsilon over all rounds) and the linear schedule both depend on the number of
+    rounds: a resume with more would silently change both, so it is refused, naming the key."""
+    from fedsb.run.checkpoint import CheckpointMismatch, check_compatible
+
+    saved = FedSBConfig(num_server_rounds=10, **planned).to_run_config()
+    check_compatible(saved, FedSBConfig(num_server_rounds=10, round_timeout=5.0, **planned).identity())
+    with pytest.raises(CheckpointMismatch) as e:
+        check_compatible(saved, FedSBConfig(num_server_rounds=20, **planned).identity())
+    assert e.value.field == "num-server-rounds"
+    check_compatible(FedSBConfig().to_run_config(), FedSBConfig(num_server_rounds=20).identity())  # neither: fine
+
+
 @pytest.mark.parametrize("key, value, fragment", [
     ("method", "fedavg", "accepted values"),
     ("rank", 0, ">= 1"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedsb import adapters
@@ -62,3 +63,65 @@ def test_merged_export_equals_adapter_model(tiny_bert, tmp_path):
         assert torch.allclose(model(**_batch()).logits, merged(**_batch()).logits, atol=1e-5)
     assert adapters.adapter_layers(model)  # the original stays adapted and unmerged
     assert not any(l.merged for l in adapters.adapter_layers(model).values())
+
+
+# -- every method's run export reproduces the server's final model ------------------------------------
+METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
+
+
+def _server_final_model(task, rounds=2, clients=3):
+    """A server's final state without Flower: each round the clients train copies of the global model on
+    their partitions, and the server aggregates, sets the vector and runs ``after_round`` in the order
+    ``server.rounds.TrainRound`` does (FLoRA folds its stacks and FedEx-LoRA its residual into W0 here)."""
+    import copy
+
+    from fedsb.adapters import sb_init
+    from fedsb.aggregation import robust
+    from fedsb.tasks.training import train_steps
+
+    method, model = task.method(), task.base_model()
+    layers = method.build(model, task.layer_names)
+    if method.needs_basis:  # Fed-SB: a seeded basis (the basis protocol is the server's, not under test here)
+        sb_init.apply_bases(layers, sb_init.random_bases({n: (l.out_features, l.in_features) for n, l in layers.items()},
+                                                         method.rank, 0))
+    for rnd in range(1, rounds + 1):
+        global_vec, vectors, weights = method.get_vector(model), [], []
+        for c in range(clients):
+            local = copy.deepcopy(model)
+            method.set_vector(local, global_vec)
+            ds = task.data.client_dataset(c, clients, task.cfg)
+            train_steps(local, task.loader(ds, shuffle=True, seed=rnd, batch_size=8), 4, 0.05, task.loss_fn, progress=False)
+            vectors.append(method.get_vector(local))
+            weights.append(float(len(ds)))
+        method.set_vector(model, method.aggregate(model, vectors, weights, robust.weighted_mean))
+        method.after_round(model, rnd)
+    return method, model
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_run_export_loads_in_plain_peft_with_the_servers_accuracy(tiny_bert, sentiment_csv, tmp_path, name):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fedsb.config import FedSBConfig
+    from fedsb.run.export import export_run
+    from fedsb.tasks import get_task
+    from fedsb.tasks.training import model_inputs
+    from tests.conftest import tiny_run_config
+
+    task = get_task(FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, tmp_path, method=name)))
+    method, model = _server_final_model(task)
+    loader = task.loader(task.data.test_dataset(task.cfg.eval_max_samples), shuffle=False, batch_size=64)
+    server = task.server_evaluate(model, loader)  # what FedSBServer.evaluate logs as the final accuracy
+    export_run(tmp_path / "adapter", model, method, task, {"method": name})
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=task.data.num_labels)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter" / "peft")).eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in loader:
+            ours, theirs = model(**model_inputs(batch)).logits, peft_model(**model_inputs(batch)).logits
+            assert torch.allclose(ours, theirs, atol=1e-4), (name, (ours - theirs).abs().max())
+            correct += int((theirs.argmax(-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+    assert total == server["num-examples"] and correct / total == server["accuracy"], (name, correct, total, server)

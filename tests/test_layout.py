@@ -103,3 +103,32 @@ def test_every_module_opens_with_what_it_holds_and_stays_small():
         assert doc and doc.strip(), f"{path.relative_to(ROOT)} has no opening docstring"
         limit = 400 if name == "lab.docker_harness" else 330  # the Docker test harness, moved from tests/ as it was
         assert len(path.read_text().splitlines()) <= limit, f"{path.relative_to(ROOT)} is over ~300 lines: split it"
+
+
+def test_no_file_cites_notes_outside_the_project():
+    """The project explains itself in its own files: code, README and BENCHMARKS never send a reader to notes
+    that are not in the repository (design notes, style notes, a shared folder beside it)."""
+    import re
+
+    cited = re.compile(r"DESIGN\.md|STYLE\.md|NOTES-[\w.-]*\.md|\.\./shared")
+    files = [p for p in ROOT.rglob("*") if p.is_file() and (p.suffix == ".py" or p.name in ("README.md", "BENCHMARKS.md"))
+             and not {".venv", ".git", ".flwr", "node_modules"} & set(p.relative_to(ROOT).parts)]
+    assert len(files) > 50  # the whole tree was walked
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
+                 if cited.search(line) and p != Path(__file__)]
+    assert not offenders, offenders
+
+
+def test_the_examples_are_never_imported_as_a_package_named_examples():
+    """Opacus installs a top-level ``examples`` package too: ``import examples`` may be Opacus's. The
+    project's examples are files loaded by path (tests/test_public_api.py), never that package."""
+    assert not (ROOT / "examples" / "__init__.py").exists()
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if {".venv", ".git", ".flwr"} & set(path.relative_to(ROOT).parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] == "examples"]
+    assert not offenders, offenders

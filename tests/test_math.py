@@ -1,4 +1,4 @@
-"""The maths DESIGN.md §1 pins down: exact aggregation, optimal init, gradient equivalence, merge, PEFT."""
+"""The maths Fed-SB rests on: exact aggregation, optimal init, gradient equivalence, merge, PEFT."""
 
 from __future__ import annotations
 

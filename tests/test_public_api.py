@@ -3,11 +3,27 @@ runs a real simulation to a trained, exported adapter."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example(name: str):
+    """``examples/<name>.py`` loaded by its path, as a module named ``fedsb_example_<name>``: never as
+    ``examples.<name>``, because Opacus installs a top-level ``examples`` package of its own that this
+    name could resolve to. Ray pickles it by value (its workers cannot import it by that name)."""
+    import ray.cloudpickle
+
+    spec = importlib.util.spec_from_file_location(f"fedsb_example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    ray.cloudpickle.register_pickle_by_value(module)
+    return module
 
 
 def test_readme_shows_the_example_verbatim():
@@ -21,7 +37,8 @@ def test_own_model_example_runs_in_a_simulation(tiny_bert, tmp_path, monkeypatch
     from server.simulation import simulate
 
     monkeypatch.setenv("MY_MODEL_DIR", str(tiny_bert))  # Ray workers inherit it
-    from examples.own_model import client_app, server_app
+    example = load_example("own_model")
+    client_app, server_app = example.client_app, example.server_app
 
     run = simulate({"max-length": 8, "rank": 4, "init-samples": 16, "num-server-rounds": 2, "local-steps": 10,
                     "learning-rate": 0.1, "fraction-train": 1.0, "eval-max-samples": 100,

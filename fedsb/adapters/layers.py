@@ -5,7 +5,7 @@
 their adapter weights, and merge into / unmerge from the base weight, as PEFT's LoRA layer does.
 
 Trainable matrices are child ``nn.Linear`` modules (``sb_R``, ``lora_A``, ``lora_B``): Opacus has a
-per-sample gradient rule for ``nn.Linear``, so DP-SGD needs no functorch fallback (NOTES-opacus.md).
+per-sample gradient rule for ``nn.Linear``, so DP-SGD needs no functorch fallback.
 """
 
 from __future__ import annotations
@@ -16,16 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-try:  # GPT-2 style layers store the weight transposed (in × out).
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a hard dependency
-    Conv1D = ()  # type: ignore[assignment]
+from transformers.pytorch_utils import Conv1D  # GPT-2 style layers store the weight transposed (in × out)
 
 log = logging.getLogger(__name__)
 
 def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+    return isinstance(module, (nn.Linear, Conv1D))
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""LoRA-SB's update-approximation initialization (DESIGN.md §1).
+"""LoRA-SB's update-approximation initialization: B, A and R0 from an approximated full fine-tuning step.
 
 1. ``G = Σ_samples ∂L/∂W0`` per adapted layer (``accumulate_gradients``; the clients do this),
 2. ``ΔW = -η·sign(Ḡ)`` (the first Adam step) or ``-η·Ḡ``,

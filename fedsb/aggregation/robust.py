@@ -4,7 +4,8 @@ All rules accumulate in float64 and return float32 (the wire dtype). Inputs are 
 :func:`fedsb.aggregation.validation.check_reply` (same shape, finite); shapes are still checked here, with a clear
 ``ValueError``, because numpy broadcasting would otherwise silently average a ``(1,)`` vector into the rest.
 The weighted mean is deterministic: the same vectors in the same order give bit-identical results, streamed
-(:class:`RunningWeightedMean`) or not (:func:`weighted_mean`).
+one reply at a time (:class:`BlockWeightedMean`, what a round uses) or all at once (:func:`weighted_mean`,
+the same accumulator).
 """
 
 from __future__ import annotations
@@ -18,43 +19,12 @@ import numpy as np
 TRIM_FRACTION_MAX = 0.5
 
 
-class RunningWeightedMean:
-    """``Σ wᵢ vᵢ / Σ wᵢ`` accumulated one reply at a time: memory independent of the number of clients.
-
-    ``add(vec, weight)`` (weight finite and > 0), ``result()`` (float32), ``count``, ``total_weight``.
-    """
-
-    def __init__(self) -> None:
-        self.total: np.ndarray | None = None
-        self.total_weight = 0.0
-        self.count = 0
-
-    def add(self, vec: np.ndarray, weight: float) -> None:
-        w = float(weight)
-        if not (math.isfinite(w) and w > 0):
-            raise ValueError(f"weight must be a finite positive number, got {weight!r}")
-        v = np.asarray(vec)
-        if self.total is None:
-            self.total = v.astype(np.float64) * w  # a fresh float64 buffer (never aliases the caller's array)
-        else:
-            if v.shape != self.total.shape:
-                raise ValueError(f"vector of shape {v.shape} added to a mean of shape {self.total.shape}")
-            self.total += v.astype(np.float64, copy=False) * w
-        self.total_weight += w
-        self.count += 1
-
-    def result(self) -> np.ndarray:
-        if self.total is None:
-            raise ValueError("no vectors were added")
-        return (self.total / self.total_weight).astype(np.float32)
-
-
 class BlockWeightedMean:
     """Per entry, ``Σ wᵢ vᵢ / Σ wᵢ`` over the clients that sent that entry; entries nobody sent keep ``base``.
 
-    ``add(vec, weight, index)`` folds in a client that trained only the entries ``index`` of the global
-    vector (``None``: all of them). With every index ``None`` the result is bit for bit
-    :class:`RunningWeightedMean`'s: the same float64 products, sums and division, entry by entry.
+    Accumulated one reply at a time, so memory does not grow with the number of clients. ``add(vec, weight,
+    index)`` folds in a client that trained only the entries ``index`` of the global vector (``None``: all
+    of them; weight finite and > 0); ``result()`` is float32; ``count`` the replies added.
     """
 
     def __init__(self, base: np.ndarray) -> None:
@@ -86,10 +56,13 @@ class BlockWeightedMean:
 
 
 def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
-    """``Σ wᵢ vᵢ / Σ wᵢ`` (float64 accumulation, float32 result); bit-identical to :class:`RunningWeightedMean`."""
+    """``Σ wᵢ vᵢ / Σ wᵢ`` (float64 accumulation, float32 result): :class:`BlockWeightedMean` over whole
+    vectors, so bit-identical to streaming the same vectors in the same order."""
     if len(vectors) != len(weights):
         raise ValueError(f"{len(vectors)} vectors but {len(weights)} weights")
-    acc = RunningWeightedMean()
+    if not len(vectors):
+        raise ValueError("no vectors were added")
+    acc = BlockWeightedMean(np.zeros(np.shape(vectors[0]), np.float32))
     for v, w in zip(vectors, weights):
         acc.add(v, w)
     return acc.result()

@@ -14,7 +14,6 @@ wire format costs ≈ 4 bytes per number whatever the number of layers.
 
 from __future__ import annotations
 
-from fedsb import adapters
 from fedsb.methods.base import Download, Method, NodeStore
 from fedsb.methods.fed_sb import FedSB
 from fedsb.methods.fedex_lora import FedExLoRA, apply_weight_delta
@@ -33,9 +32,5 @@ def make_method(name: str, rank: int, scale: float, lora_alpha: float, seed: int
     return cls(name, rank, scale if cls is FedSB else lora_alpha / rank, seed=seed)
 
 
-def adapter_param_counts(model) -> int:
-    return sum(t.numel() for n, t in adapters.trainable_state(model).items() if any(k in n for k in ("sb_R", "lora_")))
-
-
 __all__ = ["Method", "Download", "NodeStore", "FedSB", "FedIT", "FFALoRA", "FedExLoRA", "FLoRA", "REGISTRY",
-           "make_method", "apply_weight_delta", "fold_stacks", "adapter_param_counts"]
+           "make_method", "apply_weight_delta", "fold_stacks"]

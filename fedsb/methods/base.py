@@ -49,10 +49,12 @@ class Method:
     name: str
     rank: int
     scale: float  # s for fed-sb; alpha / r for the LoRA methods
-    exact: bool = True
     seed: int = 0
     streamable = True  # the aggregate is a running weighted mean of the vectors (no per-client state)
     needs_basis = False  # the server runs the basis protocol (init + one-time broadcast) before round 1
+    # the server changes the frozen base weights during the run (folds updates into W0): the adapter alone,
+    # on the original base, is then not the server's model, and the export must carry the base's change too
+    modifies_base = False
 
     # -- model side (client and server) --------------------------------------------------------
     def build(self, model: nn.Module, layer_names: list[str], round_idx: int = 0) -> dict[str, nn.Module]:

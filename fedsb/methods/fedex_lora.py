@@ -21,9 +21,9 @@ class FedExLoRA(FedIT):
     per layer, counted in the download bytes) and add it to their frozen base weights.
     """
 
-    exact: bool = True
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
     streamable = False  # the residual needs every client's own A_i, B_i
+    modifies_base = True  # the cumulative residual lives in W0
 
     def aggregate(self, model, vectors, weights, combine):
         layers = adapters.adapter_layers(model)

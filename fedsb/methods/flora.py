@@ -30,6 +30,7 @@ class FLoRA(Method):
     stacks: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     held: dict[int, int] = field(default_factory=dict)  # server: number of folded stacks each node holds
     streamable = False  # the stack keeps every client's factors
+    modifies_base = True  # every round's stack is folded into W0
 
     def build(self, model, layer_names, round_idx=0):
         with torch.random.fork_rng():

@@ -14,8 +14,6 @@ from fedsb.methods.base import Method
 class FedIT(Method):
     """Plain LoRA, A and B averaged separately: mean(B)·mean(A) ≠ mean(B·A) (inexact)."""
 
-    exact: bool = False
-
     def build(self, model, layer_names, round_idx=0):
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)  # every client starts from the same A

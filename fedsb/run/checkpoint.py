@@ -125,16 +125,6 @@ def _digest(tensors: Mapping[str, torch.Tensor], state_json: str) -> str:
     return h.hexdigest()
 
 
-def _legacy_digest(tensors: Mapping[str, torch.Tensor], state_json: str) -> str:
-    """Digest of checkpoints written before the format tag (no shapes): still readable."""
-    h = hashlib.sha256(state_json.encode())
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(str(tensors[k].dtype).encode())
-        h.update(_raw(tensors[k]).tobytes())
-    return h.hexdigest()
-
-
 # -- save / load ------------------------------------------------------------------------------------
 def _fsync_dir(d: Path) -> None:
     try:
@@ -210,7 +200,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(meta, dict) or not isinstance(meta.get("state"), str) or not isinstance(meta.get("sha256"), str):
         raise _fail(path, "it lacks fedsb checkpoint metadata (a safetensors file, but not a checkpoint)")
     fmt = meta.get("format")
-    if fmt not in (None, FORMAT):
+    if fmt != FORMAT:
         raise _fail(path, f"its format {fmt!r} is not {FORMAT!r}")
     try:
         tensors = dict(st_load(raw))
@@ -218,8 +208,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise
     except BaseException as e:  # noqa: BLE001 (a Rust panic surfaces as a BaseException)
         raise _fail(path, f"safetensors cannot read it ({type(e).__name__}: {e})") from e
-    digest = _digest if fmt == FORMAT else _legacy_digest
-    if digest(tensors, meta["state"]) != meta["sha256"]:
+    if _digest(tensors, meta["state"]) != meta["sha256"]:
         raise _fail(path, "its sha256 does not match its contents (corrupted or modified)")
     try:
         state = json.loads(meta["state"])

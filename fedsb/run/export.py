@@ -3,6 +3,12 @@
 PEFT export of a Fed-SB adapter: ``lora_A = A`` (r×n) and ``lora_B = s·B·R`` (m×r) with
 ``lora_alpha = r``, so PEFT's scale α/r is 1 and ``lora_B·lora_A = s·B·R·A`` exactly. The task head
 goes into ``modules_to_save``. Any PEFT user can then load the result without fedsb.
+
+A method that changes the frozen base during the run (FLoRA folds its stacks into W0, FedEx-LoRA its
+residual) declares ``modifies_base``; its adapter alone, applied to the original base, is not the model
+the server evaluated. Its export then carries the whole difference from the original base per layer,
+``(W0_server − W0) + s·B·A``, factored by an SVD at the largest rank any layer's difference needs, so the
+same plain PEFT loading reproduces the server's model.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +24,10 @@ from torch import nn
 
 from fedsb import adapters
 from fedsb.adapters import Conv1D, LoRALinear, SBLinear
+
+if TYPE_CHECKING:
+    from fedsb.methods import Method
+    from fedsb.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +40,11 @@ def head_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in heads)}
 
 
-def save_fedsb_adapter(out_dir: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write every adapter tensor (B, A, R or lora_A, lora_B) and the head, plus a JSON description."""
+def save_fedsb_adapter(out_dir: str | Path, model: nn.Module, meta: dict[str, Any],
+                       method_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write every adapter tensor (B, A, R or lora_A, lora_B) and the head, plus a JSON description.
+    ``method_state``: what a method folded into the base (FLoRA's stacks, FedEx-LoRA's residual), saved
+    as ``method.*`` so the file holds the whole model change."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -44,6 +57,7 @@ def save_fedsb_adapter(out_dir: str | Path, model: nn.Module, meta: dict[str, An
             tensors[f"{name}.lora_A"] = layer.lora_A.weight
             tensors[f"{name}.lora_B"] = layer.lora_B.weight
     tensors.update({f"head.{n}": t for n, t in head_state(model).items()})
+    tensors.update({f"method.{n}": t for n, t in (method_state or {}).items()})
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / FEDSB_WEIGHTS))
     meta = dict(meta, layers=list(adapters.adapter_layers(model)), heads=adapters.head_prefixes(model))
     (out / FEDSB_CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -68,8 +82,45 @@ def load_fedsb_adapter(adapter_dir: str | Path, base_model: nn.Module) -> nn.Mod
     return base_model
 
 
-def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, task_type: str) -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft`` loads as LoRA."""
+def _factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A r×n, lora_B m×r) with ``lora_B·lora_A`` the layer's adapter delta (PEFT scale 1)."""
+    if isinstance(layer, SBLinear):
+        return layer.sb_A, layer.scale * layer.sb_B @ layer.sb_R.weight
+    if isinstance(layer, LoRALinear):
+        return layer.lora_A.weight, layer.scale * layer.lora_B.weight  # fold α/r into B: PEFT's scale is then 1
+    raise TypeError(type(layer))  # pragma: no cover
+
+
+@torch.no_grad()
+def _factors_from_original(layers: dict[str, nn.Module], original: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, factors of the whole difference from the original base, ``(W0_now − W0) + delta``, all
+    at one rank: the largest numerical rank any layer's difference has (singular values above float32
+    resolution). Each factor takes √σ, so neither is much larger than the other."""
+    svds, rank = {}, 1
+    for name, layer in layers.items():
+        w0 = adapters.weight_as_mn(original.get_submodule(name)).double()
+        diff = adapters.weight_as_mn(layer.base_layer).double() - w0.to(layer.base_layer.weight.device)
+        diff += layer.delta_weight().double()
+        U, S, Vh = torch.linalg.svd(diff, full_matrices=False)
+        tol = float(S[0]) * max(diff.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
+        rank = max(rank, int((S > tol).sum()))
+        svds[name] = (U, S, Vh)
+    out = {}
+    for name, (U, S, Vh) in svds.items():
+        k = min(rank, S.numel())
+        root = S[:k].sqrt()
+        B, A = torch.zeros(U.shape[0], rank, dtype=U.dtype), torch.zeros(rank, Vh.shape[1], dtype=U.dtype)
+        B[:, :k], A[:k] = U[:, :k].cpu() * root.cpu(), root.cpu()[:, None] * Vh[:k].cpu()
+        out[name] = (A, B)
+    return out
+
+
+def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, task_type: str,
+                original: nn.Module | None = None) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft`` loads as LoRA.
+
+    ``original``: the unmodified base model, for a method whose run changed the base weights (its
+    ``modifies_base``): the export then holds the whole difference from it (see the module doc)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     layers = adapters.adapter_layers(model)
@@ -78,16 +129,10 @@ def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, tas
     tensors: dict[str, torch.Tensor] = {}
     ranks = set()
     fan_in_fan_out = False
+    factors = _factors_from_original(layers, original) if original is not None else {n: _factors(l) for n, l in layers.items()}
     for name, layer in layers.items():
-        if isinstance(layer, SBLinear):
-            lora_A = layer.sb_A
-            lora_B = layer.scale * layer.sb_B @ layer.sb_R.weight
-        elif isinstance(layer, LoRALinear):
-            lora_A = layer.lora_A.weight
-            lora_B = layer.scale * layer.lora_B.weight  # fold α/r into B: PEFT's scale is then 1
-        else:  # pragma: no cover
-            raise TypeError(type(layer))
-        fan_in_fan_out |= bool(Conv1D) and isinstance(layer.base_layer, Conv1D)
+        lora_A, lora_B = factors[name]
+        fan_in_fan_out |= isinstance(layer.base_layer, Conv1D)
         ranks.add(lora_A.shape[0])
         tensors[f"base_model.model.{name}.lora_A.weight"] = lora_A.detach().float().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = lora_B.detach().float().contiguous()
@@ -120,6 +165,14 @@ def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, tas
         # AutoModelForSequenceClassification.from_pretrained(base, config=AutoConfig.from_pretrained(<this folder>))
         model.config.save_pretrained(out)
     return out
+
+
+def export_run(adapter_dir: str | Path, model: nn.Module, method: "Method", task: "Task", meta: dict[str, Any]) -> Path:
+    """The end of a run: fedsb's own adapter file in ``adapter_dir`` and a PEFT adapter in ``adapter_dir/peft``
+    that reproduce the server's final model (for a method that changed the base, against the original base)."""
+    save_fedsb_adapter(adapter_dir, model, meta, method.server_state())
+    original = task.base_model() if method.modifies_base else None
+    return export_peft(Path(adapter_dir) / "peft", model, task.portable_model_name, task.peft_task_type, original)
 
 
 def export_merged(out_dir: str | Path, model: nn.Module, tokenizer=None) -> Path:

@@ -1,4 +1,5 @@
-"""The run directory: metrics.jsonl, summary.json, plots (DESIGN.md §4). Written as the run goes."""
+"""The run directory: metrics.jsonl (one JSON record per round and phase, appended and fsynced as the run
+goes; the run's only copy of its history), summary.json at the end, and a plot of the held-out curves."""
 
 from __future__ import annotations
 
@@ -72,10 +73,33 @@ class RunRecorder:
         self.run_dir = Path(run_dir)
         self.method = method
         self.records: list[dict] = list(records or [])
-        if records is not None:  # resuming: rewrite exactly the records the checkpoint knew
-            with open(self.run_dir / METRICS, "w") as fh:
-                for r in self.records:
-                    fh.write(json.dumps(r) + "\n")
+
+    @classmethod
+    def resume(cls, run_dir: Path, method: str, last_round: int) -> "RunRecorder":
+        """The recorder of a run resumed from its checkpoint of ``last_round``: the history read back from
+        metrics.jsonl, without the records of later rounds (written after that checkpoint by the run that
+        stopped, and about to be written again) or a line cut short by a crash; the file is rewritten
+        (atomically) to match, so no round is recorded twice."""
+        path = Path(run_dir) / METRICS
+        records = []
+        lines = path.read_text().splitlines() if path.exists() else []
+        for i, line in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:  # the last line, cut short by a crash mid-write
+                    break
+                raise ValueError(f"{path}: line {i + 1} is not JSON, so the run's history cannot be read back to "
+                                 "resume; repair or delete that line, or start afresh in another output-dir") from None
+            if rec["round"] <= last_round:
+                records.append(rec)
+        tmp = path.with_name(METRICS + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return cls(run_dir, method, records)
 
     def log(self, round_: int, phase: str, **fields: Any) -> dict:
         base = {k: None for k in ("loss", "accuracy", "bytes_up", "bytes_down", "clients", "seconds", "epsilon")}

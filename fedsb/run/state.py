@@ -2,6 +2,8 @@
 
 Everything a resumed run needs to continue bit for bit lives here, beside the model's global vector, the
 basis and the method's own tensors. ``to_checkpoint`` and ``from_checkpoint`` are each other's inverse.
+The metrics history is not part of it: it lives in metrics.jsonl, which a resumed run reads back
+(``RunRecorder.resume``), so a checkpoint's size does not grow with the rounds.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ class RunState:
     dp_history: dict[int, list[float]] = field(default_factory=dict)  # partition -> flat [σ, q, steps, ...]
     dp_sigma: dict[int, float] = field(default_factory=dict)
     up_per_client_round: list[float] = field(default_factory=list)
-    records: list[dict] = field(default_factory=list)  # metrics.jsonl so far
 
     def to_checkpoint(self, path: str | Path) -> None:
         tensors = {"global": torch.from_numpy(np.array(self.global_vec, dtype=np.float32))}
@@ -46,7 +47,7 @@ class RunState:
             "round": self.round, "config": self.config, "fingerprint": self.fingerprint,
             "basis_holders": sorted(self.basis_holders), "partition_of": _str_keys(self.partition_of),
             "totals": self.totals, "dp_history": _str_keys(self.dp_history), "dp_sigma": _str_keys(self.dp_sigma),
-            "up_per_client_round": self.up_per_client_round, "records": self.records, "rng": rng_state(),
+            "up_per_client_round": self.up_per_client_round, "rng": rng_state(),
             **self.method_nodes,
         }
         save_checkpoint(path, tensors, state)
@@ -63,7 +64,6 @@ class RunState:
             basis_holders=set(state["basis_holders"]), partition_of=_int_keys(state.get("partition_of", {})),
             totals=state["totals"], dp_history=_int_keys(state.get("dp_history", {})),
             dp_sigma=_int_keys(state.get("dp_sigma", {})), up_per_client_round=state["up_per_client_round"],
-            records=state["records"],
         )
         set_rng_state(state["rng"])
         return out

@@ -43,7 +43,7 @@ def scheduled_lrs(lr: float, schedule: str, warmup_ratio: float, rnd: int, round
     warm = int(warmup_ratio * total)
     out = []
     for k in range(steps):
-        g = min((rnd - 1) * steps + k, total)  # a resumed run with more rounds than planned ends at 0
+        g = min((rnd - 1) * steps + k, total)  # (num-server-rounds cannot change on resume under a schedule)
         f = g / max(1, warm) if g < warm else max(0.0, (total - g) / max(1, total - warm))
         out.append(lr * f)
     return out

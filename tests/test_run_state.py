@@ -1,0 +1,63 @@
+"""The run's history lives in metrics.jsonl only: a checkpoint holds the state a resume needs and does not
+grow with the records; a resumed run reads the history back, without the rounds after its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fedsb.config import FedSBConfig
+from fedsb.run.checkpoint import load_checkpoint
+from fedsb.run.records import CHECKPOINT, METRICS, RunRecorder
+from tests.conftest import tiny_run_config
+
+
+def _server(tiny_bert, sentiment_csv, out, **extra):
+    from server.driver import FedSBServer
+
+    cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, out, method="fedit", **extra))
+    server = FedSBServer(None, cfg)  # no grid: checkpoint and restore never reach the nodes
+    server.t0 = time.time()  # what run() sets: the clock the checkpoint's seconds count from
+    return server
+
+
+def test_checkpoint_size_does_not_grow_with_the_records(tiny_bert, sentiment_csv, tmp_path):
+    server = _server(tiny_bert, sentiment_csv, tmp_path / "run")
+    server.rec.log(0, "evaluate", loss=0.7, accuracy=0.5)
+    server.checkpoint(1)
+    size = (tmp_path / "run" / CHECKPOINT).stat().st_size
+    for k in range(200):
+        server.rec.log(1, "train", loss=0.5, clients=3, rejected=[{"node": k, "reason": "shape"}])
+    server.checkpoint(1)
+    # equal but for the run's seconds so far, a number whose digits may differ; 200 records are ~20 kB
+    assert abs((tmp_path / "run" / CHECKPOINT).stat().st_size - size) < 16
+    assert "records" not in load_checkpoint(tmp_path / "run" / CHECKPOINT)[1]
+    assert len((tmp_path / "run" / METRICS).read_text().splitlines()) == 201  # the history is all in metrics.jsonl
+
+
+def test_resume_reads_the_history_back_without_the_rounds_after_the_checkpoint(tiny_bert, sentiment_csv, tmp_path):
+    run = tmp_path / "run"
+    server = _server(tiny_bert, sentiment_csv, run)
+    for rnd in (0, 1):
+        server.rec.log(rnd, "train", loss=1.0 / (rnd + 1))
+        server.rec.log(rnd, "evaluate", loss=0.5, accuracy=0.75)
+    server.checkpoint(1)
+    kept = (run / METRICS).read_text()
+    server.rec.log(2, "train", loss=0.25)  # written, then the run died before round 2's checkpoint
+    with open(run / METRICS, "a") as fh:
+        fh.write('{"round": 2, "phase": "evalu')  # and a line cut short by the crash
+    resumed = _server(tiny_bert, sentiment_csv, run, resume=True)
+    resumed.restore()
+    assert resumed.start_round == 2
+    assert (run / METRICS).read_text() == kept  # rounds 0-1 as written, round 2 gone: it will run again
+    assert resumed.rec.records == [json.loads(l) for l in kept.splitlines()]
+    resumed.rec.log(2, "train", loss=0.25)
+    assert [r["round"] for r in map(json.loads, (run / METRICS).read_text().splitlines())] == [0, 0, 1, 1, 2]
+
+
+def test_a_damaged_line_before_the_last_is_an_error(tmp_path):
+    (tmp_path / METRICS).write_text('{"round": 0, "phase": "init"}\nnot json\n{"round": 1, "phase": "train"}\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        RunRecorder.resume(tmp_path, "fed-sb", 1)
