@@ -25,6 +25,8 @@ class DPAccounting(Strategy, PhaseHook):
     starts the run; it registers on the wrapped strategy's phase hooks so the init query carries its
     entries too."""
 
+    streams_replies = True
+
     def __init__(self, strategy: FedSB):
         self.strategy = strategy
         self.cfg, self.state = strategy.cfg, strategy.state
@@ -90,3 +92,28 @@ class DPAccounting(Strategy, PhaseHook):
             "delta_rule": "target-delta" if cfg.target_delta > 0 else "1/(10 n) for the smallest client's n",
             "epsilon_per_client": {str(k): v for k, v in eps.items()},
         }
+
+
+class CentralDPEpsilon(PhaseHook):
+    """ε of a run wrapped in one of Flower's server-side DP wrappers (``DifferentialPrivacyServerSide*``):
+    user-level, one client's whole update per round is what is protected. Flower's wrappers noise the
+    aggregate but keep no accountant; this counts the train rounds and composes the Gaussian mechanism
+    with Poisson-style sampling rate ``num_sampled / population`` (an upper-bound approximation for the
+    fixed-size sample the rounds draw), by ``accountant``. Register it on the wrapped ``FedSB``'s hooks."""
+
+    def __init__(self, noise_multiplier: float, num_sampled: int, population: int, delta: float,
+                 accountant: str = "rdp"):
+        self.noise_multiplier, self.delta, self.accountant = noise_multiplier, delta, accountant
+        self.sample_rate = min(1.0, num_sampled / max(1, population))
+        self.rounds = 0
+
+    def epsilon(self) -> float:
+        return epsilon_from_history([(self.noise_multiplier, self.sample_rate, self.rounds)], self.delta, self.accountant)
+
+    def round_metrics(self) -> dict[str, Any]:  # called once per train round, as its row is built
+        self.rounds += 1
+        return {"epsilon": self.epsilon()}
+
+    def summary_entries(self) -> dict[str, Any]:
+        return {"central_dp": {"epsilon": self.epsilon(), "delta": self.delta, "noise_multiplier": self.noise_multiplier,
+                               "sample_rate": self.sample_rate, "rounds": self.rounds, "accountant": self.accountant}}

@@ -20,13 +20,14 @@ from fedsb.run.checkpoint import check_compatible
 from fedsb.run.export import export_peft, head_state, save_fedsb_adapter
 from fedsb.run.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
 from fedsb.run.state import RunState
-from server.strategy import FedSB
 
 log = logging.getLogger("fedsb.server")
 
 
 class RunDirectory:
-    def __init__(self, strategy: FedSB):
+    """The run directory of one ``server.strategy.FedSB`` (given, not imported: its ``start`` imports this)."""
+
+    def __init__(self, strategy: Strategy):
         self.strategy, self.cfg = strategy, strategy.cfg
         self.path = prepare_run_dir(self.cfg)
         self.rec = RunRecorder(self.path, self.cfg.method)
@@ -118,7 +119,7 @@ class RunDirectory:
         return summary
 
 
-def train_round(st: FedSB, outer: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+def train_round(st: Strategy, outer: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
     """One round through ``outer``'s hooks, its replies streamed into ``aggregate_train``; a node that
     lost the basis is sent it again, in the same round, after the others replied."""
     messages = outer.configure_train(rnd, arrays, config, grid)
@@ -131,10 +132,11 @@ def train_round(st: FedSB, outer: Strategy, rnd: int, arrays: ArrayRecord, confi
             yield from st.transport.stream(st.train_messages(again, config=config), "train")
             st.tally.counts["failed"] += len(st.transport.timed_out)
 
-    return outer.aggregate_train(rnd, replies())
+    # a wrapper that reads the replies more than once (Flower's DP wrappers count them first) gets a list
+    return outer.aggregate_train(rnd, replies() if getattr(outer, "streams_replies", False) else list(replies()))
 
 
-def run(st: FedSB, outer: Strategy, grid: Grid, num_rounds: int, timeout: float | None, train_config: ConfigRecord,
+def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: float | None, train_config: ConfigRecord,
         evaluate_config: ConfigRecord, evaluate_fn) -> Result:
     cfg, t0, result = st.cfg, time.time(), Result()
     if timeout is not None:
@@ -165,7 +167,8 @@ def run(st: FedSB, outer: Strategy, grid: Grid, num_rounds: int, timeout: float 
                 evaluate_fn(rnd, arrays)
             if cfg.federated_evaluate:
                 messages = outer.configure_evaluate(rnd, arrays, evaluate_config, grid)
-                metrics = outer.aggregate_evaluate(rnd, st.transport.stream(messages, "federated-evaluate"))
+                replies = st.transport.stream(messages, "federated-evaluate")
+                metrics = outer.aggregate_evaluate(rnd, replies if getattr(outer, "streams_replies", False) else list(replies))
                 if metrics is not None:
                     result.evaluate_metrics_clientapp[rnd] = metrics
         rundir.checkpoint(rnd)

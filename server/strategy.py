@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedsb.aggregation import robust
 from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_num_examples
 from fedsb.config import FedSBConfig
+from fedsb.methods import method_for
 from fedsb.run.state import RunState
 from fedsb.tasks import Task, get_task
 from fedsb.wire import MESSAGE_CONFIG_DEFAULTS
@@ -45,10 +46,12 @@ def vector_of(record: ArrayRecord) -> np.ndarray:
 class FedSB(Strategy):
     """One federated fine-tuning run of ``cfg.method`` on ``task`` (by default the config's task)."""
 
+    streams_replies = True  # aggregate_train reads its replies once, as they arrive
+
     def __init__(self, cfg: FedSBConfig, task: Task | None = None):
         self.cfg = cfg
         self.task = task or get_task(cfg)  # validates model, data, targets and rank before anything is sent
-        self.method = self.task.method()
+        self.method = method_for(cfg)
         self.model = self.task.base_model()
         self.method.build(self.model, self.task.layer_names)
         self.state = RunState(config=cfg.to_run_config())
