@@ -51,6 +51,16 @@ def test_fedsb_never_imports_flower():
     assert out.stdout.strip() == "[]"
 
 
+def test_importing_fedsb_leaves_the_environment_alone():
+    names = sorted(m.name for m in pkgutil.walk_packages(fedsb.__path__, "fedsb."))
+    code = ("import os\nbefore = dict(os.environ)\n" + "".join(f"import {m}\n" for m in names)
+            + "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"  # offline loading is each load's local_files_only, not a global setting
+
+
 def test_type_checking_imports_count_as_dependencies(tmp_path):
     # the cycle check below would miss a cycle closed by a type-only import if these were skipped
     (tmp_path / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from b import B\n")
