@@ -51,9 +51,9 @@ class DPAccounting(Strategy, PhaseHook):
         self.strategy.summary()
 
     def start(self, grid, initial_arrays=None, num_rounds=None, timeout=None, train_config=None,
-              evaluate_config=None, evaluate_fn=None) -> Result:
+              evaluate_config=None, evaluate_fn=None, outer=None) -> Result:
         return self.strategy.start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
-                                   evaluate_fn, outer=self)
+                                   evaluate_fn, outer=outer or self)
 
     # -- the phase hook ------------------------------------------------------------------------------
     def delta(self) -> float:

@@ -121,14 +121,13 @@ class FedSB(Strategy):
             rd["extra"] = arrays(**extra)
         return rd, basis_bytes
 
-    def train_messages(self, nodes: list[int], mtype: str = MessageType.TRAIN,
-                       config: ConfigRecord | None = None) -> Iterator[Message]:
+    def train_messages(self, nodes: list[int], config: ConfigRecord | None = None) -> Iterator[Message]:
         """Built one at a time as the transport pushes them (each carries its own copy of the vector)."""
         tally = self.tally
         for n in nodes:
             rd, added = self.model_content(n, tally.rnd, tally.global_vec, config)
             tally.basis_bytes += added
-            yield self.metered(Message(rd, dst_node_id=int(n), message_type=mtype))
+            yield self.metered(Message(rd, dst_node_id=int(n), message_type=MessageType.TRAIN))
 
     def metered(self, msg: Message) -> Message:
         """Count a message's bytes as it is built: the metering holds under any loop that sends it."""

@@ -108,3 +108,59 @@ def test_flowers_own_loop_runs_fedsb_wrapped(tiny_bert, sentiment_csv, tmp_path)
     clean, noisy = seen["clean"][1], seen["result"].arrays["adapter"].numpy()
     assert clean.shape == noisy.shape and not np.array_equal(clean, noisy)
     assert seen["result"].train_metrics_clientapp[1]["replies"] == 3
+
+
+def test_secagg_node_restarted_with_empty_cache_gets_the_basis_again(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
+    from server.simulation import simulate
+    from tests.restart_app import RESTARTED, app
+
+    monkeypatch.setenv("FEDSB_CACHE_DIR", str(tmp_path / "cache"))  # Ray workers inherit it
+    cfg = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", **{
+        "secagg": True, "num-server-rounds": 3, "fraction-train": 1.0, "secagg-shares": 3, "secagg-threshold": 2,
+        "min-available-nodes": 3})
+    run_dir = simulate(cfg, 3, client_app=app)
+    train = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["phase"] == "train"}
+    restarted_round = RESTARTED[1]
+    # the restarted node could not take part (SecAgg+ recovered the round without it) ...
+    assert train[restarted_round]["replies"] == 2 and train[restarted_round]["updated"]
+    # ... and was sent the basis before the next round, where it counted again
+    assert train[restarted_round + 1]["replies"] == 3 and train[restarted_round + 1]["basis_resent"] == 1
+    assert train[restarted_round + 1]["bytes_basis"] > 0
+    # the SecAgg+ row is the plain round's row: examples, basis_resent, budget_exhausted, client_seconds
+    for row in train.values():
+        assert row["examples"] > 0 and row["budget_exhausted"] == 0 and row["client_seconds"]
+        assert row["secagg"] is True
+
+
+class FixedAggregate:
+    """A stand-in strategy whose aggregate is given (only what ServerAdam calls)."""
+
+    def __init__(self, aggregates):
+        self.aggregates = list(aggregates)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        return []
+
+    def aggregate_train(self, server_round, replies):
+        return self.aggregates.pop(0), None
+
+
+def test_server_adam_steps_along_the_pseudo_gradient_as_fedadam_does():
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from server.fedopt import ServerAdam
+
+    record = lambda v: ArrayRecord({"adapter": Array(np.asarray(v, np.float32))})  # noqa: E731
+    x0, means = np.array([0.0, 1.0, -2.0]), [np.array([0.5, 1.0, -3.0]), np.array([1.0, 0.5, -3.0])]
+    adam = ServerAdam(FixedAggregate([record(m) for m in means]), eta=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    x, m, v = x0.astype(np.float32), 0.0, 0.0
+    for rnd, mean in enumerate(means, start=1):
+        adam.configure_train(rnd, record(x), ConfigRecord(), None)
+        got = adam.aggregate_train(rnd, [])[0]["adapter"].numpy()
+        d = mean.astype(np.float32) - x  # Reddi et al. / Flower's FedAdam, written out
+        m, v = 0.9 * m + 0.1 * d, 0.99 * v + 0.01 * d**2
+        expected = x + 0.1 * np.sqrt(1 - 0.99 ** (rnd + 1)) / (1 - 0.9 ** (rnd + 1)) * m / (np.sqrt(v) + 1e-3)
+        assert np.allclose(got, expected, rtol=1e-6, atol=1e-7)
+        assert not np.allclose(got, mean)  # a step, not the plain mean
+        x = got
