@@ -1,18 +1,20 @@
-"""One training round's bookkeeping: each reply validated and folded in as it arrives (``RoundTally``),
-and the round's metrics row, built in one place (``train_row``) for the plain and the SecAgg+ round.
+"""A round's bookkeeping: each train reply validated and folded in as it arrives (``RoundTally``), the
+round's metrics row, built in one place (``train_row``) for the plain and the SecAgg+ round, and the
+federated evaluation's example-weighted means (``EvaluateTally``).
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import time
 from typing import Any, Callable
 
 import numpy as np
 from flwr.app import Message
 
 from fedsb.aggregation import robust
-from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_reply
+from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_num_examples, check_reply
 from server.basis import reject
 from server.transport import arrays_of
 
@@ -101,3 +103,30 @@ def train_row(tally: RoundTally, updated: bool, bytes_up: int, bytes_down: int, 
     if tally.short_of:
         row["short_of_nodes"] = tally.short_of
     return row
+
+
+class EvaluateTally:
+    """The clients' local evaluation of one round: valid replies, weighted by their examples."""
+
+    def __init__(self, totals: dict):
+        self.totals, self.t0 = totals, time.time()
+        self.down0, self.up0 = totals["bytes_down"], totals["bytes_up"]
+        self.results: list[tuple[dict, int]] = []
+
+    def add(self, reply: Message) -> None:
+        if reply.has_error() or reply.content.config_records.get("config", {}).get("status") != "ok":
+            return
+        m = dict(reply.content["metrics"])
+        try:
+            self.results.append((m, check_num_examples(m.get("num-examples"))))
+        except InvalidReply as e:
+            reject(reply.metadata.src_node_id, e)
+
+    def row(self) -> dict[str, Any]:
+        results, totals = self.results, self.totals
+        total = sum(n for _, n in results)
+        mean = (lambda k: robust.weighted_scalar_mean([(m[k], n) for m, n in results])
+                if total and all(k in m for m, _ in results) else None)
+        return dict(loss=mean("loss"), accuracy=mean("accuracy"), clients=len(results), examples=total,
+                    bytes_up=totals["bytes_up"] - self.up0, bytes_down=totals["bytes_down"] - self.down0,
+                    seconds=round(time.time() - self.t0, 3))

@@ -18,7 +18,6 @@ so the mean carries at most k·Δ / Σ_i w_i of it (``quantization_error_bound``
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 

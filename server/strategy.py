@@ -14,7 +14,9 @@ byte for byte) into ``aggregate_train`` and sends the basis again, in the same r
 from __future__ import annotations
 
 import logging
+import os
 import time
+import tracemalloc
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -24,19 +26,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedsb.aggregation import robust
-from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_num_examples
+from fedsb.aggregation.validation import ReplySpec
 from fedsb.config import FedSBConfig
 from fedsb.methods import method_for
 from fedsb.run.state import RunState
 from fedsb.tasks import Task, get_task
 from fedsb.wire import MESSAGE_CONFIG_DEFAULTS
-from server.basis import BasisProtocol, reject
+from server.basis import BasisProtocol
 from server.hooks import PhaseHooks
 from server.nodes import Nodes
-from server.rounds import RoundTally, train_row
+from server.rounds import EvaluateTally, RoundTally, train_row
 from server.transport import Transport, arrays, nbytes
 
 log = logging.getLogger("fedsb.server")
+TRACE_MEMORY = os.environ.get("FEDSB_TRACE_MEMORY") == "1"  # bench.scale: the server's peak memory per round
 
 
 def vector_of(record: ArrayRecord) -> np.ndarray:
@@ -138,6 +141,8 @@ class FedSB(Strategy):
         """Initialize on the first call; the global vector into the model; the round's sample. Arrays
         given before the basis existed (Flower's loop passes its ``initial_arrays`` to round 1) are
         replaced by the model's own vector, R0 from the init."""
+        if TRACE_MEMORY:
+            tracemalloc.start() if not tracemalloc.is_tracing() else tracemalloc.reset_peak()
         fresh = not self.initialized
         self.initialize(grid)
         self.connect(grid)
@@ -146,6 +151,7 @@ class FedSB(Strategy):
         tally = self.tally = RoundTally(rnd, global_vec, streaming)
         tally.t0, totals = time.time(), self.state.totals
         tally.down0, tally.up0, tally.basis0 = totals["bytes_down"], totals["bytes_up"], totals["bytes_basis_total"]
+        tally.mem0 = tracemalloc.get_traced_memory()[0] if TRACE_MEMORY else 0
         nodes = self.nodes.connected()
         tally.short_of = self.nodes.short_of(nodes)
         tally.sampled = self.nodes.sample(rnd, nodes)
@@ -228,6 +234,8 @@ class FedSB(Strategy):
         row = train_row(tally, updated, totals["bytes_up"] - tally.up0, totals["bytes_down"] - tally.down0,
                         self.hooks.metrics(), **extra)
         row["seconds"] = round(time.time() - tally.t0, 3)
+        if TRACE_MEMORY:
+            row["server_peak_bytes"] = tracemalloc.get_traced_memory()[1] - tally.mem0
         return self.report(tally.rnd, "train", row)
 
     # -- evaluate -------------------------------------------------------------------------------------
@@ -255,8 +263,7 @@ class FedSB(Strategy):
             return []
         self.connect(grid)
         global_vec = self.set_global(arrays) if self.fits(arrays) else self.method.get_vector(self.model)
-        self.eval_tally = {"t0": time.time(), "down0": self.state.totals["bytes_down"],
-                           "up0": self.state.totals["bytes_up"], "results": []}
+        self.eval_tally = EvaluateTally(self.state.totals)
         nodes = self.nodes.sample(server_round, self.nodes.connected())
         return (self.metered(Message(self.model_content(n, server_round, global_vec, config)[0], dst_node_id=int(n),
                                      message_type=MessageType.EVALUATE)) for n in nodes)
@@ -264,25 +271,10 @@ class FedSB(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.cfg.federated_evaluate:
             return None
-        ev, totals = self.eval_tally, self.state.totals
         for reply in replies:
             self.state.totals["bytes_up"] += 0 if reply.has_error() else nbytes(reply.content)
-            if reply.has_error() or reply.content.config_records.get("config", {}).get("status") != "ok":
-                continue
-            m = dict(reply.content["metrics"])
-            try:
-                ev["results"].append((m, check_num_examples(m.get("num-examples"))))
-            except InvalidReply as e:
-                reject(reply.metadata.src_node_id, e)
-        results = ev["results"]
-        total = sum(n for _, n in results)
-        mean = (lambda k: robust.weighted_scalar_mean([(m[k], n) for m, n in results])
-                if total and all(k in m for m, _ in results) else None)
-        row = self.report(server_round, "federated-evaluate", dict(
-            loss=mean("loss"), accuracy=mean("accuracy"), clients=len(results), examples=total,
-            bytes_up=totals["bytes_up"] - ev["up0"], bytes_down=totals["bytes_down"] - ev["down0"],
-            seconds=round(time.time() - ev["t0"], 3)))
-        return scalar_metrics(row)
+            self.eval_tally.add(reply)
+        return scalar_metrics(self.report(server_round, "federated-evaluate", self.eval_tally.row()))
 
     def summary(self) -> None:
         log.info("\t├──> FedSB settings: method=%s rank=%d aggregation=%s secagg=%s dp=%s", self.cfg.method,

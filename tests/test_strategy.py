@@ -133,6 +133,17 @@ def test_secagg_node_restarted_with_empty_cache_gets_the_basis_again(tiny_bert, 
         assert row["secagg"] is True
 
 
+def test_server_adam_around_fedsb_steps_from_the_exact_mean(tiny_bert, sentiment_csv, tmp_path):
+    from safetensors.torch import load_file
+
+    run_dir, seen = _wrapped(tiny_bert, sentiment_csv, tmp_path / "adam")
+    x0, mean = seen["before"][1].astype(np.float64), seen["clean"][1].astype(np.float64)
+    d = mean - x0  # round 1: m = (1 - β1)·Δ, v = (1 - β2)·Δ²
+    step = 0.05 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2) * (0.1 * d) / (np.sqrt(0.01 * d**2) + 1e-3)
+    final = load_file(str(run_dir / "checkpoint.safetensors"))["global"].numpy()
+    assert np.allclose(final, x0 + step, atol=1e-6) and not np.allclose(final, mean, atol=1e-6)
+
+
 class FixedAggregate:
     """A stand-in strategy whose aggregate is given (only what ServerAdam calls)."""
 

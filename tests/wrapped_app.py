@@ -1,4 +1,5 @@
-"""A ServerApp that wraps ``FedSB`` in Flower's own server-side DP wrapper (tests/test_strategy.py)."""
+"""A ServerApp that wraps ``FedSB`` in Flower's own server-side DP wrapper, or in ``ServerAdam``
+(tests/test_strategy.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClippin
 
 from fedsb.config import FedSBConfig
 from server.dp import CentralDPEpsilon
+from server.fedopt import ServerAdam
 from server.strategy import FedSB
 
 NOISE = 0.5
@@ -17,6 +19,11 @@ SEEN: dict = {}  # what the test reads back: the server app runs in the test's p
 
 class RecordingFedSB(FedSB):
     """Keeps each round's aggregate as FedSB computed it, before the wrapper noises it."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        SEEN.setdefault("before", {})[server_round] = self.tally.global_vec.copy()
+        return messages
 
     def aggregate_train(self, server_round, replies):
         arrays, metrics = super().aggregate_train(server_round, replies)
@@ -31,6 +38,10 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = FedSBConfig.from_run_config(context.run_config)
     fedsb = RecordingFedSB(cfg)
+    if context.run_config["output-dir"].endswith("adam"):  # a server optimizer around FedSB
+        SEEN["wrapper"] = adam = ServerAdam(fedsb, eta=0.05)
+        SEEN["result"] = adam.start(grid=grid)
+        return
     population = cfg.min_available_nodes
     fedsb.hooks.add(CentralDPEpsilon(NOISE, population, population, delta=1e-5))
     dp = DifferentialPrivacyServerSideAdaptiveClipping(fedsb, noise_multiplier=NOISE, num_sampled_clients=population,
