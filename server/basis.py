@@ -1,4 +1,4 @@
-"""The Fed-SB basis protocol (DESIGN.md §2, steps 1-2): compute B, A once, ship them to each node once.
+"""The Fed-SB basis protocol: compute B, A once, ship them to each node once.
 
 ``initialize`` fixes the basis and its fingerprint from the sampled nodes' init gradients (dense, or
 1 bit per entry and a weighted majority vote), from the server's own data, or from a seed; ``attach``
