@@ -234,7 +234,8 @@ class FedSBConfig:
             ranks = self.client_rank_list
             if not method.supports_nested_ranks:
                 able = ", ".join(n for n, c in REGISTRY.items() if c.supports_nested_ranks)
-                raise ConfigError("client-ranks", f"nested ranks are {able}'s (got method={self.method!r}); leave it empty")
+                raise ConfigError("client-ranks", f"nested ranks need a method whose nodes can train a leading block of "
+                                  f"one shared basis, as Fed-SB's do ({able}; got method={self.method!r}); leave it empty")
             if self.secagg or self.aggregation != "mean":
                 raise ConfigError("client-ranks", "clients of different ranks send vectors of different lengths: "
                                   "only aggregation='mean' without secagg combines them; leave it empty")
