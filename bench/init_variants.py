@@ -29,6 +29,7 @@ from client.handlers import train_reply_content
 from fedsb import adapters
 from fedsb.adapters.sb_init import SignVote, accumulate_gradients, compute_bases, random_bases
 from fedsb.config import FedSBConfig
+from fedsb.methods import method_for
 from fedsb.wire import encode_basis, flatten, layer_list_fingerprint, pack_signs, round_basis, unpack_signs
 from fedsb.tasks import get_task
 from server.transport import arrays, nbytes
@@ -104,7 +105,7 @@ def cmd_bytes(args) -> None:
     layers = adapters.inject_sb(model, task.layer_names, cfg.rank)
     shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
     total = sum(m * n for m, n in shapes.values())
-    vec = task.method().get_vector(model)
+    vec = method_for(task.cfg).get_vector(model)
     round_up = nbytes(train_reply_content(vec, {"num-examples": 100, "train-loss": 0.5, "seconds": 1.0}, "f" * 32))
     fp = layer_list_fingerprint(shapes)
 

@@ -22,12 +22,13 @@ PROBE = r"""
 import json, resource, sys, time, torch
 torch.set_num_threads(1)
 from fedsb.config import FedSBConfig
+from fedsb.methods import method_for
 from fedsb.tasks import get_task
 from fedsb.tasks.training import train_steps
 cfg = FedSBConfig(base_dtype=sys.argv[1])
 task = get_task(cfg)
 model = task.base_model()
-task.method().build(model, task.layer_names)
+method_for(task.cfg).build(model, task.layer_names)
 loader = task.loader(task.data.client_dataset(0, 10, cfg), shuffle=True)
 train_steps(model, loader, 2, 1e-3, task.loss_fn, progress=False)
 times = []

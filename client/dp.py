@@ -13,7 +13,7 @@ import numpy as np
 from fedsb.privacy import dp as privacy
 from client.trainers import LocalTrainer
 from fedsb.config import FedSBConfig
-from fedsb.methods import NodeStore
+from fedsb.methods import NodeStore, method_class
 from fedsb.tasks.training import scheduled_lrs
 
 log = logging.getLogger("fedsb.client.dp")
@@ -56,7 +56,7 @@ def noise_multiplier(cfg: FedSBConfig, n_local: int, d: float) -> float:
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     phases = [(min(1.0, cfg.batch_size / n_local), cfg.num_server_rounds * cfg.local_steps)]
-    if cfg.method == "fed-sb" and cfg.init_basis == "gradient" and cfg.init_source == "clients":
+    if method_class(cfg.method).init_spends_privacy and cfg.init_basis == "gradient" and cfg.init_source == "clients":
         # a random basis, or one from the server's own data, spends nothing of the clients' budget
         phases.insert(0, (min(1.0, cfg.init_samples / n_local), 1))
     return privacy.calibrate_noise(cfg.target_epsilon, d, phases, cfg.accountant)

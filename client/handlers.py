@@ -20,7 +20,7 @@ from client.dp import DPTrainer
 from client.trainers import LocalTrainer
 from fedsb import adapters
 from fedsb.config import FedSBConfig
-from fedsb.methods import Download
+from fedsb.methods import Download, method_for
 from fedsb.methods.fed_sb import BasisSeedMismatch
 from fedsb.tasks import Task, get_task
 from fedsb.tasks.training import peak_memory_bytes, reset_peak_memory
@@ -116,7 +116,7 @@ class FedSBClient:
     @staticmethod
     def method_for(cfg: FedSBConfig, task: Task, context: Context, pid: int):
         """The method at this node's own rank (nested ranks: its node-config ``rank`` or client-ranks)."""
-        method = task.method()
+        method = method_for(cfg)
         method.rank = cfg.rank_of_partition(pid, context.node_config.get("rank"))
         return method
 

@@ -10,7 +10,7 @@ from client.handlers import FedSBClient
 from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks import SeqClsTask
 from fedsb.tasks.seq_cls import encode_texts
-from server.driver import FedSBServer
+from server.strategy import FedSB
 
 
 class MyTask(SeqClsTask):
@@ -37,7 +37,8 @@ client_app.evaluate()(fedsb_client.evaluate)
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = FedSBConfig.from_run_config(context.run_config)
-    FedSBServer(grid, cfg, task=MyTask.load(cfg)).run()  # init, rounds, checkpoints, PEFT export
+    strategy = FedSB(cfg, task=MyTask.load(cfg))  # Flower's Strategy: wrap it, or start it as is
+    strategy.start(grid=grid, num_rounds=cfg.num_server_rounds)  # init, rounds, checkpoints, PEFT export
 
 
 if __name__ == "__main__":  # MY_MODEL_DIR=/path/to/hf-model python examples/own_model.py: 3 simulated nodes

@@ -213,9 +213,13 @@ class FedSBConfig:
                 "secagg-threshold",
                 f"got {self.secagg_threshold} > secagg-shares={self.secagg_shares}; it must not exceed the shares",
             )
-        if self.secagg and self.method in ("fedex-lora", "flora"):
+        from fedsb.methods import REGISTRY  # here, not at the top: the config module loads without torch
+
+        method = REGISTRY[self.method]
+        if self.secagg and not method.supports_secagg:
+            able = ", ".join(n for n, c in REGISTRY.items() if c.supports_secagg)
             raise ConfigError("secagg", f"cannot be combined with method={self.method!r}: it needs each client's own "
-                              "A_i and B_i, which secure aggregation hides; use fed-sb, fedit or ffa-lora")
+                              f"A_i and B_i, which secure aggregation hides; use {able}")
         if self.secagg and self.aggregation != "mean":
             raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
         if self.secagg and self.max_update_norm > 0:
@@ -235,8 +239,10 @@ class FedSBConfig:
                                   "or install a CUDA build of torch on a machine with a GPU")
         if self.client_ranks.strip():
             ranks = self.client_rank_list
-            if self.method != "fed-sb":
-                raise ConfigError("client-ranks", f"nested ranks are Fed-SB's (got method={self.method!r}); leave it empty")
+            if not method.supports_nested_ranks:
+                able = ", ".join(n for n, c in REGISTRY.items() if c.supports_nested_ranks)
+                raise ConfigError("client-ranks", f"nested ranks need a method whose nodes can train a leading block of "
+                                  f"one shared basis, as Fed-SB's do ({able}; got method={self.method!r}); leave it empty")
             if self.secagg or self.aggregation != "mean":
                 raise ConfigError("client-ranks", "clients of different ranks send vectors of different lengths: "
                                   "only aggregation='mean' without secagg combines them; leave it empty")
@@ -250,8 +256,9 @@ class FedSBConfig:
                               "set init-source='server' or leave init-dataset empty")
         if self.init_source == "server" and self.init_basis == "random":
             raise ConfigError("init-source", "a random basis uses no init gradient; leave init-source='clients'")
-        if self.method != "fed-sb" and self.init_basis != "gradient":
-            raise ConfigError("init-basis", f"only applies to method=fed-sb (got method={self.method!r}); leave it at 'gradient'")
+        if not method.needs_basis and self.init_basis != "gradient":
+            able = ", ".join(n for n, c in REGISTRY.items() if c.needs_basis)
+            raise ConfigError("init-basis", f"only applies to method={able} (got method={self.method!r}); leave it at 'gradient'")
 
     @property
     def client_rank_list(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""The Fed-SB basis protocol, before round 1: compute B, A once, ship them to each node once.
+"""The Fed-SB basis protocol: compute B, A once, ship them to each node once.
 
 ``initialize`` fixes the basis and its fingerprint from the sampled nodes' init gradients (dense, or
 1 bit per entry and a weighted majority vote), from the server's own data, or from a seed; ``attach``
@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -23,75 +21,77 @@ from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_reply
 from fedsb.run.export import head_state
 from fedsb.wire import (MESSAGE_CONFIG_DEFAULTS, basis_fingerprint, basis_tensors, encode_basis, flatten,
                         layer_list_fingerprint, layers_fingerprint, round_basis, unflatten_into, unpack_signs)
-from server.transport import arrays, arrays_of, nbytes
-
-if TYPE_CHECKING:
-    from server.driver import FedSBServer
+from fedsb.config import FedSBConfig
+from fedsb.run.state import RunState
+from server.hooks import PhaseHooks
+from server.nodes import Nodes
+from server.transport import Transport, arrays, arrays_of, nbytes
 
 log = logging.getLogger("fedsb.server")
 
 
 class BasisProtocol:
-    def __init__(self, server: "FedSBServer"):
-        self.server = server
-        self.state = server.state  # fingerprint, basis vector and holders live in the run state
+    def __init__(self, cfg: FedSBConfig, task, model, state: RunState, transport: Transport, nodes: Nodes,
+                 hooks: PhaseHooks):
+        self.cfg, self.task, self.model, self.transport, self.nodes, self.hooks = cfg, task, model, transport, nodes, hooks
+        self.state = state  # fingerprint, basis vector and holders live in the run state
+        self.client_peak_memory = None
         self.full_matrices: set[int] = set()  # nodes whose regenerated random basis did not match
         self.fingerprints: dict[int, str] = {}  # nested rank k -> fingerprint of the leading rank-k basis
 
     # -- step 1: the basis --------------------------------------------------------------------
-    def initialize(self, nodes: list[int]) -> None:
+    def initialize(self, nodes: list[int]) -> dict:
         """Fix B, A, R0: from the clients' init gradients (dense sums, or their signs and a weighted
-        majority vote), from the server's own data, or from a seed (init-basis=random)."""
-        srv, cfg, t0 = self.server, self.server.cfg, time.time()
-        names = srv.task.layer_names
-        layers = {n: srv.model.get_submodule(n) for n in names}  # the SB layers the method put there
+        majority vote), from the server's own data, or from a seed (init-basis=random). Returns the
+        init row of the run's metrics."""
+        cfg, t0 = self.cfg, time.time()
+        names = self.task.layer_names
+        layers = {n: self.model.get_submodule(n) for n in names}  # the SB layers the method put there
         shapes = {n: (l.out_features, l.in_features) for n, l in layers.items()}
         row = {"init_upload": cfg.init_upload, "init_source": cfg.init_source, "basis_dtype": cfg.basis_dtype}
         if cfg.init_basis == "random":  # no query: nothing about the clients' data goes into the basis
             self.install(random_bases(shapes, cfg.rank, cfg.seed))
-            srv.rec.log(0, "init", clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
+            return dict(clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
                         fingerprint=self.state.fingerprint, init_basis="random", **dict(row, init_upload="none"))
-            return
         if cfg.init_source == "server":  # the server's own data: no client uploads, no privacy spent
             grads, count = self.server_gradient(names)
             self.install(self.bases(grads, count))
-            srv.rec.log(0, "init", clients=0, bytes_up=0, bytes_down=0, examples=count,
+            return dict(clients=0, bytes_up=0, bytes_down=0, examples=count,
                         seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint,
                         **dict(row, init_upload="none"))
-            return
         grads, count, asked, rejected, down = self.client_gradients(nodes, names, shapes)
         self.install(self.bases(grads, count))
-        srv.rec.log(0, "init", clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
+        return dict(clients=len(asked), accepted=len(asked) - len(rejected), rejected=rejected,
                     bytes_up=self.state.totals["bytes_init_total"], bytes_down=down, examples=count,
                     seconds=round(time.time() - t0, 3), fingerprint=self.state.fingerprint,
                     client_peak_memory_bytes=self.client_peak_memory, **row)
 
     def bases(self, grads: dict, count: int) -> dict:
-        cfg = self.server.cfg
+        cfg = self.cfg
         return compute_bases(grads, count, cfg.rank, scale=cfg.scale, update=cfg.init_update, lr=cfg.init_lr,
                              svd=cfg.init_svd, seed=cfg.seed)
 
     def server_gradient(self, names: list[str]) -> tuple[dict, int]:
-        srv = self.server
-        model = srv.task.base_model()  # plain layers: the gradient of W0 itself
-        data = srv.task.server_dataset()
-        loader = srv.task.loader(data.subset(np.arange(min(len(data), srv.cfg.init_server_samples))), shuffle=False)
-        sums, count = accumulate_gradients(model, names, loader, srv.task.loss_fn)
+        task = self.task
+        model = task.base_model()  # plain layers: the gradient of W0 itself
+        data = task.server_dataset()
+        loader = task.loader(data.subset(np.arange(min(len(data), self.cfg.init_server_samples))), shuffle=False)
+        sums, count = accumulate_gradients(model, names, loader, task.loss_fn)
         return {n: sums[n].double() for n in names}, count
 
     def client_gradients(self, nodes: list[int], names: list[str], shapes: dict):
         """Ask the sampled nodes for their init gradients and fold each valid reply in as it arrives."""
-        srv, cfg = self.server, self.server.cfg
-        nodes = srv.ordered(nodes)
+        cfg = self.cfg
+        nodes = self.nodes.ordered(nodes)
         k = max(1, math.ceil(cfg.init_fraction * len(nodes)))
         rng = np.random.default_rng(cfg.seed)
         asked = [nodes[int(i)] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
-        head = arrays(head=flatten(head_state(srv.model)))
+        head = arrays(head=flatten(head_state(self.model)))
         layers_fp = layer_list_fingerprint(shapes)
 
         def content_for(node: int) -> RecordDict:
             config = {"mode": "fed-sb-init", "layers": names, "upload": cfg.init_upload, "layers-fingerprint": layers_fp,
-                      "dp-delta": MESSAGE_CONFIG_DEFAULTS["dp-delta"], **srv.hook_config(node)}
+                      "dp-delta": MESSAGE_CONFIG_DEFAULTS["dp-delta"], **self.hooks.config(node)}
             return RecordDict({"config": ConfigRecord(config), "head": head})
 
         total = sum(m * n for m, n in shapes.values())
@@ -124,10 +124,10 @@ class BasisProtocol:
                 grad_sum[:] += vec
             count += got
             peak[0] = max(peak[0], int(reply.content["metrics"].get("peak-memory-bytes", 0)))
-            srv.observe(node, reply)
+            self.hooks.observe(node, reply)
             totals["bytes_init_total"] += up
 
-        srv.transport.send(asked, MessageType.QUERY, content_for, "init", on_reply)
+        self.transport.send(asked, MessageType.QUERY, content_for, "init", on_reply)
         if count == 0:
             raise RuntimeError(f"no valid initialization gradients (rejected: {rejected})")
         flat = vote.result() if sign else grad_sum
@@ -140,39 +140,39 @@ class BasisProtocol:
 
     def install(self, bases: dict) -> None:
         for b in bases.values():  # what the clients will hold after the broadcast in basis-dtype
-            b.B, b.A = round_basis(b.B, self.server.cfg.basis_dtype), round_basis(b.A, self.server.cfg.basis_dtype)
-        apply_bases(adapters.adapter_layers(self.server.model), bases)
+            b.B, b.A = round_basis(b.B, self.cfg.basis_dtype), round_basis(b.A, self.cfg.basis_dtype)
+        apply_bases(adapters.adapter_layers(self.model), bases)
         self.refresh()
 
     def restore(self, vec: np.ndarray, fingerprint: str) -> None:
-        unflatten_into(basis_tensors(adapters.adapter_layers(self.server.model)), vec)
+        unflatten_into(basis_tensors(adapters.adapter_layers(self.model)), vec)
         self.refresh()
         if self.state.fingerprint != fingerprint:
             raise RuntimeError("checkpoint basis does not reproduce its fingerprint: the file is corrupt")
 
     def refresh(self) -> None:
-        layers = adapters.adapter_layers(self.server.model)
+        layers = adapters.adapter_layers(self.model)
         self.state.basis = flatten(basis_tensors(layers))
-        self.state.fingerprint = layers_fingerprint(self.server.task.model_path, self.server.cfg.rank, layers)
-        self.fingerprints = {self.server.cfg.rank: self.state.fingerprint}
+        self.state.fingerprint = layers_fingerprint(self.task.model_path, self.cfg.rank, layers)
+        self.fingerprints = {self.cfg.rank: self.state.fingerprint}
 
     def fingerprint_for(self, node: int) -> str:
         """The fingerprint of the basis ``node`` holds: the leading rank-k block for a node of nested rank k."""
-        k = self.server.node_rank(node)
+        k = self.nodes.rank(node)
         if k not in self.fingerprints:
-            tensors = basis_tensors(adapters.adapter_layers(self.server.model), k)
+            tensors = basis_tensors(adapters.adapter_layers(self.model), k)
             pairs = {n[: -len(".B")]: (tensors[n], tensors[n[: -len(".B")] + ".A"]) for n in tensors if n.endswith(".B")}
-            self.fingerprints[k] = basis_fingerprint(self.server.task.model_path, k, pairs)
+            self.fingerprints[k] = basis_fingerprint(self.task.model_path, k, pairs)
         return self.fingerprints[k]
 
     # -- step 2: the one-time broadcast ---------------------------------------------------------
     def record(self, node: int = -1) -> RecordDict:
         """The basis as a node receives it: a random basis as its seed (every node regenerates the same
         B, A and proves it with the fingerprint), unless that node failed to; else the matrices."""
-        cfg = self.server.cfg
+        cfg = self.cfg
         if cfg.init_basis == "random" and node not in self.full_matrices:
             return RecordDict({"basis": arrays(basis_seed=np.array([cfg.seed], dtype=np.int64))})
-        tensors = basis_tensors(adapters.adapter_layers(self.server.model), self.server.node_rank(node))
+        tensors = basis_tensors(adapters.adapter_layers(self.model), self.nodes.rank(node))
         return RecordDict({"basis": arrays(**encode_basis(tensors, cfg.basis_dtype))})
 
     def attach(self, node: int, content: RecordDict) -> int:

@@ -1,8 +1,8 @@
 """A round under SecAgg+ (Flower's legacy ``SecAggPlusWorkflow``): the server learns only the weighted
 mean of the clients' flat R (+ head) vectors, never one client's vector.
 
-``SecAggTrainRound`` is ``TrainRound`` with another way of gathering and summing the replies; the
-sampling, the basis, the config, the round hooks (DP accounting) and the record are the same.
+``SecAggFedSB`` is ``FedSB`` with another way of gathering and summing the replies; the sampling,
+the basis, the config, the phase hooks (DP accounting) and the metrics row are the same.
 
 Flower's SecAgg+ lives in the legacy stack, so this wraps one round in a ``LegacyContext`` whose
 strategy samples exactly the nodes the fedsb server chose. Weighting survives natively: each client
@@ -18,17 +18,19 @@ so the mean carries at most k·Δ / Σ_i w_i of it (``quantization_error_bound``
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 
 from fedsb.aggregation import robust
 from fedsb.config import FedSBConfig
 from fedsb.wire import from_legacy_scalars, to_legacy_scalars
-from server.rounds import TrainRound, message_config
+from server.strategy import FedSB, scalar_metrics
 
 log = logging.getLogger("fedsb.server.secagg")
 
@@ -58,7 +60,7 @@ class SecAggResult:
 
 def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec: np.ndarray,
                  config_for: Callable[[int], dict], max_weight: float,
-                 on_metrics: Callable[[int, dict], None] = lambda node, m: None) -> SecAggResult:
+                 on_metrics: Callable[[int, dict, int], None] = lambda node, m, n: None) -> SecAggResult:
     from flwr.app import ConfigRecord, Context, RecordDict
     from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
@@ -81,7 +83,7 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
         def aggregate_fit(self, server_round, results, failures):
             info["results"], info["failures"] = len(results), len(failures)
             for proxy, res in results:
-                on_metrics(int(proxy.node_id), from_legacy_scalars(res.metrics))
+                on_metrics(int(proxy.node_id), from_legacy_scalars(res.metrics), int(res.num_examples))
                 seen.append(parameters_to_ndarrays(res.parameters)[0])
                 info["fingerprints"].add(str(res.metrics.get("fingerprint", "")))
             losses = [(float(r.metrics["train-loss"]), r.num_examples) for _, r in results if "train-loss" in r.metrics]
@@ -114,56 +116,80 @@ def secagg_round(grid, cfg: FedSBConfig, rnd: int, nodes: list[int], global_vec:
     return SecAggResult(out, len(nodes), info["results"], info["failures"], info["loss"], info["fingerprints"], only)
 
 
-class SecAggTrainRound(TrainRound):
-    """The train round whose aggregate is computed by SecAgg+."""
+class SecAggFedSB(FedSB):
+    """``FedSB`` whose replies are gathered and summed by SecAgg+: the basis goes first, in a plain query,
+    to the sampled nodes that lack it; the round's messages are the workflow's own."""
 
-    def run(self) -> None:
-        srv, cfg, rnd = self.server, self.cfg, self.rnd
-        global_vec = srv.method.get_vector(srv.model)
-        sampled = self.sampled = srv.sample(rnd)
-        if srv.basis is not None:  # SecAgg+ messages carry only FitIns: the basis goes first, in a plain query
-            lacking = [n for n in sampled if n not in srv.state.basis_holders]
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resend_due: set[int] = set()  # nodes that did not deliver: the basis again before their next round
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        tally = self.begin_round(server_round, arrays, grid)
+        if self.basis is not None:  # SecAgg+ messages carry only FitIns: the basis goes first, in a plain query
+            lacking = [n for n in tally.sampled if n not in self.state.basis_holders]
+            tally.counts["basis_resent"] = len(self.resend_due.intersection(lacking))
+            self.resend_due.difference_update(lacking)
 
             def basis_content(node: int) -> RecordDict:
-                rd = RecordDict({"config": ConfigRecord({"mode": "basis", "fingerprint": srv.state.fingerprint})})
-                self.basis_bytes += srv.basis.attach(node, rd)
+                rd = RecordDict({"config": ConfigRecord({"mode": "basis", "fingerprint": self.state.fingerprint})})
+                tally.basis_bytes += self.basis.attach(node, rd)
                 return rd
 
             def on_basis(node: int, reply: Message, up: int) -> None:
                 if reply.has_error():
-                    srv.basis.forget([node])
+                    self.basis.forget([node])
 
-            srv.transport.send(lacking, MessageType.QUERY, basis_content, "basis", on_basis)
+            self.transport.send(lacking, MessageType.QUERY, basis_content, "basis", on_basis)
+        self.round_config = config
+        return []  # the SecAgg+ workflow sends the round's messages itself (aggregate_train)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        tally, cfg = self.tally, self.cfg
+        delivered: set[int] = set()
 
         def config_for(node: int) -> dict:
-            c = message_config(srv, node, rnd)
+            c = {**dict(self.round_config), **self.message_config(node, server_round)}
             if not c["dp-history"]:  # legacy config carries only scalars: a history only where DP has one
                 del c["dp-history"]
             return c
 
-        max_weight = float(max([srv.examples_of.get(n, 1) for n in sampled] + [1]))
-        res = secagg_round(srv.transport.metered_grid(), cfg, rnd, sampled, global_vec, config_for, max_weight,
-                           on_metrics=lambda node, m: [h.observe(node, m) for h in srv.hooks])
-        self.totals["bytes_basis_total"] += self.basis_bytes
+        def on_metrics(node: int, metrics: dict, num_examples: int) -> None:
+            delivered.add(node)
+            self.hooks.observe_metrics(node, metrics)
+            tally.weights.append(float(num_examples))
+            tally.peak_memory = max(tally.peak_memory, int(metrics.get("peak-memory-bytes", 0)))
+            tally.timings.append({k: float(v) for k, v in metrics.items() if k.startswith("time-") or k == "seconds"})
+            if "train-loss" in metrics:
+                tally.losses.append((float(metrics["train-loss"]), num_examples))
+
+        max_weight = float(max([self.nodes.examples_of.get(n, 1) for n in tally.sampled] + [1]))
+        res = secagg_round(self.transport.metered_grid(), cfg, server_round, tally.sampled, tally.global_vec,
+                           config_for, max_weight, on_metrics=on_metrics)
+        # A node that restarted with an empty basis cache cannot take part (it fails the round): whoever did
+        # not deliver is sent the basis again before its next SecAgg+ round, as a plain round's need-basis does.
+        missing = [n for n in tally.sampled if n not in delivered]
+        if self.basis is not None and missing:
+            self.forget_nodes(missing)
+            self.resend_due.update(missing)
         problems = []
-        if srv.basis is not None and res.fingerprints - {srv.state.fingerprint}:
-            problems.append(f"basis fingerprints {sorted(res.fingerprints)} != {srv.state.fingerprint}")
+        if self.basis is not None and res.fingerprints - {self.state.fingerprint}:
+            problems.append(f"basis fingerprints {sorted(res.fingerprints)} != {self.state.fingerprint}")
         if res.aggregate is not None and not np.isfinite(res.aggregate).all():
             problems.append("non-finite secure aggregate")
         updated = res.aggregate is not None and res.results >= cfg.min_train_nodes and not problems
         if updated:
-            srv.method.set_vector(srv.model, res.aggregate)
-            srv.method.after_round(srv.model, rnd)
+            self.method.set_vector(self.model, res.aggregate)
+            self.method.after_round(self.model, server_round)
         else:
             # A single bad contribution cannot be removed from a secure sum: the round is dropped whole.
-            log.warning("round %d: secure aggregate not applied (%d results, %s)", rnd, res.results, problems)
-        up = self.totals["bytes_up"] - self.up0
-        srv.state.up_per_client_round.extend([up / max(1, res.results)] * res.results)
-        srv.rec.log(
-            rnd, "train", loss=res.train_loss, clients=len(sampled), replies=res.results, failed=res.failures,
-            dropouts_recovered=(len(sampled) - res.results) if updated else 0, updated=updated,
-            rejected=[{"node": None, "reason": "secagg", "detail": p} for p in problems], rejected_count=len(problems),
-            secagg=True, strategy_saw_only_aggregate=res.saw_only_aggregate,
-            bytes_up=up, bytes_down=self.totals["bytes_down"] - self.down0, bytes_basis=self.basis_bytes,
-            bytes_up_per_client=up / max(1, res.results), seconds=round(time.time() - self.t0, 3), **srv.hook_metrics(),
-        )
+            log.warning("round %d: secure aggregate not applied (%d results, %s)", server_round, res.results, problems)
+        up = self.state.totals["bytes_up"] - tally.up0
+        tally.up_sizes = [up / res.results] * res.results if res.results else []
+        tally.counts["failed"] = res.failures
+        tally.rejected = [{"node": None, "reason": "secagg", "detail": p} for p in problems]
+        row = self.finish_round(updated, dropouts_recovered=(len(tally.sampled) - res.results) if updated else 0,
+                                secagg=True, strategy_saw_only_aggregate=res.saw_only_aggregate)
+        return (self.global_arrays() if updated else None), scalar_metrics(row)

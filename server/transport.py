@@ -7,7 +7,9 @@ moves messages and counts what crossed the wire (``totals``: bytes_up, bytes_dow
 from __future__ import annotations
 
 import logging
+import itertools
 import time
+from collections.abc import Iterable, Iterator
 from typing import Callable
 
 import numpy as np
@@ -45,32 +47,47 @@ class Transport:
 
     def send(self, nodes: list[int], mtype: str, content_for: Callable[[int], RecordDict], phase: str,
              on_reply: OnReply) -> list[int]:
-        """Push one message per node, then hand each reply to ``on_reply(node, reply, bytes_up)`` as it
-        arrives (and let it go), until all replied or the timeout passed; returns the nodes that timed out.
-        Flower's send_and_receive would hold every reply at once and, in deployment, poll only every 3 s."""
-        pending: dict[str, int] = {}
-        # built and pushed a chunk at a time: every message carries its own copy of the global vector, so
-        # building all of them first would hold (number of nodes) copies in this process at once
-        for i in range(0, len(nodes), PUSH_CHUNK):
-            chunk, msgs = nodes[i : i + PUSH_CHUNK], []
-            for n in chunk:
+        """Push one message per node, metered, then hand each reply to ``on_reply(node, reply, bytes_up)``
+        as it arrives (and let it go), until all replied or the timeout passed; returns the nodes that
+        timed out."""
+        def messages():
+            for n in nodes:
                 content = content_for(n)
                 self.totals["bytes_down"] += nbytes(content)
-                msgs.append(Message(content, dst_node_id=int(n), message_type=mtype))
-            pending.update((mid, int(n)) for mid, n in zip(self.grid.push_messages(msgs), chunk))
-            del msgs
+                yield Message(content, dst_node_id=int(n), message_type=mtype)
+
+        for node, reply in self.pairs(messages(), phase):
+            up = 0 if reply.has_error() else nbytes(reply.content)
+            self.totals["bytes_up"] += up
+            on_reply(node, reply, up)
+        return self.timed_out
+
+    def stream(self, messages: Iterable[Message], phase: str) -> Iterator[Message]:
+        """Push the messages, then yield each reply as it arrives, until all replied or the timeout passed
+        (``timed_out`` then lists the nodes that did not). Flower's send_and_receive would hold every
+        reply at once and, in deployment, poll only every 3 s. Not metered: who builds and reads the
+        messages counts their bytes."""
+        return (reply for _, reply in self.pairs(messages, phase))
+
+    def pairs(self, messages: Iterable[Message], phase: str) -> Iterator[tuple[int, Message]]:
+        """(the node a message went to, its reply), as replies arrive."""
+        pending: dict[str, int] = {}
+        self.timed_out: list[int] = []
+        # built and pushed a chunk at a time: every message carries its own copy of the global vector, so
+        # building all of them first would hold (number of nodes) copies in this process at once
+        it = iter(messages)
+        while chunk := list(itertools.islice(it, PUSH_CHUNK)):
+            pending.update((mid, m.metadata.dst_node_id) for mid, m in zip(self.grid.push_messages(chunk), chunk))
+            del chunk
         deadline = time.time() + self.timeout
         while pending and time.time() < deadline:
             for reply in self.grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-                up = 0 if reply.has_error() else nbytes(reply.content)
-                self.totals["bytes_up"] += up
-                on_reply(node, reply, up)
+                yield pending.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply
             if pending:
                 time.sleep(POLL_SECONDS)
         for node in pending.values():
             log.warning("%s: node %d did not reply within %.0fs", phase, node, self.timeout)
-        return list(pending.values())
+        self.timed_out = list(pending.values())
 
     def metered_grid(self) -> "MeteredGrid":
         return MeteredGrid(self.grid, self.totals)

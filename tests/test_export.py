@@ -7,7 +7,7 @@ import torch
 
 from fedsb import adapters
 from fedsb.run.export import export_merged, export_peft, load_fedsb_adapter, save_fedsb_adapter
-from fedsb.methods import FedSB
+from fedsb.methods import FedSB, method_for
 from fedsb.tasks.models import load_base_model
 
 
@@ -72,14 +72,14 @@ METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
 def _server_final_model(task, rounds=2, clients=3):
     """A server's final state without Flower: each round the clients train copies of the global model on
     their partitions, and the server aggregates, sets the vector and runs ``after_round`` in the order
-    ``server.rounds.TrainRound`` does (FLoRA folds its stacks and FedEx-LoRA its residual into W0 here)."""
+    ``server.strategy.FedSB.aggregate_train`` does (FLoRA folds its stacks and FedEx-LoRA its residual into W0 here)."""
     import copy
 
     from fedsb.adapters import sb_init
     from fedsb.aggregation import robust
     from fedsb.tasks.training import train_steps
 
-    method, model = task.method(), task.base_model()
+    method, model = method_for(task.cfg), task.base_model()
     layers = method.build(model, task.layer_names)
     if method.needs_basis:  # Fed-SB: a seeded basis (the basis protocol is the server's, not under test here)
         sb_init.apply_bases(layers, sb_init.random_bases({n: (l.out_features, l.in_features) for n, l in layers.items()},
@@ -112,7 +112,7 @@ def test_run_export_loads_in_plain_peft_with_the_servers_accuracy(tiny_bert, sen
     task = get_task(FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, tmp_path, method=name)))
     method, model = _server_final_model(task)
     loader = task.loader(task.data.test_dataset(task.cfg.eval_max_samples), shuffle=False, batch_size=64)
-    server = task.server_evaluate(model, loader)  # what FedSBServer.evaluate logs as the final accuracy
+    server = task.server_evaluate(model, loader)  # what FedSB.evaluate logs as the final accuracy
     export_run(tmp_path / "adapter", model, method, task, {"method": name})
 
     base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=task.data.num_labels)

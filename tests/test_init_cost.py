@@ -99,12 +99,12 @@ def test_regenerated_random_basis_matches_the_servers_bit_for_bit(tiny_bert, sen
     from fedsb.config import FedSBConfig
     from fedsb.methods.fed_sb import BasisSeedMismatch, regenerate_random_basis
     from fedsb.tasks import get_task
-    from server.driver import FedSBServer
+    from server.strategy import FedSB
 
     for dtype in ("float32", "int8"):
         cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / dtype, **{
             "init-basis": "random", "basis-dtype": dtype}))
-        server = FedSBServer(None, cfg)
+        server = FedSB(cfg)
         assert list(server.task.layer_names) != [n for n, _ in server.model.named_modules()
                                                  if n in set(server.task.layer_names)]
         server.basis.initialize([])

@@ -29,14 +29,11 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
-    """Project modules imported anywhere in ``path`` (function level too), except under TYPE_CHECKING."""
+    """Project modules imported anywhere in ``path``: function level and under TYPE_CHECKING too (a
+    type-only import that closes a cycle is the same dependency, hidden from the interpreter)."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-            and "TYPE_CHECKING" in ast.unparse(node.test) for n in ast.walk(node)}
     found = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in modules)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -53,6 +50,22 @@ def test_fedsb_never_imports_flower():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_importing_fedsb_leaves_the_environment_alone():
+    names = sorted(m.name for m in pkgutil.walk_packages(fedsb.__path__, "fedsb."))
+    code = ("import os\nbefore = dict(os.environ)\n" + "".join(f"import {m}\n" for m in names)
+            + "print(sorted(set(os.environ.items()) ^ set(before.items())))")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"  # offline loading is each load's local_files_only, not a global setting
+
+
+def test_type_checking_imports_count_as_dependencies(tmp_path):
+    # the cycle check below would miss a cycle closed by a type-only import if these were skipped
+    (tmp_path / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from b import B\n")
+    assert _imports(tmp_path / "a.py", {"b": tmp_path / "b.py"}) == {"b"}
 
 
 def test_no_import_cycles():

@@ -4,7 +4,6 @@ grow with the records; a resumed run reads the history back, without the rounds 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -15,12 +14,12 @@ from tests.conftest import tiny_run_config
 
 
 def _server(tiny_bert, sentiment_csv, out, **extra):
-    from server.driver import FedSBServer
+    """The run directory of a FedSB strategy, without a grid: checkpoint and restore never reach the nodes."""
+    from server.run_dir import RunDirectory
+    from server.strategy import FedSB
 
     cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, out, method="fedit", **extra))
-    server = FedSBServer(None, cfg)  # no grid: checkpoint and restore never reach the nodes
-    server.t0 = time.time()  # what run() sets: the clock the checkpoint's seconds count from
-    return server
+    return RunDirectory(FedSB(cfg))
 
 
 def test_checkpoint_size_does_not_grow_with_the_records(tiny_bert, sentiment_csv, tmp_path):
@@ -49,8 +48,7 @@ def test_resume_reads_the_history_back_without_the_rounds_after_the_checkpoint(t
     with open(run / METRICS, "a") as fh:
         fh.write('{"round": 2, "phase": "evalu')  # and a line cut short by the crash
     resumed = _server(tiny_bert, sentiment_csv, run, resume=True)
-    resumed.restore()
-    assert resumed.start_round == 2
+    assert resumed.restore() == 2
     assert (run / METRICS).read_text() == kept  # rounds 0-1 as written, round 2 gone: it will run again
     assert resumed.rec.records == [json.loads(l) for l in kept.splitlines()]
     resumed.rec.log(2, "train", loss=0.25)

@@ -14,23 +14,32 @@ wire format costs ≈ 4 bytes per number whatever the number of layers.
 
 from __future__ import annotations
 
-from fedsb.methods.base import Download, Method, NodeStore
+from fedsb.methods.base import Download, Method, ModelSource, NodeStore
 from fedsb.methods.fed_sb import FedSB
 from fedsb.methods.fedex_lora import FedExLoRA, apply_weight_delta
 from fedsb.methods.flora import FLoRA, fold_stacks
 from fedsb.methods.lora import FedIT, FFALoRA
 
-# name -> (class, whether its scale is s (fed-sb) or alpha / r (LoRA methods))
 REGISTRY: dict[str, type[Method]] = {"fed-sb": FedSB, "fedit": FedIT, "ffa-lora": FFALoRA,
                                      "fedex-lora": FedExLoRA, "flora": FLoRA}
 
 
-def make_method(name: str, rank: int, scale: float, lora_alpha: float, seed: int) -> Method:
+def method_class(name: str) -> type[Method]:
     cls = REGISTRY.get(name)
     if cls is None:
         raise ValueError(f"unknown method {name!r}; one of {', '.join(REGISTRY)}")
-    return cls(name, rank, scale if cls is FedSB else lora_alpha / rank, seed=seed)
+    return cls
 
 
-__all__ = ["Method", "Download", "NodeStore", "FedSB", "FedIT", "FFALoRA", "FedExLoRA", "FLoRA", "REGISTRY",
+def make_method(name: str, rank: int, scale: float, lora_alpha: float, seed: int) -> Method:
+    cls = method_class(name)
+    return cls(name, rank, cls.scale_for(scale, lora_alpha, rank), seed=seed)
+
+
+def method_for(cfg) -> Method:
+    """The run config's method (``cfg``: a ``FedSBConfig``)."""
+    return make_method(cfg.method, cfg.rank, cfg.scale, cfg.lora_alpha, cfg.seed)
+
+
+__all__ = ["Method", "Download", "ModelSource", "NodeStore", "method_class", "method_for", "FedSB", "FedIT", "FFALoRA", "FedExLoRA", "FLoRA", "REGISTRY",
            "make_method", "apply_weight_delta", "fold_stacks"]

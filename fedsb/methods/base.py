@@ -7,7 +7,7 @@ A new method is one file in this folder with a subclass, registered in ``fedsb/m
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -16,10 +16,18 @@ from torch import nn
 from fedsb import adapters
 from fedsb.wire import flatten, unflatten_into
 
-if TYPE_CHECKING:
-    from fedsb.tasks.base import Task
-
 Combine = Callable[[list[np.ndarray], list[float]], np.ndarray]
+
+
+class ModelSource(Protocol):
+    """What a method needs to build a client's model: the base model, the layers to adapt, the model id
+    the basis fingerprint names, and the run config (``fedsb.tasks.Task`` is one; methods never import tasks)."""
+
+    cfg: Any
+    model_path: str
+    layer_names: list[str]
+
+    def base_model(self) -> nn.Module: ...
 
 
 class NodeStore(Protocol):
@@ -50,11 +58,18 @@ class Method:
     rank: int
     scale: float  # s for fed-sb; alpha / r for the LoRA methods
     seed: int = 0
+    # What the method can do, asked by config validation and the apps (never the method's name):
     streamable = True  # the aggregate is a running weighted mean of the vectors (no per-client state)
     needs_basis = False  # the server runs the basis protocol (init + one-time broadcast) before round 1
-    # the server changes the frozen base weights during the run (folds updates into W0): the adapter alone,
-    # on the original base, is then not the server's model, and the export must carry the base's change too
-    modifies_base = False
+    supports_secagg = True  # the server needs only the (weighted) sum of the vectors, not each client's own
+    supports_nested_ranks = False  # a node may train a leading block of the global vector (block_index)
+    init_spends_privacy = False  # the init query reads the clients' data (under dp, it spends budget)
+    modifies_base = False  # the server folds updates into W0 (exports then carry the changed base weights)
+
+    @classmethod
+    def scale_for(cls, scale: float, lora_alpha: float, rank: int) -> float:
+        """The adapter scale from the config: LoRA's alpha / r (Fed-SB: its own s)."""
+        return lora_alpha / rank
 
     # -- model side (client and server) --------------------------------------------------------
     def build(self, model: nn.Module, layer_names: list[str], round_idx: int = 0) -> dict[str, nn.Module]:
@@ -110,7 +125,7 @@ class Method:
         pass
 
     # -- client side ---------------------------------------------------------------------------
-    def client_model(self, task: "Task", download: Download, store: NodeStore) -> nn.Module | None:
+    def client_model(self, task: ModelSource, download: Download, store: NodeStore) -> nn.Module | None:
         """The adapted model a client trains this round, or None when the node lacks state the server
         must send again (it then answers ``need-basis``)."""
         model = task.base_model()

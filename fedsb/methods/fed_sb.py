@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import numpy as np
 from torch import nn
 
 from fedsb import adapters
-from fedsb.methods.base import Download, Method, NodeStore
+from fedsb.methods.base import Download, Method, ModelSource, NodeStore
 from fedsb.ops.basis_cache import BasisCache
 from fedsb.adapters.sb_init import apply_bases, random_bases
 from fedsb.wire import basis_tensors, flatten, layers_fingerprint, round_basis, unflatten_into
-
-if TYPE_CHECKING:
-    from fedsb.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +31,12 @@ class FedSB(Method):
     """LoRA-SB layers; only R (and the head) travel; the mean of R is exact."""
 
     needs_basis = True
+    supports_nested_ranks = True
+    init_spends_privacy = True  # the init gradient (unless init-basis=random or init-source=server)
+
+    @classmethod
+    def scale_for(cls, scale: float, lora_alpha: float, rank: int) -> float:
+        return scale
 
     def build(self, model, layer_names, round_idx=0):
         return adapters.inject_sb(model, layer_names, self.rank, self.scale)
@@ -57,7 +58,7 @@ class FedSB(Method):
             offset += t.numel()
         return np.concatenate(out)
 
-    def client_model(self, task: "Task", download: Download, store: NodeStore) -> nn.Module | None:
+    def client_model(self, task: ModelSource, download: Download, store: NodeStore) -> nn.Module | None:
         if download.basis_seed is not None:
             download.basis = regenerate_random_basis(task, task.cfg.rank, download.basis_seed,
                                                      None if self.rank < task.cfg.rank else download.fingerprint, self.rank)
@@ -83,7 +84,7 @@ class BasisSeedMismatch(RuntimeError):
     the node asks for the matrices instead."""
 
 
-def regenerate_random_basis(task: "Task", rank: int, seed: int, fingerprint: str | None, k: int | None = None) -> np.ndarray:
+def regenerate_random_basis(task: ModelSource, rank: int, seed: int, fingerprint: str | None, k: int | None = None) -> np.ndarray:
     """B, A of ``init-basis = "random"`` from the seed alone, rounded to basis-dtype as the server's were,
     checked against the server's fingerprint (when given): bit for bit the same basis, for 8 bytes on the
     wire. A node of nested rank k checks its leading block against its own fingerprint instead."""

@@ -23,7 +23,8 @@ class FedExLoRA(FedIT):
 
     residual: dict[str, torch.Tensor] = field(default_factory=dict)
     streamable = False  # the residual needs every client's own A_i, B_i
-    modifies_base = True  # the cumulative residual lives in W0
+    supports_secagg = False  # ... which secure aggregation hides
+    modifies_base = True  # the residual is folded into W0
 
     def aggregate(self, model, vectors, weights, combine):
         layers = adapters.adapter_layers(model)

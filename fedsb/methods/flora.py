@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from fedsb import adapters
-from fedsb.methods.base import Download, Method, NodeStore
+from fedsb.methods.base import Download, Method, ModelSource, NodeStore
 from fedsb.wire import flatten, split, unflatten_into
-
-if TYPE_CHECKING:
-    from fedsb.tasks.base import Task
 
 STACKS_KEY = "fedsb-flora"
 
@@ -30,7 +27,8 @@ class FLoRA(Method):
     stacks: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
     held: dict[int, int] = field(default_factory=dict)  # server: number of folded stacks each node holds
     streamable = False  # the stack keeps every client's factors
-    modifies_base = True  # every round's stack is folded into W0
+    supports_secagg = False  # the stacks are each client's own factors, which secure aggregation hides
+    modifies_base = True  # each round's stack is folded into W0
 
     def build(self, model, layer_names, round_idx=0):
         with torch.random.fork_rng():
@@ -80,7 +78,7 @@ class FLoRA(Method):
     def load_node_state(self, state: dict[str, Any]) -> None:
         self.held = {int(k): v for k, v in state.get("flora_held", {}).items()}
 
-    def client_model(self, task: "Task", download: Download, store: NodeStore) -> nn.Module | None:
+    def client_model(self, task: ModelSource, download: Download, store: NodeStore) -> nn.Module | None:
         # the node keeps every folded stack; the server sends only the ones it lacks
         stored = store.get(STACKS_KEY)
         held = dict(stored[0]) if stored is not None else {}

@@ -15,7 +15,6 @@ from torch import nn
 
 from fedsb import adapters
 from fedsb.config import ConfigError, FedSBConfig
-from fedsb.methods import Method, make_method
 from fedsb.tasks.data import TaskData, make_loader, pad_collate
 from fedsb.tasks.models import load_base_model, load_tokenizer, resolve_model_path
 
@@ -107,10 +106,6 @@ class Task:
 
     def collate(self):
         return pad_collate(self.data.pad_id, self.device)
-
-    def method(self) -> Method:
-        c = self.cfg
-        return make_method(c.method, c.rank, c.scale, c.lora_alpha, c.seed)
 
     def loader(self, ds, shuffle: bool, seed: int = 0, batch_size: int | None = None):
         return make_loader(ds, batch_size or self.cfg.batch_size, self.data.pad_id, shuffle, seed, self.device)

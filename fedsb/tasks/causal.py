@@ -137,8 +137,9 @@ def load_smollm2(cache_dir: str | None = None) -> str:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting the bundled SmolLM2 GGUF into %s (once)", cache)
-    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    gguf_model = AutoModelForCausalLM.from_pretrained(str(d), gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                      local_files_only=True)
     cfg = gguf_model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config  # a GGUF-loaded model refuses save_pretrained; a fresh one does not

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import os
 from functools import lru_cache
 from typing import Callable
 from pathlib import Path
@@ -25,9 +24,8 @@ from fedsb.logs import progress_bars
 
 log = logging.getLogger(__name__)
 
-# Offline by construction; also keeps transformers from trying the hub for a mistyped path.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Offline by construction, without touching the process's environment on import: every load passes
+# local_files_only=True, which also keeps transformers from trying the hub for a mistyped path.
 
 
 def package_dir(name: str) -> Path | None:
@@ -56,7 +54,7 @@ def resolve_model_path(model: str, default: Callable[[], str]) -> str:
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tok.pad_token is None:  # decoder models often have none; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -76,12 +74,12 @@ def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dt
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the new head's initial weights are a function of the seed
         if task == "causal-lm":  # the one place that maps a task name to a transformers auto class
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=num_labels, dtype=dtype,
                 # a saved head for another label count is replaced by a new one, not an error
-                ignore_mismatched_sizes=True,
+                ignore_mismatched_sizes=True, local_files_only=True,
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = load_tokenizer(path).pad_token_id

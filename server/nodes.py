@@ -1,0 +1,106 @@
+"""The connected nodes as the server knows them: partition ids and sizes (from a hello query), the rank
+each trains at (nested ranks), and the seeded per-round sample.
+
+Sampling follows partitions, not the (random) node ids, so a run (or a resumed run) is deterministic
+under its seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+from fedsb.config import FedSBConfig
+from fedsb.run.state import RunState
+from server.transport import Transport
+
+log = logging.getLogger("fedsb.server")
+
+
+def sample_nodes(nodes: list[int], fraction: float, minimum: int, seed: int, rnd: int) -> list[int]:
+    """Seeded sample of ``max(minimum, ceil(fraction·n))`` of the (partition-ordered) nodes."""
+    k = max(minimum, math.ceil(fraction * len(nodes)))
+    rng = np.random.default_rng([seed, rnd])
+    return [nodes[i] for i in sorted(rng.choice(len(nodes), size=min(k, len(nodes)), replace=False))]
+
+
+class Nodes:
+    def __init__(self, cfg: FedSBConfig, state: RunState, transport: Transport, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.cfg, self.state, self.transport = cfg, state, transport
+        self.examples_of: dict[int, int] = {}
+        self.rank_of: dict[int, int] = {}  # nested ranks: the rank each node trains at (from its hello)
+        self.clock, self.sleep = clock, sleep
+        # after one wait for min-available-nodes that ran out, later rounds go on with the nodes there are
+        # at once: waiting a whole round-timeout in every round would stall the run for nothing
+        self.waited_out = False
+
+    def wait(self, required: bool = True) -> list[int]:
+        """The connected nodes, once at least min-available-nodes are (waiting up to round-timeout, at
+        most once in a run). Before the first round too few is an error; later (a node restarting) the
+        round goes on with the nodes there are (``short_of`` says by how many)."""
+        grid = self.transport.grid
+        deadline = self.clock() + (0.0 if self.waited_out and not required else self.cfg.round_timeout)
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.cfg.min_available_nodes:
+                self.waited_out = False
+                return nodes
+            if self.clock() >= deadline:
+                msg = (f"only {len(nodes)} node(s) connected after {self.cfg.round_timeout:.0f}s; "
+                       f"min-available-nodes={self.cfg.min_available_nodes}")
+                if required:
+                    raise RuntimeError(msg)
+                if not self.waited_out:
+                    log.warning("%s: going on with them", msg)
+                self.waited_out = True
+                return nodes
+            self.sleep(1.0)
+
+    def short_of(self, nodes: list[int]) -> int:
+        """How many nodes a round lacked to reach min-available-nodes (0: enough)."""
+        return max(0, self.cfg.min_available_nodes - len(nodes))
+
+    def hello(self, nodes: list[int]) -> None:
+        """Ask every node for its partition id, size and rank."""
+        content = RecordDict({"config": ConfigRecord({"mode": "hello"})})
+
+        def on_reply(node: int, reply: Message, up: int) -> None:
+            if reply.has_error():
+                log.warning("hello: node %d failed: %s", node, reply.error.reason)
+                return
+            m = reply.content["metrics"]
+            self.state.partition_of[node] = int(m["partition-id"])
+            self.examples_of[node] = int(m["num-train-examples"])
+            k = int(m.get("rank", self.cfg.rank))
+            if not 1 <= k <= self.cfg.rank:
+                log.warning("hello: node %d claims rank %d outside [1, %d]; it trains at %d", node, k, self.cfg.rank,
+                            self.cfg.rank)
+                k = self.cfg.rank
+            self.rank_of[node] = k
+
+        self.transport.send(nodes, MessageType.QUERY, lambda n: content, "hello", on_reply)
+        for n in nodes:  # nodes that did not answer still take part, after the others
+            self.state.partition_of.setdefault(n, 10**9 + n)
+
+    def ordered(self, nodes) -> list[int]:
+        return sorted(nodes, key=lambda n: self.state.partition_of.get(n, 10**9 + n))
+
+    def connected(self) -> list[int]:
+        """The nodes connected now (waiting for min-available-nodes at most once), newcomers greeted."""
+        nodes = self.wait(required=False)
+        new = [n for n in nodes if n not in self.state.partition_of]
+        if new:  # joined (or re-joined under a new id) since the hello: learn their partitions first
+            self.hello(new)
+        return nodes
+
+    def sample(self, rnd: int, nodes: list[int]) -> list[int]:
+        return sample_nodes(self.ordered(nodes), self.cfg.fraction_train, self.cfg.min_train_nodes, self.cfg.seed, rnd)
+
+    def rank(self, node: int) -> int:
+        return self.rank_of.get(node, self.cfg.rank)

@@ -1,0 +1,181 @@
+"""What ``FedSB.start()`` adds to Flower's strategy loop: the run directory (metrics.jsonl, summary.json,
+the checkpoint of every round, resume, the fedsb and PEFT exports), and rounds whose replies stream in.
+
+The rounds never write here: each phase hands its metrics row to the strategy (``FedSB.report``) and
+``run`` moves them to the run directory after the phase.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from fedsb import adapters
+from fedsb.run.checkpoint import check_compatible
+from fedsb.run.export import export_run, head_state
+from fedsb.run.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
+from fedsb.run.state import RunState
+
+log = logging.getLogger("fedsb.server")
+
+
+class RunDirectory:
+    """The run directory of one ``server.strategy.FedSB`` (given, not imported: its ``start`` imports this)."""
+
+    def __init__(self, strategy: Strategy):
+        self.strategy, self.cfg = strategy, strategy.cfg
+        self.path = prepare_run_dir(self.cfg)  # the strategy loaded its task first: a bad model or dataset leaves no directory
+        self.rec = RunRecorder(self.path, self.cfg.method)
+        self.t0 = time.time()  # the run's clock: a resumed run goes on from the checkpointed seconds
+
+    def flush(self) -> None:
+        """Write the rows the strategy reported since the last flush."""
+        rows, self.strategy.rows = self.strategy.rows, []
+        for rnd, phase, row in rows:
+            self.rec.log(rnd, phase, **row)
+
+    # -- checkpoint: the run state, written and read in one place -------------------------------------
+    def checkpoint(self, rnd: int) -> None:
+        self.flush()
+        st, s = self.strategy, self.strategy.state
+        s.round = rnd  # (the metrics history is in metrics.jsonl, already written and fsynced)
+        s.totals["seconds"] = round(time.time() - self.t0, 3)
+        s.global_vec = st.method.get_vector(st.model)
+        s.method_tensors, s.method_nodes = st.method.server_state(), st.method.node_state()
+        s.to_checkpoint(self.path / CHECKPOINT)
+
+    def restore(self) -> int:
+        """Load the checkpoint into the strategy's state (the parts share that one object); returns the
+        round to continue from."""
+        st = self.strategy
+        state = RunState.from_checkpoint(self.path / CHECKPOINT, tuple(st.method.node_state()))
+        check_compatible(state.config, self.cfg.identity())
+        state.config = self.cfg.to_run_config()
+        st.state.totals.update(state.totals)  # the meters count into this dict: keep it, with the saved counts
+        for f in dataclasses.fields(RunState):
+            if f.name != "totals":
+                setattr(st.state, f.name, getattr(state, f.name))
+        if st.basis is not None and state.basis is not None:
+            st.basis.restore(state.basis, state.fingerprint)
+        st.method.load_server_state(st.model, state.method_tensors)
+        st.method.load_node_state(state.method_nodes)
+        st.method.set_vector(st.model, state.global_vec)
+        self.rec = RunRecorder.resume(self.path, self.cfg.method, state.round)
+        self.t0 -= st.state.totals.get("seconds", 0.0)
+        log.info("resumed from round %d of %s", state.round, self.path)
+        return state.round + 1
+
+    # -- the end of the run -------------------------------------------------------------------------
+    def one_time_per_client(self) -> float:
+        """What one client pays once, before its cheap rounds: its init upload (mean over the asked
+        clients) plus one basis download (mean over the nodes it was sent to)."""
+        totals = self.strategy.state.totals
+        init = next((r for r in self.rec.records if r["phase"] == "init"), {})
+        asked = init.get("accepted") or 0
+        sends = totals.get("basis_sends", 0)
+        return (totals["bytes_init_total"] / asked if asked else 0.0) + \
+            (totals["bytes_basis_total"] / sends if sends else 0.0)
+
+    def finish(self, session_seconds: float) -> dict:
+        """``session_seconds``: this process's time; the summary's ``seconds`` is the whole run (every session)."""
+        self.flush()
+        st, cfg, s = self.strategy, self.cfg, self.strategy.state
+        task, model, method = st.task, st.model, st.method
+        adapter_dir = self.path / "adapter"
+        meta = {"method": cfg.method, "rank": cfg.rank, "scale": method.scale, "base_model": task.model_path,
+                "task": cfg.task, "fingerprint": s.fingerprint, "label_names": task.data.label_names}
+        export_run(adapter_dir, model, method, task, meta)
+        self.rec.plot()
+        ev = self.rec.last("evaluate") or {}
+        first = next((r for r in self.rec.records if r["phase"] == "evaluate"), {})
+        up = s.up_per_client_round
+        vec_size = int(method.get_vector(model).size)
+        ranks = sorted(st.nodes.rank_of.values())
+        summary = {
+            "method": cfg.method, "rounds": cfg.num_server_rounds, "final_accuracy": ev.get("accuracy"),
+            "final_loss": ev.get("loss"), "initial_accuracy": first.get("accuracy"), "initial_loss": first.get("loss"),
+            "final_perplexity": ev.get("perplexity"), "final_exact_match": ev.get("exact_match"),
+            "initial_exact_match": first.get("exact_match"), "majority_rate": None, **task.summary(),
+            "bytes_up_per_client_round": (sum(up) / len(up)) if up else None,
+            "bytes_up_floor_per_client_round": 4 * vec_size,
+            "bytes_up_total": s.totals["bytes_up"], "bytes_down_total": s.totals["bytes_down"],
+            "bytes_basis_total": s.totals["bytes_basis_total"], "bytes_init_total": s.totals["bytes_init_total"],
+            "bytes_one_time_per_client": self.one_time_per_client(),
+            "trainable_params": adapters.count_trainable(model), "communicated_params": vec_size,
+            "head_params": sum(t.numel() for t in head_state(model).values()),
+            "adapted_layers": len(task.layer_names), "fingerprint": s.fingerprint,
+            "rank_mix": {str(k): ranks.count(k) for k in sorted(set(ranks))},
+            "seconds": round(time.time() - self.t0, 2), "seconds_this_session": round(session_seconds, 2),
+            "config": cfg.to_run_config(), "versions": versions(),
+            "run_dir": str(self.path), "secagg": cfg.secagg,
+            "secagg_settings": {"shares": cfg.secagg_shares, "threshold": cfg.secagg_threshold,
+                                "clip_range": cfg.secagg_clip_range, "quantization_range": cfg.secagg_quantization_range,
+                                "modulus_range": 2**32} if cfg.secagg else None,
+            **st.hooks.summary(),
+        }
+        self.rec.write_summary(summary)
+        log.info("run complete: accuracy %s, loss %s; results in %s", ev.get("accuracy"), ev.get("loss"), self.path)
+        return summary
+
+
+def train_round(st: Strategy, outer: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+    """One round through ``outer``'s hooks, its replies streamed into ``aggregate_train``; a node that
+    lost the basis is sent it again, in the same round, after the others replied."""
+    messages = outer.configure_train(rnd, arrays, config, grid)
+
+    def replies():
+        yield from st.transport.stream(messages, "train")
+        st.tally.counts["failed"] += len(st.transport.timed_out)
+        again = st.resend() if st.tally.lacking else []
+        if again:
+            yield from st.transport.stream(st.train_messages(again, config=config), "train")
+            st.tally.counts["failed"] += len(st.transport.timed_out)
+
+    # a wrapper that reads the replies more than once (Flower's DP wrappers count them first) gets a list
+    return outer.aggregate_train(rnd, replies() if getattr(outer, "streams_replies", False) else list(replies()))
+
+
+def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: float | None, train_config: ConfigRecord,
+        evaluate_config: ConfigRecord, evaluate_fn) -> Result:
+    cfg, t0, result = st.cfg, time.time(), Result()
+    if timeout is not None:
+        st.transport.timeout = timeout
+    st.connect(grid)
+    rundir = RunDirectory(st)
+    start_round = 1
+    if cfg.resume:
+        start_round = rundir.restore()
+        st.nodes.hello(st.nodes.wait())  # node ids are new after a restart; partitions are not
+        st.initialized = True
+    else:
+        st.initialize(grid)
+        st.evaluate(0, seconds=time.time() - t0)
+        if evaluate_fn:
+            evaluate_fn(0, st.global_arrays())
+        rundir.checkpoint(0)
+    arrays = st.global_arrays()
+    for rnd in range(start_round, num_rounds + 1):
+        new, metrics = train_round(st, outer, rnd, arrays, train_config, grid)
+        if new is not None:
+            arrays = result.arrays = new
+        if metrics is not None:
+            result.train_metrics_clientapp[rnd] = metrics
+        if rnd % cfg.eval_every == 0 or rnd == num_rounds:
+            result.evaluate_metrics_serverapp[rnd] = st.evaluate(rnd, arrays)
+            if evaluate_fn:
+                evaluate_fn(rnd, arrays)
+            if cfg.federated_evaluate:
+                messages = outer.configure_evaluate(rnd, arrays, evaluate_config, grid)
+                replies = st.transport.stream(messages, "federated-evaluate")
+                metrics = outer.aggregate_evaluate(rnd, replies if getattr(outer, "streams_replies", False) else list(replies))
+                if metrics is not None:
+                    result.evaluate_metrics_clientapp[rnd] = metrics
+        rundir.checkpoint(rnd)
+    result.arrays = arrays
+    rundir.finish(time.time() - t0)
+    return result
