@@ -15,7 +15,7 @@ and this keeps:
   validator and against the message they answer (a reply that fails is dropped and logged, as the
   SuperLink does); a ClientApp that raises becomes an error reply with Flower's code and reason;
 - what a ClientApp changes in process-wide state Ray would have kept in a worker process (torch threads,
-  default dtype, the global RNGs) is put back after each call, so the server sees the same process it
+  default dtype, grad mode, the global RNGs) is put back after each call, so the server sees the same process it
   would in a deployment.
 
 What it does not test: Ray, gRPC, node churn, timeouts, parallel clients. ``tests/test_simulation.py``
@@ -61,13 +61,14 @@ def _over_the_wire(msg: Message) -> Message:
 @contextlib.contextmanager
 def _own_process() -> Iterator[None]:
     """Undo what a ClientApp call changes process-wide, which in Ray or a deployment stays in its own process."""
-    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
+    threads, dtype, grad = torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled()
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
