@@ -43,13 +43,16 @@ import numpy as np
 import torch
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
-from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
-from flwr.server.utils.validator import validate_message
+from flwr.common import now
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.date import now
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from client.flower_private import SUPERLINK_NODE_ID, Run, TaskIdentity
+
+# Test-only uses of Flower's non-public API (the project's own are in client/flower_private.py): the node
+# config keys, error code, serializers and reply validator Flower's runtimes use, so this grid does what they do.
+from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, ErrorCode  # noqa: E402
+from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto  # noqa: E402
+from flwr.server.utils.validator import validate_message  # noqa: E402
 
 log = logging.getLogger("fedsb.inprocess")
 
