@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 # wall-clock fields, and the paths that name the run directory itself
-IGNORED = {"seconds", "client_seconds", "server_peak_bytes", "run_dir", "output-dir"}
+IGNORED = {"seconds", "seconds_this_session", "client_seconds", "server_peak_bytes", "run_dir", "output-dir"}
 
 
 def _strip(x):

@@ -13,7 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FEDSB_PROGRESS", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-# Ray workers inherit the environment: let them import test-only ClientApps (tests.hostile_app).
+# Ray workers and the tests' subprocesses inherit the environment: let them import the project and tests.*.
 _ROOT = str(Path(__file__).resolve().parents[1])
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH", "")) if p)
 

@@ -164,7 +164,7 @@ def test_peft_export_of_gpt2_conv1d(tiny_gpt2, tmp_path):
 
 
 def test_federated_causal_lm_loss_falls(tiny_llama, tmp_path):
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
     rng = random.Random(0)
     data = tmp_path / "qa.jsonl"
@@ -172,7 +172,7 @@ def test_federated_causal_lm_loss_falls(tiny_llama, tmp_path):
         for _ in range(300):
             a, b = rng.randint(0, 9), rng.randint(0, 9)
             fh.write(json.dumps({"prompt": f"add {a} and {b}", "answer": f"{a + b}", "final": f"{a + b}"}) + "\n")
-    run = simulate(tiny_run_config(tiny_llama, data, tmp_path / "run", **{
+    run = run_inprocess(tiny_run_config(tiny_llama, data, tmp_path / "run", **{
         "task": "causal-lm", "text-column": "text", "label-column": "sentiment", "max-length": 32,
         "learning-rate": 0.05, "num-server-rounds": 3, "eval-generate-samples": 8, "max-new-tokens": 4}), 3)
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,5 +1,5 @@
 """``fedsb compare``: grid and flag parsing, the validation split, learning-rate selection that never sees the
-held-out set, one csv row per run, and mean/std computed from those rows (tiny model, real simulations)."""
+held-out set, one csv row per run, and mean/std computed from those rows (tiny model, in-process runs)."""
 
 from __future__ import annotations
 
@@ -149,8 +149,13 @@ def test_eval_split_validation_needs_a_validation_slice():
 
 
 # ---------------------------------------------------------------- end to end
-def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_csv, tmp_path, capsys):
+def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_csv, tmp_path, capsys, monkeypatch):
     from server.cli import main
+    from tests.inprocess_grid import run_inprocess
+
+    # every run of the comparison over the in-process grid (what compare decides is the subject here)
+    runs = []
+    monkeypatch.setattr("server.simulation.simulate", lambda cfg, n, **_: runs.append(cfg) or run_inprocess(cfg, n))
 
     rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "unused", **{"num-server-rounds": 2, "local-steps": 3})
     for key in ("output-dir", "rank", "learning-rate"):
@@ -163,7 +168,7 @@ def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_c
     assert main(args) == 0
     rows = list(csv.DictReader(open(out / "compare.csv")))
     dirs = sorted(p.parent for p in out.glob("*/*/summary.json"))
-    assert len(rows) == len(dirs) and {r["run_dir"] for r in rows} == {str(d) for d in dirs}
+    assert len(rows) == len(dirs) == len(runs) and {r["run_dir"] for r in rows} == {str(d) for d in dirs}
     sel = [r for r in rows if r["split"] == "validation"]
     assert {r["method"] for r in sel} == {"fed-sb"} and len(sel) == 3 and {r["rounds"] for r in sel} == {"1"}
     for r in sel:  # a selection run evaluated on the validation slice, never on the held-out set
@@ -180,5 +185,5 @@ def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_c
     # a second call reuses every finished run (nothing retrains) and rewrites the same table
     before = {d: (d / "summary.json").stat().st_mtime for d in dirs}
     assert main(args) == 0
-    assert {d: (d / "summary.json").stat().st_mtime for d in dirs} == before
+    assert {d: (d / "summary.json").stat().st_mtime for d in dirs} == before and len(runs) == len(dirs)
     assert (out / "compare.md").read_text() == md

@@ -118,9 +118,9 @@ def test_regenerated_random_basis_matches_the_servers_bit_for_bit(tiny_bert, sen
 def _run(tiny_bert, sentiment_csv, out, n=3, **extra):
     from safetensors.torch import load_file
 
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, out, **extra), n)
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, out, **extra), n)
     t = load_file(str(run / "adapter" / "fedsb_adapter.safetensors"))
     entries = sum(t[k].shape[0] * t[k[:-len(".sb_B")] + ".sb_A"].shape[1] for k in t if k.endswith(".sb_B"))
     return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()], \

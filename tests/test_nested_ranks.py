@@ -86,9 +86,9 @@ def test_a_block_larger_than_the_nodes_rank_is_rejected():
 
 
 def _sim(tiny_bert, sentiment_csv, out, **extra):
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    return simulate(tiny_run_config(tiny_bert, sentiment_csv, out, **extra), 3)
+    return run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, out, **extra), 3)
 
 
 def test_all_ranks_equal_r_is_todays_fed_sb_bit_for_bit(tiny_bert, sentiment_csv, tmp_path):

@@ -87,10 +87,10 @@ def test_pooler_adapted_as_one_more_target_and_peft_loads_it(tiny_bert, tmp_path
 
 def test_train_pooler_in_a_federated_run_and_its_errors(tiny_bert, sentiment_csv, tmp_path):
     from fedsb.config import ConfigError, FedSBConfig
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", **{"train-pooler": True,
-                                                                                 "num-server-rounds": 1}), 3)
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", **{"train-pooler": True,
+                                                                                      "num-server-rounds": 1}), 3)
     s = json.loads((run / "summary.json").read_text())
     model = load_base_model(str(tiny_bert), "seq-cls", 2, 0, train_pooler=True)
     m = make_method("fed-sb", 4, 1.0, 8.0, 0)

@@ -82,10 +82,10 @@ def test_bfloat16_base_exports_a_peft_adapter_that_loads_into_float32(tiny_bert,
 
 
 def test_bfloat16_base_federated_run(tiny_bert, sentiment_csv, tmp_path):
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "bf16", **{"base-dtype": "bfloat16",
-                                                                                     "num-server-rounds": 2}), 3)
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "bf16", **{"base-dtype": "bfloat16",
+                                                                                          "num-server-rounds": 2}), 3)
     s = json.loads((run / "summary.json").read_text())
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert s["final_accuracy"] >= 0.8 and s["config"]["base-dtype"] == "bfloat16"

@@ -145,9 +145,9 @@ def test_accounting_matches_opacus_and_calibration_meets_target():
 
 
 def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp_path):
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp", **{
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp", **{
         "dp": True, "target-epsilon": 8.0, "max-grad-norm": 1.0, "num-server-rounds": 2, "local-steps": 5}), 3)
     s = json.loads((run / "summary.json").read_text())
     assert s["dp"] and s["epsilon"] <= 8.0 and s["delta"] < 1 / 160
@@ -164,14 +164,14 @@ def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp
 def test_random_basis_spends_no_privacy_and_uploads_no_init_gradient(tiny_bert, sentiment_csv, tmp_path):
     from client.dp import noise_multiplier
     from fedsb.config import FedSBConfig
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
     base = {"dp": True, "target-epsilon": 3.0, "num-server-rounds": 2, "local-steps": 5}
     grad_cfg = FedSBConfig.from_run_config(base)
     rand_cfg = FedSBConfig.from_run_config(dict(base, **{"init-basis": "random"}))
     # no init step in the horizon: the same target is met with less noise per local step
     assert noise_multiplier(rand_cfg, 500, 1e-4) < noise_multiplier(grad_cfg, 500, 1e-4)
-    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "rand", **dict(base, **{"init-basis": "random"})), 3)
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "rand", **dict(base, **{"init-basis": "random"})), 3)
     s = json.loads((run / "summary.json").read_text())
     assert s["epsilon"] <= 3.0 and s["bytes_init_total"] == 0
     assert s["dp_history"] and all(h[2] != 1 for h in s["dp_history"])  # only local DP-SGD steps, no init entry
@@ -190,9 +190,9 @@ def test_dp_refuses_federated_evaluation_on_private_data():
 def test_secagg_rounds_are_accounted_under_dp(tiny_bert, sentiment_csv, tmp_path):
     """dp + secagg: every secure round's DP-SGD steps reach the server's accountant (ε grows round by round
     and the summary's history holds the init step and both rounds), so a node's budget is never reset."""
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    run = simulate(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp-secagg", **{
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp-secagg", **{
         "dp": True, "secagg": True, "target-epsilon": 8.0, "num-server-rounds": 2, "local-steps": 5}), 3)
     s = json.loads((run / "summary.json").read_text())
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]

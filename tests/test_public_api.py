@@ -1,5 +1,5 @@
 """The public API of README's "Your own model and data": the example file is the README's code, and it
-runs a real simulation to a trained, exported adapter."""
+runs in a federation (the in-process grid) to a trained, exported adapter."""
 
 from __future__ import annotations
 
@@ -34,15 +34,15 @@ def test_readme_shows_the_example_verbatim():
 
 
 def test_own_model_example_runs_in_a_simulation(tiny_bert, tmp_path, monkeypatch):
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
 
-    monkeypatch.setenv("MY_MODEL_DIR", str(tiny_bert))  # Ray workers inherit it
+    monkeypatch.setenv("MY_MODEL_DIR", str(tiny_bert))
     example = load_example("own_model")
     client_app, server_app = example.client_app, example.server_app
 
-    run = simulate({"max-length": 8, "rank": 4, "init-samples": 16, "num-server-rounds": 2, "local-steps": 10,
-                    "learning-rate": 0.1, "fraction-train": 1.0, "eval-max-samples": 100,
-                    "output-dir": str(tmp_path / "run")}, 3, client_app=client_app, server_app=server_app)
+    run = run_inprocess({"max-length": 8, "rank": 4, "init-samples": 16, "num-server-rounds": 2, "local-steps": 10,
+                         "learning-rate": 0.1, "fraction-train": 1.0, "eval-max-samples": 100,
+                         "output-dir": str(tmp_path / "run")}, 3, client_app=client_app, server_app=server_app)
     s = json.loads((run / "summary.json").read_text())
     assert s["final_accuracy"] >= 0.9 and s["majority_rate"] <= 0.6, s  # learned the user's own labels
     peft = json.loads((run / "adapter" / "peft" / "adapter_config.json").read_text())

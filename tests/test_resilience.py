@@ -22,14 +22,14 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 def test_hostile_replies_are_rejected_and_change_nothing(tiny_bert, sentiment_csv, tmp_path):
-    from server.simulation import simulate
     from tests.hostile_app import KINDS, failing, hostile
+    from tests.inprocess_grid import run_inprocess
 
     common = dict(fraction_train=1.0)
     cfg = lambda out: tiny_run_config(tiny_bert, sentiment_csv, out, **{"max-update-norm": 100.0, "max-num-examples": 10**6, "fraction-train": 1.0,
                                                                        "min-available-nodes": 6})
-    bad = simulate(cfg(tmp_path / "hostile"), 6, client_app=hostile)
-    ref = simulate(cfg(tmp_path / "honest"), 6, client_app=failing)
+    bad = run_inprocess(cfg(tmp_path / "hostile"), 6, client_app=hostile)
+    ref = run_inprocess(cfg(tmp_path / "honest"), 6, client_app=failing)
     # the aggregate equals the honest-only aggregate, bit for bit
     name = "adapter/fedsb_adapter.safetensors"
     assert (bad / name).read_bytes() == (ref / name).read_bytes()
@@ -46,7 +46,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import fedsb.run.state
-from server.simulation import simulate
+from tests.inprocess_grid import run_inprocess
 
 cfg, hold_after = json.loads(sys.argv[1]), int(sys.argv[2])
 save = fedsb.run.state.save_checkpoint
@@ -60,23 +60,23 @@ def save_then_hold(path, tensors, state):
         while True:
             time.sleep(60)
 
-if hold_after >= 0:
-    fedsb.run.state.save_checkpoint = save_then_hold
-simulate(cfg, 3)
+fedsb.run.state.save_checkpoint = save_then_hold
+run_inprocess(cfg, 3)
 """
 
 
-def _run_sim(cfg: dict, hold_after: int = -1) -> subprocess.Popen:
-    """The simulation in its own process group; with ``hold_after=K`` it halts once round K is checkpointed."""
+def _run_sim(cfg: dict, hold_after: int) -> subprocess.Popen:
+    """The run (in-process grid) in its own process group, halted once round ``hold_after`` is checkpointed."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen([sys.executable, "-c", SIM_SCRIPT.format(root=str(ROOT)), json.dumps(cfg), str(hold_after)],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path):
+    from tests.inprocess_grid import run_inprocess
+
     rounds = {"num-server-rounds": 4}
-    full = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "full", **rounds)
-    assert _run_sim(full).wait(timeout=600) == 0
+    run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "full", **rounds), 3)
     crash_dir = tmp_path / "crash"
     crash = tiny_run_config(tiny_bert, sentiment_csv, crash_dir, **rounds)
     proc = _run_sim(crash, hold_after=2)
@@ -95,8 +95,7 @@ def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not (crash_dir / "summary.json").exists()
-    resumed = _run_sim(dict(crash, resume=True))
-    assert resumed.wait(timeout=600) == 0
+    run_inprocess(dict(crash, resume=True), 3)  # only the killed run needs a process of its own
     name = "adapter/fedsb_adapter.safetensors"
     assert (crash_dir / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
     rounds_logged = [(r["round"], r["phase"]) for r in _records(crash_dir)]

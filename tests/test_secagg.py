@@ -25,7 +25,7 @@ def _final_vector(run_dir) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def secagg_runs(tiny_bert, sentiment_csv, tmp_path_factory):
-    from server.simulation import simulate
+    from tests.inprocess_grid import run_inprocess
     from tests.hostile_app import recording, recording_with_dropout
 
     base = tmp_path_factory.mktemp("secagg")
@@ -37,9 +37,9 @@ def secagg_runs(tiny_bert, sentiment_csv, tmp_path_factory):
         cfg = tiny_run_config(tiny_bert, sentiment_csv, base / name, **{
             "secagg": True, "num-server-rounds": 1, "fraction-train": 1.0, "secagg-shares": 3,
             "secagg-threshold": 2, "min-available-nodes": n})
-        out[name] = (simulate(cfg, n, client_app=app), dump)
-    plain = simulate(tiny_run_config(tiny_bert, sentiment_csv, base / "plain"), 3)
-    secure = simulate(tiny_run_config(tiny_bert, sentiment_csv, base / "secure", secagg=True), 3)
+        out[name] = (run_inprocess(cfg, n, client_app=app), dump)
+    plain = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, base / "plain"), 3)
+    secure = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, base / "secure", secagg=True), 3)
     out["plain"], out["secure"] = plain, secure
     return out
 

@@ -1,4 +1,5 @@
-"""A real Flower simulation (Ray, ServerApp, ClientApps) of a tiny BERT on a learnable task."""
+"""A real Flower simulation (Ray, ServerApp, ClientApps) of a tiny BERT on a learnable task: the suite's Ray
+smoke test, and the reference the in-process grid of the protocol tests must reproduce."""
 
 from __future__ import annotations
 
@@ -113,3 +114,15 @@ def test_a_missing_file_fails_before_flower_starts(monkeypatch, tiny_bert, senti
     cfg = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "out", **extra, **{key: str(tmp_path / "typo.csv")})
     with pytest.raises(ConfigError, match=rf"'{key}': .*typo\.csv"):
         simulate(cfg, 2)
+
+
+def test_the_inprocess_grid_reproduces_this_ray_run(fedsb_run, tmp_path):
+    """The protocol tests run over ``tests.inprocess_grid``: given this run's config it must produce this run,
+    every metric, byte count and tensor bit for bit, or what those tests check is not what Ray runs."""
+    from lab.same_run import compare
+    from tests.inprocess_grid import run_inprocess
+
+    run_dir, _, summary = fedsb_run
+    mine = run_inprocess(dict(summary["config"], **{"output-dir": str(tmp_path / "inprocess")}), 3)
+    # peak memory is the process's: Ray's worker against this test process
+    assert [d for d in compare(run_dir, mine) if "client_peak_memory" not in d] == []
