@@ -60,7 +60,7 @@ def test_compare_help_states_the_rank_and_lr_it_uses_by_default(tmp_path, capsys
     import pytest
 
     from server.cli import main
-    from server.compare import Comparison
+    from lab.compare import Comparison
 
     with pytest.raises(SystemExit) as e:
         main(["compare", "--help"])
