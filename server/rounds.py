@@ -103,6 +103,7 @@ class TrainRound:
         self.server.observe(node, reply)
         if status == "budget-exhausted":
             self.counts["budget_exhausted"] += 1
+            log.info("round %d: node %d did not train: %s", self.rnd, node, reply.content["config"].get("reason", status))
             return
         index, sent = node_view(self.server, node, self.global_vec)  # a block larger than the node's is refused
         spec = ReplySpec(shapes={"adapter": sent.shape}, max_update_norm=self.cfg.max_update_norm,
