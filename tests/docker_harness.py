@@ -325,25 +325,8 @@ class ComposeFederation:
         """``flwr supernode register`` of node i's public key; its node id goes to ``self.node_ids[i]``."""
         res = self.flwr("supernode", "register", str(self.workdir / "certs" / "keys" / f"sn{i}.pub"), "fedsb-docker",
                         "--format", "json")
-        if res.returncode == 0:
-            self.node_ids[i] = str(json.loads(res.stdout)["node-id"])
+        self.node_ids[i] = str(json.loads(res.stdout)["node-id"]) if res.returncode == 0 else ""
         return res
-
-    def node_status(self, i: int) -> str:
-        """What the SuperLink says of node i (``flwr supernode list``): online, offline, registered, ..."""
-        res = self.flwr("supernode", "list", "fedsb-docker", "--format", "json", timeout=60)
-        try:
-            nodes = json.loads(res.stdout).get("nodes", [])
-        except json.JSONDecodeError:
-            return ""
-        return next((n["status"] for n in nodes if n["node-id"] == self.node_ids.get(i)), "")
-
-    def wait_for_status(self, i: int, status: str, timeout: float = 300) -> None:
-        deadline = time.time() + timeout
-        while (now := self.node_status(i)) != status:
-            if time.time() > deadline:
-                raise RuntimeError(f"node {i} ({self.node_ids.get(i)}) is {now!r}, not {status!r}, after {timeout:.0f} s")
-            time.sleep(1)
 
     def start_intruder(self) -> None:
         """A SuperNode container (the supernode-0 service's image and certificates) with a key nobody registered."""

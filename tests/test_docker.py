@@ -81,6 +81,17 @@ def _wait_for(fed: ComposeFederation, pred, what: str, timeout: float):
         time.sleep(3)
 
 
+def _wait_for_status(fed: ComposeFederation, i: int, status: str, timeout: float = 300) -> None:
+    """Until the SuperLink lists node i (``flwr supernode list``) as ``status`` (online, offline, ...)."""
+    deadline, now = time.time() + timeout, ""
+    while now != status:
+        assert time.time() < deadline, f"node {i} ({fed.node_ids.get(i)}) is {now!r}, not {status!r}, after {timeout:.0f} s"
+        time.sleep(1)
+        res = fed.flwr("supernode", "list", "fedsb-docker", "--format", "json", timeout=60)
+        nodes = json.loads(res.stdout).get("nodes", []) if res.stdout.strip().startswith("{") else []
+        now = next((n["status"] for n in nodes if n["node-id"] == fed.node_ids.get(i)), "")
+
+
 def _train(recs, rnd):
     return next((r for r in recs if r["phase"] == "train" and r["round"] == rnd), None)
 
@@ -107,9 +118,9 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
     # executor container and cache volume stay.
     log("round 1 done: stopping supernode-2, waiting for the SuperLink to list it offline, starting it again")
     fed.compose("stop", "supernode-2")
-    fed.wait_for_status(2, "offline")
+    _wait_for_status(fed, 2, "offline")
     fed.compose("start", "supernode-2")
-    fed.wait_for_status(2, "online")
+    _wait_for_status(fed, 2, "online")
     log("supernode-2 is online again")
 
     deadline = time.time() + 1800
