@@ -9,6 +9,8 @@ export FLWR_HOME := $(CURDIR)/.flwr
 # flwr starts flower-superlink (and the simulation) from PATH: use the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+# Ray's FutureWarning on every simulation start ("Tip: In future versions of Ray..."): about Ray's future, not the run.
+export PYTHONWARNINGS := ignore::FutureWarning:ray._private.worker
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 NUM_SUPERNODES ?= 10
@@ -42,7 +44,9 @@ $(FLWR_HOME)/config.toml: Makefile
 
 # flwr run --stream exits 0 even when the run failed: check-run fails unless the run wrote its summary.
 # flwr run leaves the local SuperLink it started running: stop it again, unless it was running before.
+# check-config first: flwr run reports a bad value as a traceback and exits 0; this names the key and stops.
 run: $(STAMP) $(FLWR_HOME)/config.toml
+	@$(VENV)/bin/fedsb check-config --num-supernodes $(NUM_SUPERNODES) --run-config "output-dir='$(RUN_DIR)' $(RUN_CONFIG)"
 	@before=$$($(VENV)/bin/fedsb local-superlink running >/dev/null && echo up); \
 	$(VENV)/bin/flwr run . local --stream \
 		--federation-config "num-supernodes=$(NUM_SUPERNODES) client-resources-num-cpus=1 client-resources-num-gpus=$(NUM_GPUS_PER_CLIENT)" \

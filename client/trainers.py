@@ -5,12 +5,11 @@ Chosen once from the config (``client.handlers.trainer_for``); the handlers neve
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fedsb.adapters.sb_init import accumulate_gradients
 from fedsb.config import FedSBConfig
+from fedsb.logs import progress_bars
 from fedsb.methods import NodeStore
 from fedsb.tasks import Task
 from fedsb.tasks.training import scheduled_lrs, train_steps
@@ -42,7 +41,7 @@ class LocalTrainer:
         loader = task.loader(ds, shuffle=True, seed=seed)
         lrs = scheduled_lrs(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_ratio, rnd, cfg.num_server_rounds, cfg.local_steps)
         loss = train_steps(model, loader, cfg.local_steps, lrs, task.loss_fn, cfg.weight_decay,
-                           desc=f"partition {pid} round {rnd}", progress=os.environ.get("FEDSB_PROGRESS", "1") == "1")
+                           desc=f"partition {pid} round {rnd}", progress=progress_bars())
         return loss, {}
 
 

@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.socket:
         p.error(f"--socket: give the socket path (or set {SOCKET_ENV})")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from fedsb.logs import configure as configure_logging
+
+    configure_logging()
     serve(Path(args.socket), tuple(m for m in args.preload.split(",") if m),
           Path(args.ready_file) if args.ready_file else None)
     return 0

@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.handlers import FedSBClient
-from fedsb.config import FedSBConfig
+from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks import SeqClsTask
 from fedsb.tasks.seq_cls import encode_texts
 from server.driver import FedSBServer
@@ -16,6 +16,8 @@ from server.driver import FedSBServer
 class MyTask(SeqClsTask):
     @classmethod
     def default_model(cls) -> str:  # what `model = "default"` means: your local HF model folder
+        if not os.environ.get("MY_MODEL_DIR"):
+            raise ConfigError("model", "set MY_MODEL_DIR to your local Hugging Face model folder")
         return os.environ["MY_MODEL_DIR"]
 
     @classmethod
@@ -36,3 +38,10 @@ client_app.evaluate()(fedsb_client.evaluate)
 def main(grid: Grid, context: Context) -> None:
     cfg = FedSBConfig.from_run_config(context.run_config)
     FedSBServer(grid, cfg, task=MyTask.load(cfg)).run()  # init, rounds, checkpoints, PEFT export
+
+
+if __name__ == "__main__":  # MY_MODEL_DIR=/path/to/hf-model python examples/own_model.py: 3 simulated nodes
+    from server.simulation import simulate
+
+    MyTask.default_model()  # a missing MY_MODEL_DIR fails here, before the simulation starts
+    print(simulate({"num-server-rounds": 3}, 3, client_app=client_app, server_app=server_app))

@@ -48,16 +48,20 @@ def readme_with_table(cls, text: str) -> str:
     return text[:i] + markdown_table(cls) + text[j:]
 
 
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
 def coerce(key: str, raw: Any, typ: type) -> Any:
     """Flower gives bool/int/float/str; accept the obvious conversions, refuse the rest."""
     if typ is bool:
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return raw.lower() in ("true", "1", "yes")
+        if isinstance(raw, str) and raw.lower() in TRUE_WORDS + FALSE_WORDS:
+            return raw.lower() in TRUE_WORDS
         if isinstance(raw, int) and raw in (0, 1):
             return bool(raw)
-        raise ConfigError(key, f"got {raw!r}; expected true or false")
+        raise ConfigError(key, f"got {raw!r}; expected true or false (also accepted: "
+                          f"{', '.join(w for pair in zip(TRUE_WORDS[1:], FALSE_WORDS[1:]) for w in pair)})")
     if typ in (int, float):
         what = "an integer" if typ is int else "a number"
         if isinstance(raw, bool):

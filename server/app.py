@@ -8,6 +8,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedsb.config import FedSBConfig
+from fedsb.logs import configure as configure_logging
 from server.driver import FedSBServer
 
 app = ServerApp()
@@ -15,6 +16,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()  # fedsb's loggers only: the root stays quiet (alembic, Ray, ...)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per log push otherwise
     FedSBServer(grid, FedSBConfig.from_run_config(context.run_config)).run()

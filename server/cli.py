@@ -14,6 +14,31 @@ from pathlib import Path
 
 log = logging.getLogger("fedsb")
 
+DESCRIPTION = """Federated fine-tuning of transformers with Fed-SB on Flower.
+
+Run a federation in this process (simulate), compare fine-tuning methods on the same data (compare),
+check a run configuration before starting it (check-config) or a run directory after it (check-run),
+and set up a real deployment (certs, compose, local-superlink, warm-clientapp). `flwr run .` runs the
+same apps through a SuperLink. Every run-config key, its default and its meaning is in README.md
+("Configuration keys"); `fedsb COMMAND --help` shows a command's options."""
+
+EPILOG = """examples:
+  fedsb simulate --num-supernodes 4 --run-config "num-server-rounds=3 rank=16"
+  fedsb check-config --num-supernodes 10 --run-config "rank=64 output-dir='/abs/run'"
+  fedsb check-run runs/fed-sb-20260101-120000"""
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    """The pre-flight check alone: what ``make run`` calls before ``flwr run`` (which cannot fail on it)."""
+    from fedsb.config import FedSBConfig
+    from fedsb.preflight import preflight
+    from server.simulation import parse_run_config
+
+    cfg = FedSBConfig.from_run_config(parse_run_config(args.run_config))
+    preflight(cfg, args.num_supernodes)
+    print(f"run config ok: task={cfg.task} method={cfg.method} rank={cfg.rank} model={cfg.model} dataset={cfg.dataset}")
+    return 0
+
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from server.simulation import parse_run_config, simulate
@@ -88,27 +113,33 @@ def _cmd_local_superlink(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(prog="fedsb", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    from fedsb.logs import configure as configure_logging
 
-    s = sub.add_parser("simulate", help="run the ServerApp/ClientApp in an in-process Flower simulation")
-    s.add_argument("--num-supernodes", type=int, default=10)
+    configure_logging()
+    p = argparse.ArgumentParser(prog="fedsb", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, **kw) -> argparse.ArgumentParser:  # every subcommand's --help shows the defaults
+        return sub.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kw)
+
+    s = command("simulate", help="run the ServerApp/ClientApp in an in-process Flower simulation")
+    s.add_argument("--num-supernodes", type=int, default=10, help="simulated nodes (clients)")
     s.add_argument("--run-config", default="", help='same syntax and keys as flwr run: "rank=64 method=\'fed-sb\'"')
-    s.add_argument("--cpus-per-client", type=float, default=1.0)
+    s.add_argument("--cpus-per-client", type=float, default=1.0, help="CPU cores reserved for each simulated client")
     s.add_argument("--gpus-per-client", type=float, default=0.0, help="a fraction shares a GPU, e.g. 0.25: 4 clients per GPU")
-    s.add_argument("--verbose", action="store_true")
+    s.add_argument("--verbose", action="store_true", help="Flower's DEBUG log too")
     s.set_defaults(func=_cmd_simulate)
 
-    m = sub.add_parser("compare", help="run several methods on identical partitions, seeds and rounds")
-    m.add_argument("--methods", default="fed-sb,fedit,ffa-lora,fedex-lora,flora")
-    m.add_argument("--num-supernodes", type=int, default=10)
+    m = command("compare", help="run several methods on identical partitions, seeds and rounds")
+    m.add_argument("--methods", default="fed-sb,fedit,ffa-lora,fedex-lora,flora", help="comma-separated methods")
+    m.add_argument("--num-supernodes", type=int, default=10, help="simulated nodes (clients) of every run")
     m.add_argument("--out", required=True, help="directory for compare.csv, compare.md, pareto.png, curves.png")
     m.add_argument("--run-config", default="", help="overrides shared by every method")
     m.add_argument("--rank", default="", help="per-method ranks, several with |: 'fed-sb=16|32|64,fedit=4|8' "
-                   "(default: the run config's rank)")
+                   "(empty: the run config's rank)")
     m.add_argument("--lr", default="", help="per-method learning rates; several are a grid chosen on the validation "
-                   "split per method and rank: 'fed-sb=2.5e-3|5e-3|1e-2' (default: the run config's learning-rate)")
+                   "split per method and rank: 'fed-sb=2.5e-3|5e-3|1e-2' (empty: the run config's learning-rate)")
     m.add_argument("--seeds", type=int, default=1, help="final runs per (method, rank): seeds s, s+1, ... (s: run "
                    "config's seed)")
     m.add_argument("--validation-fraction", type=float, default=0.1, help="training data set aside (seeded, before "
@@ -118,12 +149,20 @@ def main(argv: list[str] | None = None) -> int:
                    "rate is at its edge")
     m.set_defaults(func=_cmd_compare)
 
-    k = sub.add_parser("certs", help="CA, SuperLink TLS certificate and SuperNode auth keys")
-    k.add_argument("--out", default="certs")
-    k.add_argument("--nodes", type=int, default=3)
-    k.add_argument("--host", action="append", default=[], help="DNS name in the SuperLink certificate (repeatable)")
+    cc = command("check-config", help="check a run config (files, columns, model, target modules, output-dir) "
+                 "without starting anything; make run calls it before flwr run")
+    cc.add_argument("--run-config", default="", help="the overrides you give flwr run --run-config")
+    cc.add_argument("--num-supernodes", type=int, default=None, help="the nodes of the federation, if known "
+                    "(checked against min-available-nodes)")
+    cc.set_defaults(func=_cmd_check_config)
+
+    k = command("certs", help="CA, SuperLink TLS certificate and SuperNode auth keys")
+    k.add_argument("--out", default="certs", help="folder for the certificates and keys")
+    k.add_argument("--nodes", type=int, default=3, help="SuperNode key pairs to make")
+    k.add_argument("--host", action="append", default=[], help="DNS name in the SuperLink certificate (repeatable; "
+                   "none: superlink)")
     k.add_argument("--ip", action="append", default=["127.0.0.1"], help="IP in the SuperLink certificate (repeatable)")
-    k.add_argument("--overwrite", action="store_true")
+    k.add_argument("--overwrite", action="store_true", help="replace existing certificates")
     k.add_argument("--keep-existing", action="store_true", help="do nothing if certificates exist")
     k.add_argument("--by-party", action="store_true", help="one folder per party (superlink/, supernode-i/, public/), "
                    "each with only that party's files, to mount into its container alone")
@@ -133,26 +172,26 @@ def main(argv: list[str] | None = None) -> int:
                    "certificate; for a single-host demo)")
     k.set_defaults(func=_cmd_certs)
 
-    d = sub.add_parser("compose", help="(re)generate docker/compose.yml and compose.tls.yml from fedsb.ops.deploy")
-    d.add_argument("--out", default="docker")
-    d.add_argument("--nodes", type=int, default=3)
+    d = command("compose", help="(re)generate docker/compose.yml and compose.tls.yml from fedsb.ops.deploy")
+    d.add_argument("--out", default="docker", help="folder for the compose files (created if missing)")
+    d.add_argument("--nodes", type=int, default=3, help="SuperNodes in the federation")
     d.set_defaults(func=_cmd_compose)
 
-    ls = sub.add_parser("local-superlink", help="the SuperLink `flwr run . local` leaves running: is it (exit 0), stop it")
-    ls.add_argument("action", choices=["running", "stop"])
+    ls = command("local-superlink", help="the SuperLink `flwr run . local` leaves running: is it (exit 0), stop it")
+    ls.add_argument("action", choices=["running", "stop"], help="`running`: exit 0 if it runs; `stop`: stop it")
     ls.set_defaults(func=_cmd_local_superlink)
 
-    w = sub.add_parser("warm-clientapp", add_help=False,
-                       help="a node's warm-start process: preloads torch and transformers and forks each ClientApp "
-                            "process (client/warm_start.py; `fedsb warm-clientapp --help`)")
+    sub.add_parser("warm-clientapp", add_help=False,
+                   help="a node's warm-start process: preloads torch and transformers and forks each ClientApp "
+                        "process (`fedsb warm-clientapp --help`)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["warm-clientapp"]:  # its own parser: every option after the subcommand is its
         from client.warm_start import main as warm_clientapp
 
         return warm_clientapp(argv[1:])
 
-    c = sub.add_parser("check-run", help="fail unless RUN_DIR holds a completed run")
-    c.add_argument("run_dir")
+    c = command("check-run", help="fail unless RUN_DIR holds a completed run")
+    c.add_argument("run_dir", help="the run's output-dir")
     c.set_defaults(func=_cmd_check_run)
 
     args = p.parse_args(argv)

@@ -38,8 +38,8 @@ class FedSBServer:
 
     def __init__(self, grid: Grid, cfg: FedSBConfig, task: Task | None = None):
         self.grid, self.cfg = grid, cfg
-        self.run_dir = prepare_run_dir(cfg)
         self.task = task or get_task(cfg)  # validates model, data, targets and rank before anything is sent
+        self.run_dir = prepare_run_dir(cfg)  # after the task loaded: a bad model or dataset leaves no directory
         self.method = self.task.method()
         self.model = self.task.base_model()
         self.method.build(self.model, self.task.layer_names)
@@ -63,9 +63,11 @@ class FedSBServer:
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
         cfg, t0 = self.cfg, time.time()
+        self.t0 = t0  # the run's clock: a resumed run goes on from the checkpointed seconds
         nodes = self.wait_for_nodes()
         if cfg.resume:
             self.restore()
+            self.t0 -= self.state.totals.get("seconds", 0.0)
             self.hello(nodes)  # node ids are new after a restart; partitions are not
         else:
             self.hello(nodes)
@@ -82,7 +84,7 @@ class FedSBServer:
                 if cfg.federated_evaluate:
                     self.federated_evaluate(rnd)
             self.checkpoint(rnd)
-        self.finish(time.time() - t0)
+        self.finish(time.time() - self.t0, time.time() - t0)
 
     # -- nodes ----------------------------------------------------------------------------------
     def wait_for_nodes(self, required: bool = True) -> list[int]:
@@ -207,6 +209,7 @@ class FedSBServer:
     def checkpoint(self, rnd: int) -> None:
         s = self.state
         s.round, s.records = rnd, self.rec.records
+        s.totals["seconds"] = round(time.time() - self.t0, 3)
         s.global_vec = self.method.get_vector(self.model)
         s.method_tensors, s.method_nodes = self.method.server_state(), self.method.node_state()
         s.to_checkpoint(self.run_dir / CHECKPOINT)
@@ -238,13 +241,14 @@ class FedSBServer:
             (self.state.totals["bytes_basis_total"] / sends if sends else 0.0)
 
     # -- the end of the run -------------------------------------------------------------------------
-    def finish(self, seconds: float) -> None:
+    def finish(self, seconds: float, session_seconds: float) -> None:
+        """``seconds``: the whole run (every session up to its last checkpoint); ``session_seconds``: this process's."""
         cfg, s = self.cfg, self.state
         adapter_dir = self.run_dir / "adapter"
         meta = {"method": cfg.method, "rank": cfg.rank, "scale": self.method.scale, "base_model": self.task.model_path,
                 "task": cfg.task, "fingerprint": s.fingerprint, "label_names": self.task.data.label_names}
         save_fedsb_adapter(adapter_dir, self.model, meta)
-        export_peft(adapter_dir / "peft", self.model, self.task.model_path, self.task.peft_task_type)
+        export_peft(adapter_dir / "peft", self.model, self.task.portable_model_name, self.task.peft_task_type)
         self.rec.plot()
         ev = self.rec.last("evaluate") or {}
         first = next((r for r in self.rec.records if r["phase"] == "evaluate"), {})
@@ -264,7 +268,7 @@ class FedSBServer:
             "head_params": sum(t.numel() for t in head_state(self.model).values()),
             "adapted_layers": len(self.task.layer_names), "fingerprint": s.fingerprint,
             "rank_mix": {str(k): sorted(self.rank_of.values()).count(k) for k in sorted(set(self.rank_of.values()))},
-            "seconds": round(seconds, 2), "config": cfg.to_run_config(), "versions": versions(),
+            "seconds": round(seconds, 2), "seconds_this_session": round(session_seconds, 2), "config": cfg.to_run_config(), "versions": versions(),
             "run_dir": str(self.run_dir), "secagg": cfg.secagg,
             "secagg_settings": {"shares": cfg.secagg_shares, "threshold": cfg.secagg_threshold,
                                 "clip_range": cfg.secagg_clip_range, "quantization_range": cfg.secagg_quantization_range,

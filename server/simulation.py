@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,9 +23,13 @@ log = logging.getLogger("fedsb.simulation")
 
 def parse_run_config(text: str) -> dict[str, Any]:
     """Parse Flower's ``--run-config "k=v k2='s'"`` syntax (values are TOML scalars)."""
+    import click
     from flwr.common.config import parse_config_args
 
-    return dict(parse_config_args([text])) if text and text.strip() else {}
+    try:
+        return dict(parse_config_args([text])) if text and text.strip() else {}
+    except click.ClickException as e:  # Flower's CLI error: one line here too
+        raise ValueError(f"--run-config {text!r}: {e.format_message()} Quote strings: key='value'") from None
 
 
 def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_client: float = 1.0,
@@ -38,6 +43,7 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
+    custom_server_app = server_app
     if server_app is None:
         from server.app import app as server_app
     if client_app is None:
@@ -50,8 +56,16 @@ def simulate(overrides: Mapping[str, Any], num_supernodes: int, *, cpus_per_clie
         cfg = cfg.replace(output_dir=str(Path(f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()))
     else:
         cfg = cfg.replace(output_dir=str(Path(cfg.output_dir).expanduser().resolve()))
+    from fedsb.preflight import preflight
+
+    # every error it can know of, before Flower starts and before any directory exists (the model and data of
+    # fedsb's own apps: another ServerApp may bring its own Task)
+    preflight(cfg, num_supernodes, model_and_data=custom_server_app is None)
     full = cfg.to_run_config()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    # Ray's "Tip: In future versions of Ray..." about GPU env vars on every start: it describes Ray's future,
+    # not this run (clients with --gpus-per-client 0 see no GPU, as now)
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     with tempfile.TemporaryDirectory(prefix="fedsb-app-") as app_dir:
         project = {
             "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},

@@ -108,6 +108,17 @@ def test_bad_run_config_fails_before_training(tiny_bert, sentiment_csv, tmp_path
     assert not (tmp_path / "out").exists()  # nothing was started or written
 
 
+@pytest.mark.parametrize("word, value", [("on", True), ("OFF", False), ("yes", True), ("0", False)])
+def test_booleans_take_the_usual_words(word, value):
+    assert FedSBConfig.from_run_config({"dp": word}).dp is value
+
+
+def test_a_bad_boolean_says_what_is_accepted():
+    with pytest.raises(ConfigError) as e:
+        FedSBConfig.from_run_config({"secagg": "enabled"})
+    assert all(w in str(e.value) for w in ("true", "false", "yes", "no", "on", "off")), str(e.value)
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     from fedsb.run.records import prepare_run_dir
 

@@ -137,6 +137,32 @@ def random_bases(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int) ->
     return out
 
 
+def weight_bases(weights: Mapping[str, torch.Tensor], rank: int, directions: str = "principal") -> dict[str, Basis]:
+    """Bases from the frozen weights alone (``init-basis = "weights"``): B, A the top (``principal``, as
+    LoRA-XS and PiSSA take them) or bottom (``minor``, MiLoRA's choice) ``rank`` singular vectors of W0 (m×n),
+    R0 = 0. Every node computes them from its own copy of the model, so nothing travels and no data is used.
+
+    Computed by the exact SVD in float64 so that two machines agree to far below the basis dtype's rounding,
+    and each singular pair's sign is fixed (the largest-magnitude entry of each column of B is positive),
+    since an SVD routine may return ``(-u, -v)`` for ``(u, v)``. Agreement bit for bit is then checked by the
+    fingerprint; a node that disagrees is sent the matrices.
+    """
+    if directions not in ("principal", "minor"):
+        raise ValueError(f"unknown weight directions {directions!r}; use 'principal' or 'minor'")
+    out = {}
+    for name, W in weights.items():
+        U, _, Vh = torch.linalg.svd(W.detach().double().cpu(), full_matrices=False)
+        if rank > U.shape[1]:
+            raise ValueError(f"rank {rank} exceeds layer {name}'s smaller dimension {U.shape[1]}")
+        U, Vh = (U[:, :rank], Vh[:rank]) if directions == "principal" else (U[:, -rank:], Vh[-rank:])
+        pivot = U.abs().argmax(dim=0)
+        sign = torch.sign(U[pivot, torch.arange(U.shape[1])])
+        sign[sign == 0] = 1.0
+        out[name] = Basis(B=(U * sign).float().contiguous(), A=(Vh * sign[:, None]).float().contiguous(),
+                          R0=torch.zeros(rank, rank))
+    return out
+
+
 def apply_bases(layers: Mapping[str, SBLinear], bases: Mapping[str, Basis]) -> None:
     for n, layer in layers.items():
         b = bases[n]

@@ -115,6 +115,10 @@ def export_peft(out_dir: str | Path, model: nn.Module, base_model_path: str, tas
     }
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    if task_type == "SEQ_CLS" and hasattr(model, "config"):
+        # the head's config (num_labels, id2label, label2id) where transformers reads it:
+        # AutoModelForSequenceClassification.from_pretrained(base, config=AutoConfig.from_pretrained(<this folder>))
+        model.config.save_pretrained(out)
     return out
 
 

@@ -22,8 +22,9 @@ CHECKPOINT = "checkpoint.safetensors"
 PACKAGES = ("fedsb", "flwr", "torch", "transformers", "opacus", "peft", "safetensors", "numpy")
 
 
-def prepare_run_dir(cfg: FedSBConfig) -> Path:
-    """Create the run directory; refuse to overwrite an earlier run's results (unless resuming)."""
+def check_run_dir(cfg: FedSBConfig) -> Path:
+    """The run directory's path; refuse one that holds an earlier run's results (unless resuming), or a
+    resume without a checkpoint. Creates nothing (the pre-flight check calls it)."""
     path = Path(cfg.output_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser().resolve()
     if (path / METRICS).exists() and not cfg.resume:
         raise ConfigError(
@@ -33,6 +34,12 @@ def prepare_run_dir(cfg: FedSBConfig) -> Path:
         )
     if cfg.resume and not (path / CHECKPOINT).exists():
         raise ConfigError("resume", f"resume=true but {path} has no {CHECKPOINT}; drop resume or fix output-dir")
+    return path
+
+
+def prepare_run_dir(cfg: FedSBConfig) -> Path:
+    """Create the run directory, after ``check_run_dir``'s checks."""
+    path = check_run_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedsb.config import FedSBConfig
-from fedsb.tasks.base import Task
+from fedsb.tasks.base import BUNDLED_PREFIX, Task
 from fedsb.tasks.causal_lm import CausalLMTask
 from fedsb.tasks.seq_cls import SeqClsTask
 
@@ -15,4 +15,12 @@ def get_task(cfg: FedSBConfig) -> Task:
     return REGISTRY[cfg.task].load(cfg)
 
 
-__all__ = ["Task", "REGISTRY", "get_task", "SeqClsTask", "CausalLMTask"]
+def base_model_path(name: str) -> str:
+    """The local folder an export's ``base_model_name_or_path`` names: ``fedsb:default/<task>`` is that task's
+    bundled model on this machine; anything else is returned as is (a folder, or a hub name)."""
+    if name.startswith(BUNDLED_PREFIX):
+        return REGISTRY[name.removeprefix(BUNDLED_PREFIX)].default_model()
+    return name
+
+
+__all__ = ["Task", "REGISTRY", "get_task", "base_model_path", "SeqClsTask", "CausalLMTask"]

@@ -20,6 +20,9 @@ from fedsb.tasks.data import TaskData, make_loader, pad_collate
 from fedsb.tasks.models import load_base_model, load_tokenizer, model_content_id, resolve_model_path
 
 
+BUNDLED_PREFIX = "fedsb:default/"  # an export's base model name for a task's bundled default model
+
+
 @dataclass
 class Task:
     cfg: FedSBConfig
@@ -82,10 +85,23 @@ class Task:
         """A fresh copy of the frozen base model, its weights in base-dtype, on the configured device."""
         model = load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed, self.cfg.torch_base_dtype,
                                 self.cfg.train_pooler)
+        if self.data.label_names:  # the exported head's config then names its classes (transformers reads them)
+            model.config.id2label = dict(enumerate(self.data.label_names))
+            model.config.label2id = {name: i for i, name in enumerate(self.data.label_names)}
         if self.cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             # non-reentrant: the frozen base's inputs need no grad for R's gradient to flow through
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.to(self.device)
+
+    @property
+    def portable_model_name(self) -> str:
+        """What an export records as its base model: ``fedsb:default/<task>`` for a registered task's bundled
+        model (it sits in site-packages or a cache, at another path on every machine; ``fedsb.tasks.base_model_path``
+        finds it), else the model folder's absolute path (a relative one would depend on the server's cwd)."""
+        from fedsb.tasks import REGISTRY
+
+        return f"{BUNDLED_PREFIX}{self.name}" if self.cfg.model == "default" and REGISTRY.get(self.name) is type(self) \
+            else self.model_path
 
     @property
     def device(self) -> str:

@@ -61,21 +61,42 @@ def _read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh, delimiter=delimiter))
 
 
+def table_path(dataset: str, key: str = "dataset") -> Path:
+    """The file a seq-cls ``dataset`` (or ``init-dataset``) names; ConfigError naming ``key`` if there is none."""
+    path = default_dataset_path() if dataset == "default" else Path(dataset).expanduser()
+    if not path.is_file():
+        raise ConfigError(key, f"{dataset!r} is not a file; give a CSV/TSV/JSONL path or `default`")
+    return path
+
+
+def check_columns(path: Path, columns: list[str], text_column: str, label_column: str, text_pair_column: str = "") -> None:
+    for key, col in (("text-column", text_column), ("label-column", label_column), ("text-pair-column", text_pair_column)):
+        if col and col not in columns:
+            raise ConfigError(key, f"column {col!r} is not in {path.name}; its columns are {columns}")
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a CSV/TSV header or of a JSONL file's first record, without reading the rest."""
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        if path.suffix.lower() in (".jsonl", ".json"):
+            first = next((line for line in fh if line.strip()), "")
+            try:
+                return list(json.loads(first)) if first else []
+            except json.JSONDecodeError as e:
+                raise ConfigError("dataset", f"{path}: line 1 is not valid JSON ({e})") from e
+        return next(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
+
+
 def load_table(dataset: str, text_column: str, label_column: str, text_pair_column: str = "",
                labels: tuple[str, ...] = ()) -> TextTable:
     """The rows of a CSV/TSV/JSONL file with a text and a label. ``labels`` fixes the classes and their order
     (the run config's ``labels``); a value outside it is refused, never dropped. Without it the classes are
     the file's distinct labels, sorted (numbers numerically)."""
-    path = default_dataset_path() if dataset == "default" else Path(dataset).expanduser()
-    if not path.is_file():
-        raise ConfigError("dataset", f"{dataset!r} is not a file; give a CSV/TSV/JSONL path or `default`")
+    path = table_path(dataset)
     rows = _read_rows(path)
     if not rows:
         raise ConfigError("dataset", f"{path} holds no rows")
-    columns = list(rows[0].keys())
-    for key, col in (("text-column", text_column), ("label-column", label_column), ("text-pair-column", text_pair_column)):
-        if col and col not in columns:
-            raise ConfigError(key, f"column {col!r} is not in {path.name}; its columns are {columns}")
+    check_columns(path, list(rows[0].keys()), text_column, label_column, text_pair_column)
     rows = [r for r in rows if r.get(text_column) not in (None, "") and r.get(label_column) not in (None, "")]
     raw_labels = [str(r[label_column]) for r in rows]
     if labels:

@@ -23,6 +23,7 @@ from torch import nn
 
 from fedsb.adapters.inject import head_prefixes
 from fedsb.config import ConfigError
+from fedsb.logs import progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dt
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected, not a warning
+    if not progress_bars():  # "Loading weights" bars of many simulated clients would interleave in the log
+        hf_logging.disable_progress_bar()
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the new head's initial weights are a function of the seed
         if task == "causal-lm":  # the one place that maps a task name to a transformers auto class
