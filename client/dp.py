@@ -2,6 +2,8 @@
 
 The maths is in ``fedsb.privacy.dp``; this file decides which history, σ and δ apply to a message: the
 node's accountant history (its own state, or what the server echoes back after a restart), σ, budget.
+A node's privacy rests on the node: it never takes a δ looser than its own bound, and it refuses a round
+that would take its ε past its own cap, whatever the server asks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import numpy as np
 
 from fedsb.privacy import dp as privacy
+from client.node import NodeSettings
 from client.trainers import LocalTrainer
 from fedsb.config import FedSBConfig
 from fedsb.methods import NodeStore, method_class
@@ -43,11 +46,22 @@ def save(store: NodeStore, hist: privacy.History) -> None:
     store.put(STATE_KEY, {}, {"history": flat(hist)})
 
 
-def delta(cfg: FedSBConfig, config, n_local: int) -> float:
-    if cfg.target_delta > 0:
-        return cfg.target_delta
-    sent = config.get("dp-delta", 0.0)
-    return float(sent) if sent else privacy.default_delta(n_local)
+def delta(cfg: FedSBConfig, config, n_local: int, node: NodeSettings | None = None) -> float:
+    """The stricter of the federation's δ (target-delta, or what the server sends) and the node's own bound
+    (its node-config ``dp-delta``, else 1/(10·n_local)): a server that sends a large δ cannot make this
+    node calibrate less noise."""
+    own = node.dp_delta if node is not None and node.dp_delta > 0 else privacy.default_delta(n_local)
+    federation = cfg.target_delta if cfg.target_delta > 0 else float(config.get("dp-delta", 0.0) or 0.0)
+    if federation > own:
+        log.info("dp: the federation's delta %.3g is above this node's bound %.3g; using %.3g", federation, own, own)
+    return min(federation, own) if federation > 0 else own
+
+
+def epsilon_cap(cfg: FedSBConfig, node: NodeSettings | None) -> tuple[float, str]:
+    """(cap, its source): the run's target-epsilon, or the node's own max-epsilon where that is stricter."""
+    if node is not None and 0 < node.max_epsilon < cfg.target_epsilon:
+        return node.max_epsilon, "this node's max-epsilon"
+    return cfg.target_epsilon, "the run's target-epsilon"
 
 
 def noise_multiplier(cfg: FedSBConfig, n_local: int, d: float) -> float:
@@ -70,12 +84,16 @@ def metrics(hist: privacy.History, d: float, sigma: float, cfg: FedSBConfig) -> 
 class DPTrainer(LocalTrainer):
     private = True
 
+    def __init__(self, cfg: FedSBConfig, node: NodeSettings | None = None):
+        super().__init__(cfg)
+        self.node = node or NodeSettings()
+
     def init_gradient(self, task, model, layers, ds, pid, config, store):
         """The init gradient under DP: a Poisson sample (q = init-samples/n, secret) of the local examples,
         each one's gradient clipped, summed, noised. ``count`` is the expected sample size q·n, a function
         of n alone, because the drawn size would tell the server about the sample."""
         cfg, n_local = self.cfg, len(ds)
-        d = delta(cfg, config, n_local)
+        d = delta(cfg, config, n_local, self.node)
         sigma = noise_multiplier(cfg, n_local, d)
         q = min(1.0, cfg.init_samples / n_local)
         gen = privacy.secret_generator()
@@ -89,15 +107,16 @@ class DPTrainer(LocalTrainer):
     def train(self, task, model, ds, pid, rnd, config, store):
         """(loss, metrics), or (None, metrics) when this round would overspend the budget."""
         cfg, n = self.cfg, len(ds)
-        d = delta(cfg, config, n)
+        d = delta(cfg, config, n, self.node)
         sigma = noise_multiplier(cfg, n, d)
         hist = history(config, store)
         q = min(1.0, cfg.batch_size / n)
         planned = privacy.epsilon_from_history(privacy.merge_history(hist + [(sigma, q, cfg.local_steps)]), d, cfg.accountant)
-        if planned > cfg.target_epsilon * (1 + 1e-6):
-            log.warning("privacy budget: this round would reach epsilon=%.3f > target %.3f; not training", planned,
-                        cfg.target_epsilon)
-            return None, metrics(hist, d, sigma, cfg)
+        cap, source = epsilon_cap(cfg, self.node)
+        if planned > cap * (1 + 1e-6):
+            reason = f"round {rnd} would reach epsilon={planned:.3f} > {source} {cap:g} (delta={d:.3g}); not training"
+            log.warning("privacy budget: %s", reason)
+            return None, {**metrics(hist, d, sigma, cfg), "refused": reason}
         res = privacy.private_train(model, ds, task.collate(), steps=cfg.local_steps,
                                     batch_size=cfg.batch_size,
                                     lr=scheduled_lrs(cfg.learning_rate, cfg.lr_schedule, cfg.warmup_ratio, rnd,

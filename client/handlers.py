@@ -8,7 +8,6 @@ or DP changes is behind ``Method.client_model`` and the trainer chosen once from
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -17,6 +16,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.dp import DPTrainer
+from client.node import NodeSettings
 from client.trainers import LocalTrainer
 from fedsb import adapters
 from fedsb.config import FedSBConfig
@@ -98,41 +98,59 @@ def model_or_need_basis(task: Task, method, msg: Message, context: Context):
     return None, Message(RecordDict({"config": ConfigRecord(config)}), reply_to=msg)
 
 
-def trainer_for(cfg: FedSBConfig) -> LocalTrainer:
-    return DPTrainer(cfg) if cfg.dp else LocalTrainer(cfg)
+def trainer_for(cfg: FedSBConfig, node: NodeSettings | None = None) -> LocalTrainer:
+    return DPTrainer(cfg, node or NodeSettings()) if cfg.dp else LocalTrainer(cfg)
 
 
 class FedSBClient:
     def __init__(self, task_for: Callable[[FedSBConfig], Task] = get_task):
         self.task_for = task_for
 
-    def setup(self, context: Context) -> tuple[FedSBConfig, Task, int, int]:
-        torch.set_num_threads(int(os.environ.get("FEDSB_CLIENT_THREADS", "1")))
+    def setup(self, context: Context) -> tuple[FedSBConfig, Task, NodeSettings]:
+        """The run's config, this node's task (its own file and model where its node config names them) and
+        its settings; torch gets the node's thread count."""
+        node = NodeSettings.from_node_config(context.node_config)
+        torch.set_num_threads(node.threads())
         cfg = FedSBConfig.from_run_config(context.run_config)
-        pid = int(context.node_config.get("partition-id", 0))
-        nparts = int(context.node_config.get("num-partitions", 1))
-        return cfg, self.task_for(cfg), pid, nparts
+        return cfg, self.task_for(node.task_config(cfg)), node
 
     @staticmethod
-    def method_for(cfg: FedSBConfig, task: Task, context: Context, pid: int):
+    def train_dataset(task: Task, cfg: FedSBConfig, node: NodeSettings):
+        """This node's training examples: its own file less its held-out slice, or (simulations, the bundled
+        data) its partition of the shared training split."""
+        if node.dataset:
+            return task.data.dataset.subset(task.data.train_idx)
+        return task.data.client_dataset(node.partition_id, node.num_partitions, cfg)
+
+    @staticmethod
+    def eval_dataset(task: Task, cfg: FedSBConfig, node: NodeSettings):
+        """What federated evaluation reads: a node with its own file, its seeded held-out slice (never a
+        training example); otherwise its partition, as before."""
+        if node.dataset:
+            return task.data.dataset.subset(task.data.test_idx)
+        return task.data.client_dataset(node.partition_id, node.num_partitions, cfg)
+
+    @staticmethod
+    def method_for(cfg: FedSBConfig, task: Task, node: NodeSettings):
         """The method at this node's own rank (nested ranks: its node-config ``rank`` or client-ranks)."""
         method = method_for(cfg)
-        method.rank = cfg.rank_of_partition(pid, context.node_config.get("rank"))
+        method.rank = cfg.rank_of_partition(node.partition_id, node.rank)
         return method
 
     def query(self, msg: Message, context: Context) -> Message:
         """``hello``: partition and size; ``basis``: the basis ahead of a SecAgg+ round; ``fed-sb-init``: the
         sum of ∂L/∂W0 over up to init-samples local examples."""
-        cfg, task, pid, nparts = self.setup(context)
-        ds = task.data.client_dataset(pid, nparts, cfg)
+        cfg, task, node = self.setup(context)
+        pid = node.partition_id
+        ds = self.train_dataset(task, cfg, node)
         metrics = {"partition-id": pid, "num-train-examples": len(ds)}
-        own_rank = cfg.rank_of_partition(pid, context.node_config.get("rank"))
+        own_rank = cfg.rank_of_partition(pid, node.rank)
         if own_rank != cfg.rank:  # nested ranks: the server sends this node only its leading block
             metrics["rank"] = own_rank
         config = msg.content["config"]
         mode = config["mode"]
         if mode == "basis":  # SecAgg+ round messages carry only FitIns, so the basis comes in a query
-            self.method_for(cfg, task, context, pid).client_model(task, download_of(msg), ContextStore(context))
+            self.method_for(cfg, task, node).client_model(task, download_of(msg), ContextStore(context))
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
         if mode != "fed-sb-init":
             return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
@@ -142,7 +160,7 @@ class FedSBClient:
         head = {n: p for n, p in model.named_parameters() if any(n.startswith(h + ".") for h in adapters.head_prefixes(model))}
         unflatten_into(head, msg.content["head"]["head"].numpy())  # same head as the server's, so same gradient
         layers = list(config["layers"])
-        sums, count, extra = trainer_for(cfg).init_gradient(task, model, layers, ds, pid, config, ContextStore(context))
+        sums, count, extra = trainer_for(cfg, node).init_gradient(task, model, layers, ds, pid, config, ContextStore(context))
         metrics.update(extra)
         metrics["peak-memory-bytes"] = peak_memory_bytes(task.device)
         vec = flatten({n: sums[n] for n in layers})
@@ -156,10 +174,10 @@ class FedSBClient:
 
     def train(self, msg: Message, context: Context) -> Message:
         t_enter = time.time()
-        cfg, task, pid, nparts = self.setup(context)
-        t_setup = time.time()
+        cfg, task, node = self.setup(context)
+        pid, t_setup = node.partition_id, time.time()
         download = download_of(msg)
-        method, fp, rnd = self.method_for(cfg, task, context, pid), download.fingerprint, download.round
+        method, fp, rnd = self.method_for(cfg, task, node), download.fingerprint, download.round
         if int(download.config.get("rank", cfg.rank)) != method.rank:
             raise ValueError(f"the server sent a rank-{download.config.get('rank', cfg.rank)} block to a node that "
                              f"trains at rank {method.rank}")
@@ -169,18 +187,18 @@ class FedSBClient:
             return ask
         method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
         t_model = time.time()
-        ds = task.data.client_dataset(pid, nparts, cfg)
+        ds = self.train_dataset(task, cfg, node)
         t0 = time.time()
         # where a round's time goes on this node (a deployment starts a fresh process per message)
         timing = {"time-process-age": t_enter - PROCESS_START, "time-setup": t_setup - t_enter,
                   "time-model": t_model - t_setup, "time-data": t0 - t_model}
         reset_peak_memory(task.device)
-        trainer = trainer_for(cfg)
+        trainer = trainer_for(cfg, node)
         loss, metrics = trainer.train(task, model, ds, pid, rnd, download.config, ContextStore(context))
-        if loss is None:  # training this round would overspend the privacy budget
-            return Message(RecordDict({"metrics": MetricRecord(metrics),
-                                       "config": ConfigRecord({"status": "budget-exhausted", "fingerprint": fp})}),
-                           reply_to=msg)
+        if loss is None:  # training this round would overspend the run's or this node's privacy budget
+            reason = str(metrics.pop("refused", "privacy budget spent"))
+            return Message(RecordDict({"metrics": MetricRecord(metrics), "config": ConfigRecord(
+                {"status": "budget-exhausted", "fingerprint": fp, "reason": reason})}), reply_to=msg)
         metrics.update({"num-examples": len(ds), "seconds": time.time() - t0,
                         "peak-memory-bytes": peak_memory_bytes(task.device), **timing})
         if trainer.private:
@@ -193,13 +211,13 @@ class FedSBClient:
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Evaluate the global adapter on this node's local data (federated evaluation)."""
-        cfg, task, pid, nparts = self.setup(context)
-        method = self.method_for(cfg, task, context, pid)
+        cfg, task, node = self.setup(context)
+        method = self.method_for(cfg, task, node)
         model, ask = model_or_need_basis(task, method, msg, context)
         if model is None:
             return ask
         method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
-        ds = task.data.client_dataset(pid, nparts, cfg)
+        ds = self.eval_dataset(task, cfg, node)
         m = task.evaluate(model, task.loader(ds, shuffle=False, batch_size=64))
         m = {k: float(v) for k, v in m.items() if v is not None}
         return Message(RecordDict({"metrics": MetricRecord(m), "config": ConfigRecord({"status": "ok"})}), reply_to=msg)

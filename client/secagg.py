@@ -43,7 +43,8 @@ def plain_to_legacy(reply: Message, msg: Message) -> Message:
 
     c = reply.content
     if c["config"].get("status") != "ok":
-        raise RuntimeError(f"cannot take part in this SecAgg+ round: {c['config'].get('status')}")
+        raise RuntimeError(f"cannot take part in this SecAgg+ round: {c['config'].get('status')} "
+                           f"{c['config'].get('reason', '')}".rstrip())
     metrics = to_legacy_scalars(dict(c["metrics"]))  # lists (the DP history) travel as JSON text
     metrics["fingerprint"] = c["config"]["fingerprint"]
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters([c["adapter"]["adapter"].numpy()]),

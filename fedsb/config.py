@@ -20,6 +20,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedsb.aggregation.robust import TRIM_FRACTION_MAX
@@ -54,6 +55,9 @@ class FedSBConfig:
     text_column: str = _f("text", "column holding the input text")
     text_pair_column: str = _f("", "optional second text column (sentence pairs, e.g. NLI); empty for none")
     label_column: str = _f("sentiment", "column holding the class label (any strings or integers)")
+    labels: str = _f("", "the classes, comma-separated, in the head's order (e.g. `negative,neutral,positive`): "
+                     "every party maps them alike, and a file with another label is refused; empty: the distinct "
+                     "values of label-column in dataset, sorted")
     max_length: int = _f(64, "tokens per example after truncation", lo=1, hi=8192)
     test_fraction: float = _f(0.1, "fraction of the data held out (seeded) for server-side evaluation", lo=0.0, hi=0.9, lo_open=True)
     validation_fraction: float = _f(0.0, "fraction of the training data set aside (seeded, after the held-out split, "
@@ -237,6 +241,9 @@ class FedSBConfig:
                 raise ConfigError("device", "got 'cuda' but torch sees no CUDA device here (torch "
                                   f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device='auto' or 'cpu', "
                                   "or install a CUDA build of torch on a machine with a GPU")
+        if self.labels.strip() and (len(self.label_list) < 2 or len(set(self.label_list)) != len(self.label_list)):
+            raise ConfigError("labels", f"got {self.labels!r}; give at least two distinct comma-separated classes, "
+                              "e.g. 'negative,neutral,positive'")
         if self.client_ranks.strip():
             ranks = self.client_rank_list
             if not method.supports_nested_ranks:
@@ -259,6 +266,11 @@ class FedSBConfig:
         if not method.needs_basis and self.init_basis != "gradient":
             able = ", ".join(n for n, c in REGISTRY.items() if c.needs_basis)
             raise ConfigError("init-basis", f"only applies to method={able} (got method={self.method!r}); leave it at 'gradient'")
+
+    @property
+    def label_list(self) -> tuple[str, ...]:
+        """``labels`` as a tuple (empty: the classes come from the data)."""
+        return tuple(x.strip() for x in self.labels.split(",") if x.strip())
 
     @property
     def client_rank_list(self) -> list[int]:
@@ -313,9 +325,6 @@ class FedSBConfig:
 
 if __name__ == "__main__":  # python -m fedsb.config [--write-readme README.md]
     if len(sys.argv) == 3 and sys.argv[1] == "--write-readme":
-        from pathlib import Path
-
-        readme = Path(sys.argv[2])
-        readme.write_text(readme_with_table(FedSBConfig, readme.read_text()))
+        Path(sys.argv[2]).write_text(readme_with_table(FedSBConfig, Path(sys.argv[2]).read_text()))
     else:
         sys.stdout.write(markdown_table(FedSBConfig))

@@ -178,7 +178,9 @@ def layer_list_fingerprint(layers: Mapping[str, tuple[int, int]]) -> str:
 def basis_fingerprint(model_id: str, rank: int, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> str:
     """sha256 over the model id, the target layers, the rank and the bytes of every B and A.
 
-    A client whose basis differs in any bit reports a different fingerprint, and its R is refused.
+    ``model_id`` is the model's content id (``Task.model_id``: architecture and target-layer weights),
+    never a path, so two installs of one model agree and two different models do not. A client whose
+    basis or model differs in any bit computes a different fingerprint, and its R is refused.
     """
     h = hashlib.sha256()
     h.update(f"{model_id}|{rank}|{','.join(bases)}".encode())

@@ -283,6 +283,7 @@ class ComposeFederation:
         self.flwr_env = dict(os.environ, FLWR_HOME=str(self.flwr_home), PYTHONPATH=str(ROOT),
                              PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.intruder = f"{self.project}-intruder"
+        self.node_ids: dict[int, str] = {}
 
     def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
         return run(["docker-compose", "--project-directory", str(self.workdir), "-p", self.project,
@@ -321,7 +322,11 @@ class ComposeFederation:
             time.sleep(2)
 
     def register(self, i: int) -> subprocess.CompletedProcess:
-        return self.flwr("supernode", "register", str(self.workdir / "certs" / "keys" / f"sn{i}.pub"), "fedsb-docker")
+        """``flwr supernode register`` of node i's public key; its node id goes to ``self.node_ids[i]``."""
+        res = self.flwr("supernode", "register", str(self.workdir / "certs" / "keys" / f"sn{i}.pub"), "fedsb-docker",
+                        "--format", "json")
+        self.node_ids[i] = str(json.loads(res.stdout)["node-id"]) if res.returncode == 0 else ""
+        return res
 
     def start_intruder(self) -> None:
         """A SuperNode container (the supernode-0 service's image and certificates) with a key nobody registered."""

@@ -153,7 +153,7 @@ class BasisProtocol:
     def refresh(self) -> None:
         layers = adapters.adapter_layers(self.model)
         self.state.basis = flatten(basis_tensors(layers))
-        self.state.fingerprint = layers_fingerprint(self.task.model_path, self.cfg.rank, layers)
+        self.state.fingerprint = layers_fingerprint(self.task.model_id, self.cfg.rank, layers)
         self.fingerprints = {self.cfg.rank: self.state.fingerprint}
 
     def fingerprint_for(self, node: int) -> str:
@@ -162,7 +162,7 @@ class BasisProtocol:
         if k not in self.fingerprints:
             tensors = basis_tensors(adapters.adapter_layers(self.model), k)
             pairs = {n[: -len(".B")]: (tensors[n], tensors[n[: -len(".B")] + ".A"]) for n in tensors if n.endswith(".B")}
-            self.fingerprints[k] = basis_fingerprint(self.task.model_path, k, pairs)
+            self.fingerprints[k] = basis_fingerprint(self.task.model_id, k, pairs)
         return self.fingerprints[k]
 
     # -- step 2: the one-time broadcast ---------------------------------------------------------

@@ -70,8 +70,13 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     if args.keep_existing and (out / "ca.crt").exists():
         print(f"{out} already holds certificates; keeping them")
         return 0
-    files = make_certificates(out, args.nodes, hostnames=[*(args.host or ["superlink"]), "localhost"], ips=args.ip, overwrite=args.overwrite)
-    print("\n".join(str(p) for p in files.values()))
+    files = make_certificates(out, args.nodes, hostnames=[*(args.host or ["superlink"]), "localhost"], ips=args.ip,
+                              overwrite=args.overwrite, keep_ca_key=not args.no_ca_key)
+    if args.by_party:
+        from fedsb.ops.certs import split_by_party
+
+        files.update(split_by_party(out, args.nodes, owner=args.owner))
+    print("\n".join(str(p) for p in files.values() if p.exists()))
     return 0
 
 
@@ -174,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--ip", action="append", default=["127.0.0.1"], help="IP in the SuperLink certificate (repeatable)")
     k.add_argument("--overwrite", action="store_true", help="replace existing certificates")
     k.add_argument("--keep-existing", action="store_true", help="do nothing if certificates exist")
+    k.add_argument("--by-party", action="store_true", help="one folder per party (superlink/, supernode-i/, public/), "
+                   "each with only that party's files, to mount into its container alone")
+    k.add_argument("--owner", type=int, default=None, help="with --by-party: uid that owns the private keys (the "
+                   "containers' user, 49999 in Flower's images)")
+    k.add_argument("--no-ca-key", action="store_true", help="never write the CA key (nothing can sign another "
+                   "certificate; for a single-host demo)")
     k.set_defaults(func=_cmd_certs)
 
     d = command("compose", help="(re)generate docker/compose.yml and compose.tls.yml from fedsb.ops.deploy")

@@ -59,6 +59,7 @@ class RoundTally:
         observe(node, reply)
         if status == "budget-exhausted":
             self.counts["budget_exhausted"] += 1
+            log.info("round %d: node %d did not train: %s", self.rnd, node, reply.content["config"].get("reason", status))
             return
         index, spec, sent = spec_for(node)  # a block larger than the node's is refused
         try:

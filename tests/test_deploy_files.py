@@ -97,7 +97,7 @@ def test_every_flag_is_accepted_by_the_installed_binaries(tls):
         assert "--auth-supernode-private-key" in services["supernode-2"]["command"]
     else:
         assert "--insecure" in services["superlink"]["command"]
-        assert "partition-id=2 num-partitions=3" in services["supernode-2"]["command"]
+        assert "${FEDSB_NODE_CONFIG_2:-partition-id=2 num-partitions=3}" in services["supernode-2"]["command"]
         assert "--disable-runtime-dependency-installation" in services["superlink"]["command"]
 
 
@@ -123,3 +123,68 @@ def test_certificates_verify_and_refuse_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError):
         make_certificates(tmp_path, 2)
     assert files["ca.crt"].read_bytes() == before
+
+
+def _mounts(svc: dict) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) of a service's volumes in compose's short syntax."""
+    out = []
+    for v in svc.get("volumes", []):
+        parts = v.split(":")
+        out.append((parts[0], parts[1], len(parts) > 2 and "ro" in parts[2].split(",")))
+    return out
+
+
+def test_each_container_mounts_only_its_own_secrets_and_data(tmp_path):
+    """Merged as compose merges the overlay (volumes by target): no service mounts another party's key or the
+    CA key; each ClientApp executor mounts its own party's data and model folders read-only, and nobody else's.
+    The certs service really writes those folders that way: keys 0600, the CA key nowhere."""
+    from fedsb.ops.certs import make_certificates, split_by_party
+
+    base, tls = compose_spec(3, False)["services"], compose_spec(3, True)["services"]
+    merged = {}
+    for name in base.keys() | tls.keys():
+        mounts = {t: (src, ro) for src, t, ro in _mounts(base.get(name, {}))}
+        mounts.update({t: (src, ro) for src, t, ro in _mounts(tls.get(name, {}))})
+        merged[name] = mounts
+    certs_of = {"superlink": "./certs/superlink", "superexec-serverapp": "./certs/public",
+                **{f"supernode-{i}": f"./certs/supernode-{i}" for i in range(3)}}
+    for name, mounts in merged.items():
+        if name == "certs":  # the one-shot CA itself
+            continue
+        cert_sources = [src for src, _ in mounts.values() if src.startswith("./certs")]
+        assert cert_sources == ([certs_of[name]] if name in certs_of else []), (name, cert_sources)
+        assert all(mounts["/certs"][1] for _ in cert_sources)
+        party_sources = [(src, ro) for src, ro in mounts.values() if src.startswith("./parties")]
+        if name.startswith("superexec-clientapp-"):
+            i = name.rsplit("-", 1)[1]
+            assert sorted(party_sources) == [(f"./parties/supernode-{i}/data", True), (f"./parties/supernode-{i}/model", True)]
+        else:
+            assert party_sources == []
+    assert "--no-ca-key" in tls["certs"]["entrypoint"] and "--by-party" in tls["certs"]["entrypoint"]
+    # what `fedsb certs --by-party --no-ca-key` leaves in ./certs, as the certs service runs it
+    make_certificates(tmp_path, 3, keep_ca_key=False)
+    split_by_party(tmp_path, 3)
+    assert not list(tmp_path.rglob("ca.key"))
+    for party, keys in {"superlink": {"server.key"}, "public": set(), **{f"supernode-{i}": {f"sn{i}"} for i in range(3)}}.items():
+        files = {f.name for f in (tmp_path / party).iterdir()}
+        assert files - {"ca.crt", "server.pem"} == keys, (party, files)
+        assert all((tmp_path / party / k).stat().st_mode & 0o077 == 0 for k in keys)
+    assert not list((tmp_path / "keys").glob("sn?")) and not (tmp_path / "server.key").exists()  # moved, not copied
+
+
+def test_executor_image_python_is_one_pyproject_allows():
+    """docker/Dockerfile's base is Flower's superexec image for a Python that requires-python accepts (the
+    plain tag carries Flower's newest Python, 3.13, which it refuses)."""
+    import re
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    from fedsb.ops.deploy import FLWR_VERSION, SUPEREXEC_BASE
+
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert f"ARG BASE={SUPEREXEC_BASE}\n" in dockerfile
+    tag = re.fullmatch(rf"flwr/superexec:{re.escape(FLWR_VERSION)}-py(3\.\d+)-ubuntu[\d.]+", SUPEREXEC_BASE)
+    assert tag, SUPEREXEC_BASE
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert SpecifierSet(requires).contains(tag.group(1) + ".0"), (requires, SUPEREXEC_BASE)

@@ -81,6 +81,17 @@ def _wait_for(fed: ComposeFederation, pred, what: str, timeout: float):
         time.sleep(3)
 
 
+def _wait_for_status(fed: ComposeFederation, i: int, status: str, timeout: float = 300) -> None:
+    """Until the SuperLink lists node i (``flwr supernode list``) as ``status`` (online, offline, ...)."""
+    deadline, now = time.time() + timeout, ""
+    while now != status:
+        assert time.time() < deadline, f"node {i} ({fed.node_ids.get(i)}) is {now!r}, not {status!r}, after {timeout:.0f} s"
+        time.sleep(1)
+        res = fed.flwr("supernode", "list", "fedsb-docker", "--format", "json", timeout=60)
+        nodes = json.loads(res.stdout).get("nodes", []) if res.stdout.strip().startswith("{") else []
+        now = next((n["status"] for n in nodes if n["node-id"] == fed.node_ids.get(i)), "")
+
+
 def _train(recs, rnd):
     return next((r for r in recs if r["phase"] == "train" and r["round"] == rnd), None)
 
@@ -100,11 +111,17 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
 
     # Bounded but generous waits: on 2 cores shared with other work, init + round 1 took 6-15 min here.
     _wait_for(fed, lambda r: _train(r, 1) is not None, "round 1", 2400)
-    # `docker stop` ends the SuperNode gracefully (it deactivates itself); with min-available-nodes=3 the
-    # server waits for it before round 2. Its executor container and cache volume stay.
-    log("round 1 done: stopping supernode-2 and starting it again")
+    # `docker stop` ends the SuperNode gracefully (it deactivates itself). The server goes on to round 2
+    # meanwhile, and may already have sent node 2 its round-2 message: whether node 2 answers it (before the
+    # stop, or after the restart) or is counted failed is a race this test does not decide. What it does
+    # make sure of: the SuperLink saw node 2 offline before it came back, and saw it online again. Its
+    # executor container and cache volume stay.
+    log("round 1 done: stopping supernode-2, waiting for the SuperLink to list it offline, starting it again")
     fed.compose("stop", "supernode-2")
+    _wait_for_status(fed, 2, "offline")
     fed.compose("start", "supernode-2")
+    _wait_for_status(fed, 2, "online")
+    log("supernode-2 is online again")
 
     deadline = time.time() + 1800
     while not (status := fed.status(run_id)).startswith("finished"):
@@ -130,9 +147,12 @@ def test_tls_auth_federation_in_containers_survives_a_restarted_supernode(federa
             f"basis_resent {r.get('basis_resent')} bytes_basis {r.get('bytes_basis')}")
     assert summary["rounds"] == 3
     assert train[1]["replies"] == 3 and train[1]["bytes_basis"] > 0
-    # the restarted SuperNode (same key, so the same node id) took part again and its replies counted
-    assert train[2]["replies"] == 3 and train[3]["replies"] == 3
-    assert train[2]["failed"] == 0 and train[2]["updated"]
+    # What the product promises about a node lost around round 2: it replied, or it is counted failed (never
+    # dropped silently), and the round still updates with the others (min-train-nodes=2).
+    assert train[2]["replies"] + train[2]["failed"] == 3 and train[2]["replies"] >= 2 and train[2]["updated"]
+    # Round 3 starts after the restart (it waits for 3 available nodes): the restarted SuperNode (same key,
+    # so the same node id) takes part again and its reply counts.
+    assert train[3]["replies"] == 3 and train[3]["failed"] == 0
     # How the restarted node got its basis back: asked for it (`need-basis`, counted in basis_resent) or
     # was sent it, or loaded it from the cache volume its executor kept (nothing sent after round 1).
     resent = sum(r.get("basis_resent", 0) for r in train.values())

@@ -16,7 +16,7 @@ from client import flower_private
 ROOT = Path(__file__).resolve().parents[1]
 PRIVATE_MODULE = ROOT / "client" / "flower_private.py"
 # Flower's public packages: a name imported from one of them must be in its __all__
-PUBLIC = ("flwr.app", "flwr.serverapp", "flwr.clientapp", "flwr.common", "flwr.server", "flwr.server.strategy",
+PUBLIC = ("flwr.app", "flwr.serverapp", "flwr.serverapp.strategy", "flwr.clientapp", "flwr.common", "flwr.server", "flwr.server.strategy",
           "flwr.server.workflow", "flwr.client", "flwr.client.mod", "flwr.simulation")
 # `from flwr.x import a, _b`, `import flwr.x._y`, `flwr.x._y(...)` (this file's own examples excepted)
 PRIVATE_NAME = re.compile(r"from\s+flwr[\w.]*\s+import\s+\(?[^#\n]*\b_\w+|flwr(\.\w+)*\._\w+")

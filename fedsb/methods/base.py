@@ -24,7 +24,8 @@ class ModelSource(Protocol):
     the basis fingerprint names, and the run config (``fedsb.tasks.Task`` is one; methods never import tasks)."""
 
     cfg: Any
-    model_path: str
+    model_path: str  # where this party's copy lives (named in errors only)
+    model_id: str  # the model's content (architecture and frozen target weights): what fingerprints name
     layer_names: list[str]
 
     def base_model(self) -> nn.Module: ...

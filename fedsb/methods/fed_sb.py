@@ -71,10 +71,11 @@ class FedSB(Method):
             model = task.base_model()
             layers = self.build(model, task.layer_names)
             unflatten_into(basis_tensors(layers), vec)
-            got = layers_fingerprint(task.model_path, self.rank, layers)
+            got = layers_fingerprint(task.model_id, self.rank, layers)
             if got != download.fingerprint:
-                raise RuntimeError(f"basis does not match its fingerprint ({got} != {download.fingerprint}): "
-                                   "corrupt transfer or cache")
+                raise RuntimeError(f"basis does not match its fingerprint ({got} != {download.fingerprint}): this "
+                                   f"node's model {task.model_path} (content {task.model_id}) is not the server's, "
+                                   "or the basis was corrupted in transfer or cache")
             _MODEL_CACHE[key] = model
         return _MODEL_CACHE[key]
 
@@ -94,7 +95,7 @@ def regenerate_random_basis(task: ModelSource, rank: int, seed: int, fingerprint
     for b in bases.values():
         b.B, b.A = round_basis(b.B, task.cfg.basis_dtype), round_basis(b.A, task.cfg.basis_dtype)
     apply_bases(layers, bases)
-    if fingerprint is not None and layers_fingerprint(task.model_path, rank, layers) != fingerprint:
+    if fingerprint is not None and layers_fingerprint(task.model_id, rank, layers) != fingerprint:
         raise BasisSeedMismatch(f"the basis regenerated from seed {seed} does not match fingerprint {fingerprint}")
     return flatten(basis_tensors(layers, k or rank))
 

@@ -42,10 +42,13 @@ def _pem_key(key) -> bytes:
 
 
 def make_certificates(out_dir: str | Path, num_nodes: int, hostnames: list[str] | None = None,
-                      ips: list[str] | None = None, overwrite: bool = False) -> dict[str, Path]:
+                      ips: list[str] | None = None, overwrite: bool = False, keep_ca_key: bool = True) -> dict[str, Path]:
+    """The CA, the SuperLink's certificate for ``hostnames``/``ips`` (the names parties dial) and ``num_nodes``
+    SuperNode key pairs in ``out_dir``. ``keep_ca_key=False`` never writes the CA key (no later certificate
+    can be signed, and no file can leak it)."""
     out = Path(out_dir)
     hostnames = list(dict.fromkeys(hostnames or ["superlink", "localhost"]))
-    ips = ips or ["127.0.0.1", "::1"]
+    ips = list(dict.fromkeys(ips or ["127.0.0.1", "::1"]))
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_cert = (
@@ -71,10 +74,11 @@ def make_certificates(out_dir: str | Path, num_nodes: int, hostnames: list[str] 
     )
     files = {
         "ca.crt": (ca_cert.public_bytes(serialization.Encoding.PEM), False),
-        "ca.key": (_pem_key(ca_key), True),
         "server.pem": (srv_cert.public_bytes(serialization.Encoding.PEM), False),
         "server.key": (_pem_key(srv_key), True),
     }
+    if keep_ca_key:
+        files["ca.key"] = (_pem_key(ca_key), True)
     for i in range(num_nodes):
         k = ec.generate_private_key(ec.SECP384R1())
         files[f"keys/sn{i}"] = (k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
@@ -88,3 +92,45 @@ def make_certificates(out_dir: str | Path, num_nodes: int, hostnames: list[str] 
     for name, (data, private) in files.items():
         _write(out / name, data, private, overwrite=True)
     return {name: out / name for name in files}
+
+
+# What each party's container may see. The CA key is in none of them: whoever holds it can mint a SuperLink
+# certificate that every party trusts, so it stays with the operator who ran `fedsb certs` (or, in the
+# single-host compose demo, is never written at all).
+PUBLIC_DIR, SUPERLINK_DIR = "public", "superlink"
+
+
+def supernode_dir(i: int) -> str:
+    return f"supernode-{i}"
+
+
+def split_by_party(out_dir: str | Path, num_nodes: int, owner: int | None = None) -> dict[str, Path]:
+    """Lay ``out_dir`` (``make_certificates``' files) out as one folder per party, so that a container mounts
+    its own folder and nothing else: ``superlink/`` (ca.crt, server.pem, server.key), ``supernode-i/``
+    (ca.crt, sn{i}: that node's private key) and ``public/`` (ca.crt, for the ServerApp executor and the
+    ``flwr`` CLI). Private keys are moved, not copied (one copy of each secret), stay 0600 (never group- or
+    world-readable) and, with ``owner``, belong to that uid (the user the containers run as)."""
+    import shutil
+
+    out = Path(out_dir)
+    moves = {SUPERLINK_DIR: {"server.key": "server.key"},
+             **{supernode_dir(i): {f"keys/sn{i}": f"sn{i}"} for i in range(num_nodes)}}
+    copies = {SUPERLINK_DIR: ["ca.crt", "server.pem"], PUBLIC_DIR: ["ca.crt"],
+              **{supernode_dir(i): ["ca.crt"] for i in range(num_nodes)}}
+    placed: dict[str, Path] = {}
+    for party in copies:
+        d = out / party
+        d.mkdir(mode=0o755, exist_ok=True)
+        for name in copies[party]:
+            shutil.copyfile(out / name, d / Path(name).name)
+            os.chmod(d / Path(name).name, 0o644)
+        for src, dst in moves.get(party, {}).items():
+            if (out / src).exists():
+                os.replace(out / src, d / dst)
+            if not (d / dst).exists():
+                raise FileNotFoundError(f"{out / src}: no private key to place in {d}; run `fedsb certs` first")
+            os.chmod(d / dst, 0o600)
+            if owner is not None:
+                os.chown(d / dst, owner, owner)
+            placed[f"{party}/{dst}"] = d / dst
+    return placed

@@ -16,7 +16,16 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the checkout: pyproject.to
 
 FLWR_VERSION = "1.41.0"
 APP_IMAGE = "fedsb-superexec:latest"  # built from docker/Dockerfile
+# docker/Dockerfile's base: Flower's plain tag carries its newest Python (3.13), outside pyproject's
+# requires-python; Flower publishes the superexec image for older Pythons as <version>-py3.X-ubuntu24.04.
+SUPEREXEC_BASE = f"flwr/superexec:{FLWR_VERSION}-py3.12-ubuntu24.04"
 CERTS_IN_CONTAINER = "/certs"
+DATA_IN_CONTAINER, MODEL_IN_CONTAINER = "/data", "/model"
+
+
+def party_folder(i: int) -> str:
+    """Where party i keeps, on its own machine, what only its containers mount (read-only)."""
+    return f"./parties/supernode-{i}"
 
 
 @dataclass(frozen=True)
@@ -103,23 +112,32 @@ def compose_spec(num_nodes: int, tls: bool, context: str = "..") -> dict:
     long form so the overlay merges with the base file. Named volumes hold the SuperLink state, the run
     directories and each node's cache. Flower's images run as uid 49999, which does not own a fresh
     volume or bind mount: the one-shot ``state-init`` gives it the SuperLink's state volume, and ``certs``
-    makes the certificates readable by its group. A SuperNode's executor reaches its SuperNode on the
+    gives it the private keys (0600, one folder per party: each container mounts its own and nothing else;
+    the CA key is never written). Each ClientApp executor mounts its party's ``parties/supernode-i/data``
+    (and ``model``) read-only; ``FEDSB_NODE_CONFIG_i`` replaces the demo's partition with the party's own
+    node config, ``FEDSB_SUPERLINK`` the address a SuperNode dials. A SuperNode's executor reaches its SuperNode on the
     compose network without TLS (port 9094 is not published; the SuperNode has no certificate of its
     own); every link to the SuperLink is TLS in the overlay.
     """
+    from fedsb.ops.certs import PUBLIC_DIR, SUPERLINK_DIR, supernode_dir
+
     sec = Security(tls=tls, auth=tls, certs_dir=CERTS_IN_CONTAINER)
     env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "FEDSB_CACHE_DIR": "/cache"}
-    certs = [f"./certs:{CERTS_IN_CONTAINER}:ro"] if tls else []
+
+    def certs(party: str) -> list[str]:  # a container mounts its own party's folder of ./certs, nothing else
+        return [f"./certs/{party}:{CERTS_IN_CONTAINER}:ro"] if tls else []
+
     started = {"condition": "service_started"}
     done = {"condition": "service_completed_successfully"}
     services: dict = {}
     if tls:
-        make = " ".join(["fedsb", "certs", "--out", CERTS_IN_CONTAINER, "--nodes", str(num_nodes), "--host", "superlink",
-                         "--keep-existing"])
+        # The one-shot CA: it writes one folder per party, private keys 0600 owned by the containers' user, and
+        # never writes the CA key. The SuperLink certificate names the host parties dial (FEDSB_SUPERLINK_HOST/_IP).
         services["certs"] = {
             "image": APP_IMAGE, "user": "root", "volumes": [f"./certs:{CERTS_IN_CONTAINER}"],
-            "entrypoint": ["sh", "-c", f"{make} && chgrp -R {APP_UID} {CERTS_IN_CONTAINER} "
-                                       f"&& chmod -R g+rX {CERTS_IN_CONTAINER}"],
+            "entrypoint": ["fedsb", "certs", "--out", CERTS_IN_CONTAINER, "--nodes", str(num_nodes), "--host", "superlink",
+                           "--host", "${FEDSB_SUPERLINK_HOST:-localhost}", "--ip", "${FEDSB_SUPERLINK_IP:-127.0.0.1}",
+                           "--keep-existing", "--by-party", "--owner", str(APP_UID), "--no-ca-key"],
         }
     else:
         services["state-init"] = {
@@ -130,28 +148,33 @@ def compose_spec(num_nodes: int, tls: bool, context: str = "..") -> dict:
         "image": f"flwr/superlink:{FLWR_VERSION}",
         "command": superlink_args(9093, sec, "/state/state.db", host="0.0.0.0", isolation="process")[1:],
         "ports": None if tls else ["${FEDSB_SUPERLINK_PORT:-9093}:9093"],
-        "volumes": certs or ["superlink-state:/state"],
+        "volumes": certs(SUPERLINK_DIR) or ["superlink-state:/state"],
         "depends_on": {"certs": done} if tls else {"state-init": done},
     }
     services["superexec-serverapp"] = {
         "image": APP_IMAGE, "build": None if tls else {"context": context, "dockerfile": "docker/Dockerfile"},
         "command": superexec_args("superlink:9093", sec)[1:],
-        "volumes": certs or ["runs:/app/runs"], "environment": None if tls else env,
+        "volumes": certs(PUBLIC_DIR) or ["runs:/app/runs"], "environment": None if tls else env,
         "depends_on": None if tls else {"superlink": started},
     }
     for i in range(num_nodes):
-        key = f"{CERTS_IN_CONTAINER}/keys/sn{i}" if tls else None
+        key = f"{CERTS_IN_CONTAINER}/sn{i}" if tls else None
+        command = supernode_args("${FEDSB_SUPERLINK:-superlink:9093}", 9094, i, num_nodes, sec, key=key, host="0.0.0.0",
+                                 isolation="process")[1:]
+        # a party's own node config (e.g. its data file) replaces the simulation-style partition of the demo
+        command[command.index("--node-config") + 1] = f"${{FEDSB_NODE_CONFIG_{i}:-partition-id={i} num-partitions={num_nodes}}}"
         services[f"supernode-{i}"] = {
-            "image": f"flwr/supernode:{FLWR_VERSION}",
-            "command": supernode_args("superlink:9093", 9094, i, num_nodes, sec, key=key, host="0.0.0.0",
-                                      isolation="process")[1:],
-            "volumes": certs, "depends_on": None if tls else {"superlink": started},
+            "image": f"flwr/supernode:{FLWR_VERSION}", "command": command,
+            "volumes": certs(supernode_dir(i)), "depends_on": None if tls else {"superlink": started},
         }
         if not tls:  # the overlay leaves the ClientApp executors as they are (see the docstring)
+            own = party_folder(i)
             services[f"superexec-clientapp-{i}"] = {
                 "image": APP_IMAGE, "entrypoint": WARM_ENTRYPOINT,
                 "command": superexec_args(f"supernode-{i}:9094", Security())[1:],
-                "volumes": [f"cache-{i}:/cache"], "environment": {**env, **EXECUTOR_ENV}, "depends_on": {f"supernode-{i}": started},
+                # the party's data (and, if its node config names it, its model copy), read-only, its own only
+                "volumes": [f"cache-{i}:/cache", f"{own}/data:{DATA_IN_CONTAINER}:ro", f"{own}/model:{MODEL_IN_CONTAINER}:ro"],
+                "environment": {**env, **EXECUTOR_ENV}, "depends_on": {f"supernode-{i}": started},
             }
     for svc in services.values():
         for k in [k for k, v in svc.items() if v in (None, [])]:

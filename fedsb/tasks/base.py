@@ -16,7 +16,7 @@ from torch import nn
 from fedsb import adapters
 from fedsb.config import ConfigError, FedSBConfig
 from fedsb.tasks.data import TaskData, make_loader, pad_collate
-from fedsb.tasks.models import load_base_model, load_tokenizer, resolve_model_path
+from fedsb.tasks.models import load_base_model, load_tokenizer, model_content_id, resolve_model_path
 
 
 BUNDLED_PREFIX = "fedsb:default/"  # an export's base model name for a task's bundled default model
@@ -28,6 +28,8 @@ class Task:
     model_path: str
     data: TaskData
     layer_names: list[str]
+    # the model's content (architecture and target-layer weights), what the basis fingerprint names it by
+    model_id: str = ""
 
     name: ClassVar[str]
     peft_task_type: ClassVar[str]  # what the exported PEFT adapter declares
@@ -129,4 +131,5 @@ def _load_task(cls: type[Task], cfg: FedSBConfig) -> Task:
     path = resolve_model_path(cfg.model, cls.default_model)
     data = cls.load_data(cfg, path)
     model = load_base_model(path, cls.name, data.num_labels, cfg.seed, cfg.torch_base_dtype, cfg.train_pooler)
-    return cls(cfg, path, data, validate_targets(cfg, model))
+    names = validate_targets(cfg, model)
+    return cls(cfg, path, data, names, model_content_id(path, model, names))

@@ -89,7 +89,11 @@ def table_columns(path: Path) -> list[str]:
         return next(csv.reader(fh, delimiter="\t" if path.suffix.lower() == ".tsv" else ","), [])
 
 
-def load_table(dataset: str, text_column: str, label_column: str, text_pair_column: str = "") -> TextTable:
+def load_table(dataset: str, text_column: str, label_column: str, text_pair_column: str = "",
+               labels: tuple[str, ...] = ()) -> TextTable:
+    """The rows of a CSV/TSV/JSONL file with a text and a label. ``labels`` fixes the classes and their order
+    (the run config's ``labels``); a value outside it is refused, never dropped. Without it the classes are
+    the file's distinct labels, sorted (numbers numerically)."""
     path = table_path(dataset)
     rows = _read_rows(path)
     if not rows:
@@ -97,7 +101,15 @@ def load_table(dataset: str, text_column: str, label_column: str, text_pair_colu
     check_columns(path, list(rows[0].keys()), text_column, label_column, text_pair_column)
     rows = [r for r in rows if r.get(text_column) not in (None, "") and r.get(label_column) not in (None, "")]
     raw_labels = [str(r[label_column]) for r in rows]
-    names = sorted(set(raw_labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
+    if labels:
+        names = list(labels)
+        unknown = sorted(set(raw_labels) - set(names))
+        if unknown:
+            raise ConfigError("labels", f"{path}: column {label_column!r} holds label {unknown[0]!r}"
+                              f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}, which is not among "
+                              f"labels={','.join(names)!r}; add it to the run config's labels, or fix the file")
+    else:
+        names = sorted(set(raw_labels), key=lambda s: (not s.lstrip("-").isdigit(), int(s) if s.lstrip("-").isdigit() else 0, s))
     if len(names) < 2:
         raise ConfigError("label-column", f"column {label_column!r} has {len(names)} distinct value(s); need at least 2")
     index = {n: i for i, n in enumerate(names)}

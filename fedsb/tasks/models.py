@@ -9,7 +9,9 @@ that trains many rounds in one process (simulation) never re-reads it from disk.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import json
 import logging
 from functools import lru_cache
 from typing import Callable
@@ -118,3 +120,29 @@ def load_base_model(path: str, task: str, num_labels: int, seed: int, dtype: tor
     """A fresh copy of the frozen base model, in ``dtype`` but for a float32 task head (cached per process;
     callers may modify the copy). ``train_pooler``: the pooler trains and travels with the head."""
     return copy.deepcopy(_load_base(path, task, num_labels, seed, dtype, train_pooler))
+
+
+# The config.json fields that shape the adapted layers (their sizes, their count, how attention splits
+# them): two models that differ here cannot share a basis even where their weight bytes happen to agree.
+ARCHITECTURE_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "hidden_act")
+_CONTENT_IDS: dict[tuple, str] = {}
+
+
+def model_content_id(path: str, model: nn.Module, layer_names: list[str]) -> str:
+    """What the basis fingerprint names a model by: sha256 over its architecture fields and the bytes (dtype
+    and shape included) of the frozen weights of the target layers, never its path. Two installs of one
+    model agree; a model with one different weight in an adapted layer does not. Hashed once per process
+    and model (a path is read once: the weights behind it do not change while a run uses them)."""
+    key = (path, tuple(layer_names), str(next(model.parameters()).dtype))
+    if key not in _CONTENT_IDS:
+        h = hashlib.sha256()
+        arch = {k: getattr(model.config, k, None) for k in ARCHITECTURE_FIELDS}
+        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+        for name in layer_names:
+            for pname, t in sorted(model.get_submodule(name).named_parameters(recurse=False)):
+                t = t.detach().contiguous().cpu()
+                h.update(f"|{name}.{pname}:{t.dtype}:{tuple(t.shape)}|".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, bfloat16 included
+        _CONTENT_IDS[key] = h.hexdigest()[:32]
+    return _CONTENT_IDS[key]

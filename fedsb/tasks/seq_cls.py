@@ -61,8 +61,8 @@ def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int,
 @lru_cache(maxsize=2)  # keyed by what changes the data only: runs of several methods share it
 def _load(model_path: str, dataset: str, text_column: str, label_column: str, text_pair_column: str,
           max_length: int, test_fraction: float, seed: int, carve: int, validation_fraction: float,
-          eval_split: str) -> TaskData:
-    table = load_table(dataset, text_column, label_column, text_pair_column)
+          eval_split: str, labels: tuple[str, ...] = ()) -> TaskData:
+    table = load_table(dataset, text_column, label_column, text_pair_column, labels)
     return _encode(table.texts, table.pairs, table.labels, table.label_names, model_path, max_length, test_fraction,
                    seed, carve, validation_fraction, eval_split)
 
@@ -83,13 +83,13 @@ class SeqClsTask(Task):
     def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
         return _load(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
                      cfg.max_length, cfg.test_fraction, cfg.seed, server_carve(cfg), cfg.validation_fraction,
-                     cfg.eval_split)
+                     cfg.eval_split, cfg.label_list)
 
     def server_dataset(self):
         if not self.cfg.init_dataset:
             return self.data.server_dataset()
         c = self.cfg  # the server's own file: same columns, labels mapped onto the training data's
-        table = load_table(c.init_dataset, c.text_column, c.label_column, c.text_pair_column)
+        table = load_table(c.init_dataset, c.text_column, c.label_column, c.text_pair_column, c.label_list)
         unknown = sorted(set(table.label_names) - set(self.data.label_names))
         if unknown:
             raise ConfigError("init-dataset", f"labels {unknown} are not among dataset's {self.data.label_names}")
