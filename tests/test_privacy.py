@@ -144,6 +144,19 @@ def test_accounting_matches_opacus_and_calibration_meets_target():
     assert privacy.epsilon_from_history([(sigma * 0.9, q, s) for q, s in phases], 1e-5, "rdp") > 3.0
 
 
+def test_calibration_is_computed_once_per_question(monkeypatch):
+    """A client asks for the same σ every round: the bisection (dozens of accountant calls) runs once."""
+    calls = []
+    real = privacy.epsilon_from_history
+    monkeypatch.setattr(privacy, "epsilon_from_history", lambda *a, **k: calls.append(1) or real(*a, **k))
+    phases = [(0.25, 1), (0.03, 150)]
+    first = privacy.calibrate_noise(2.5, 1e-5, phases, "rdp")
+    n = len(calls)
+    assert n > 3  # the bisection ran
+    assert privacy.calibrate_noise(2.5, 1e-5, list(phases), "rdp") == first and len(calls) == n  # kept
+    assert privacy.calibrate_noise(2.0, 1e-5, phases, "rdp") > first and len(calls) > n  # another question
+
+
 def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp_path):
     from tests.inprocess_grid import run_inprocess
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -81,8 +82,17 @@ def calibrate_noise(target_epsilon: float, delta: float, phases: list[tuple[floa
     """Smallest σ (to within ``tolerance`` in ε) such that ε of the whole horizon ≤ target.
 
     ``phases`` is the planned horizon as [(sample_rate, steps), ...]; Opacus' get_noise_multiplier
-    takes a single sample rate, and the init step has its own, hence this bisection.
+    takes a single sample rate, and the init step has its own, hence this bisection. A pure function of
+    its arguments, and seconds of CPU (dozens of accountant calls): a client process that serves every
+    round of a run asks the same question each round, so the answer is kept (``_calibrated``).
     """
+    return _calibrated(float(target_epsilon), float(delta), tuple((float(q), int(s)) for q, s in phases),
+                       accountant, float(tolerance))
+
+
+@functools.lru_cache(maxsize=256)
+def _calibrated(target_epsilon: float, delta: float, phases: tuple[tuple[float, int], ...], accountant: str,
+                tolerance: float) -> float:
     def eps(sigma: float) -> float:
         return epsilon_from_history([(sigma, q, s) for q, s in phases if s > 0], delta, accountant)
 
