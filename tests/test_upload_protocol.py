@@ -152,3 +152,17 @@ def test_secagg_refuses_quantized_uploads():
     with pytest.raises(ConfigError, match="upload-dtype.*secagg"):
         FedSBConfig.from_run_config({"secagg": True, "upload-dtype": "int8"})
     FedSBConfig.from_run_config({"secagg": True, "upload-dtype": "float32"})
+
+
+def test_weights_basis_and_int8_uploads_under_dp_spend_nothing_on_the_init(tiny_bert, sentiment_csv, tmp_path):
+    # no init query and no init step in the accountant; the quantized (OS-entropy rounded) noised updates
+    # and nested ranks are accepted like float32 ones
+    recs, s = _run(tiny_bert, sentiment_csv, tmp_path / "dp", **{
+        "init-basis": "weights", "upload-dtype": "int8", "dp": True, "target-epsilon": 8.0,
+        "num-server-rounds": 1, "local-steps": 3, "client-ranks": "2,4"})
+    init = recs[0]
+    assert init["phase"] == "init" and init["clients"] == 0 and init["bytes_down"] == 0
+    assert all(h[2] != 1 for h in s["dp_history"]) and sum(h[2] for h in s["dp_history"]) == 3
+    trains = [r for r in recs if r["phase"] == "train"]
+    assert all(r["rejected_count"] == 0 and r["replies"] == 3 and r["basis_resent"] == 0 for r in trains)
+    assert s["bytes_basis_total"] == 0

@@ -34,7 +34,7 @@ class FedSB(Method):
 
     needs_basis = True
     supports_nested_ranks = True
-    init_spends_privacy = True  # the init gradient (unless init-basis=random or init-source=server)
+    init_spends_privacy = True  # the init gradient (unless init-basis is random or weights, or init-source=server)
 
     @classmethod
     def scale_for(cls, scale: float, lora_alpha: float, rank: int) -> float:
