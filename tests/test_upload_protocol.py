@@ -166,3 +166,30 @@ def test_weights_basis_and_int8_uploads_under_dp_spend_nothing_on_the_init(tiny_
     trains = [r for r in recs if r["phase"] == "train"]
     assert all(r["rejected_count"] == 0 and r["replies"] == 3 and r["basis_resent"] == 0 for r in trains)
     assert s["bytes_basis_total"] == 0
+
+
+_FINGERPRINT = """
+import sys
+from fedsb.config import FedSBConfig
+from fedsb.methods.fed_sb import bases_from_weights
+from fedsb.tasks import get_task
+from fedsb.wire import basis_fingerprint
+cfg = FedSBConfig.from_run_config(dict(a.split("=", 1) for a in sys.argv[1:]))
+task = get_task(cfg)
+print(basis_fingerprint(task.model_id, cfg.rank, {n: (b.B, b.A) for n, b in bases_from_weights(task).items()}))
+"""
+
+
+@pytest.mark.parametrize("basis", ["weights", "weights-minor"])
+def test_weights_basis_is_identical_on_two_processes(tiny_bert, sentiment_csv, tmp_path, basis):
+    import os
+    import subprocess
+    import sys
+
+    run = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "fp", **{"init-basis": basis, "basis-dtype": "float32"})
+    args = [f"{k}={v}" for k, v in run.items() if k in ("model", "dataset", "text-column", "label-column",
+                                                        "rank", "init-basis", "basis-dtype")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # another thread count: another blocking of the SVD's sums
+    out = [subprocess.run([sys.executable, "-c", _FINGERPRINT, *args], env=e, capture_output=True, text=True,
+                          check=True).stdout.strip() for e in (env, dict(env, OMP_NUM_THREADS="2"))]
+    assert len(out[0]) == 32 and out[0] == out[1]
