@@ -134,7 +134,8 @@ class FedSBConfig:
     max_update_norm: float = _f(0.0, "reject a reply whose update norm exceeds this (0: no bound)", lo=0.0)
     max_num_examples: int = _f(0, "reject a reply claiming more examples than this as its weight (0: no bound)", lo=0)
     eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1, identity=False)
-    federated_evaluate: bool = _f(False, "also ask the sampled clients to evaluate on their local data", identity=False)
+    federated_evaluate: bool = _f(False, "also ask nodes (those that did not train the round, where there are enough) to "
+                                  "evaluate on their local data", identity=False)
     seed: int = _f(42, "seed of data split, partition, sampling and initialization", lo=0)
     output_dir: str = _f("", "the run directory (created if missing); empty: runs/<method>-<time>", identity=False)
     resume: bool = _f(False, "continue from the checkpoint in output-dir", identity=False)
