@@ -148,3 +148,19 @@ def test_evaluation_sample_prefers_nodes_that_did_not_train():
     few = nodes.evaluation_sample(1, ids[:4], ids[:3])
     assert len(few) == 2 and ids[3] in few
     assert len(set(nodes.evaluation_sample(1, ids[:3], ids[:3])) & set(ids[:3])) == 2
+
+
+def test_a_partition_node_evaluates_on_its_share_of_the_held_out_split(tiny_bert, sentiment_csv, tmp_path):
+    """Simulations (partitions of the run's dataset): federated evaluation reads no training example either."""
+    from flwr.app import Context, RecordDict
+
+    rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run")
+    client, shares = FedSBClient(), []
+    for pid in range(3):
+        context = Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 3},
+                          state=RecordDict(), run_config=rc)
+        cfg, task, node = client.setup(context)
+        train, held_out = client.train_dataset(task, cfg, node), client.eval_dataset(task, cfg, node)
+        assert len(held_out) > 0 and not set(train.indices) & set(held_out.indices)
+        shares.append(set(held_out.indices))
+    assert set().union(*shares) == set(task.data.test_idx) and sum(map(len, shares)) == len(task.data.test_idx)
