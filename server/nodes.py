@@ -108,9 +108,10 @@ class Nodes:
         ordered = self.ordered(nodes)
         k = min(len(ordered), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(ordered))))
         rng = np.random.default_rng([self.cfg.seed, rnd, 1])
-        rest = [n for n in ordered if n not in set(trained)]
+        trained = set(trained)
+        rest = [n for n in ordered if n not in trained]
         chosen = [rest[i] for i in rng.choice(len(rest), size=min(k, len(rest)), replace=False)]
-        others = [n for n in ordered if n not in set(chosen)]
+        others = [n for n in ordered if n in trained]
         chosen += [others[i] for i in rng.choice(len(others), size=k - len(chosen), replace=False)]
         return self.ordered(chosen)
 
