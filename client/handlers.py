@@ -124,11 +124,12 @@ class FedSBClient:
 
     @staticmethod
     def eval_dataset(task: Task, cfg: FedSBConfig, node: NodeSettings):
-        """What federated evaluation reads: a node with its own file, its seeded held-out slice (never a
-        training example); otherwise its partition, as before."""
+        """What federated evaluation reads, never a training example: a node with its own file, its seeded
+        held-out slice; a partition of the shared data, its share of the held-out split (in seeded order, so
+        each share is a random sample of it)."""
         if node.dataset:
             return task.data.dataset.subset(task.data.test_idx)
-        return task.data.client_dataset(node.partition_id, node.num_partitions, cfg)
+        return task.data.dataset.subset(np.array_split(task.data.test_idx, node.num_partitions)[node.partition_id])
 
     @staticmethod
     def method_for(cfg: FedSBConfig, task: Task, node: NodeSettings):
