@@ -35,6 +35,7 @@ from fedsb.wire import MESSAGE_CONFIG_DEFAULTS
 from server.basis import BasisProtocol
 from server.hooks import PhaseHooks
 from server.nodes import Nodes
+from server.robust import robust_combine
 from server.rounds import EvaluateTally, RoundTally, train_row
 from server.transport import Transport, arrays, nbytes
 
@@ -224,10 +225,8 @@ class FedSB(Strategy):
         return self.method.aggregate(self.model, tally.vectors, tally.weights, self.combine)
 
     def combine(self, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-        if self.cfg.aggregation == "median":
-            return robust.coordinate_median(vectors)
-        if self.cfg.aggregation == "trimmed-mean":
-            return robust.trimmed_mean(vectors, self.cfg.trim_fraction)
+        if self.cfg.aggregation != "mean":  # Flower's FedMedian / FedTrimmedAvg
+            return robust_combine(self.cfg.aggregation, vectors, self.cfg.trim_fraction)
         return robust.weighted_mean(vectors, weights)
 
     def finish_round(self, updated: bool, **extra) -> dict:
