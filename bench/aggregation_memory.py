@@ -1,11 +1,11 @@
-"""Aggregation memory vs the number of clients, fedsb's own part alone (no Flower in the process).
+"""Aggregation memory vs the number of clients, the server's own part alone (no Flower runtime, no link state).
 
 ``bench.scale`` measures the whole simulated server process, in which Flower's in-memory link state holds
 every message of a round; this isolates what fedsb's server does with the replies: each reply vector (the
 size of the default model's Fed-SB or FedIT upload) arrives one at a time, is validated with
 ``fedsb.aggregation.validation.check_reply`` and folded into ``fedsb.aggregation.robust.BlockWeightedMean`` (the streaming
 path of ``server/rounds.py``), then let go. Beside it, the hold-every-vector path that FedEx-LoRA, FLoRA and the robust
-rules (median, trimmed mean) need. Peak allocation by tracemalloc (numpy buffers are traced).
+rules (median, trimmed mean: Flower's ``FedMedian``/``FedTrimmedAvg``, via ``server/robust.py``) need. Peak allocation by tracemalloc (numpy buffers are traced).
 Goal: the streaming peak does not grow with the number of clients.
 
     python -m bench.aggregation_memory [--clients 10,100,1000,10000] [--out bench/results/aggregation_memory.json]
@@ -21,12 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import machine
+from client.flower_private import SUPERLINK_NODE_ID, TaskIdentity
 from fedsb import adapters
 from fedsb.aggregation import robust
 from fedsb.methods import make_method
 from fedsb.tasks import SeqClsTask
 from fedsb.tasks.models import load_base_model
 from fedsb.aggregation.validation import ReplySpec, check_reply
+from server.robust import robust_combine
 
 
 def upload_sizes() -> dict[str, int]:
@@ -58,7 +60,7 @@ def peak_bytes(size: int, clients: int, streaming: bool) -> int:
             held.append(vec)
         weights.append(float(n_ex))
         del vec
-    result = running.result() if streaming else robust.coordinate_median(held)
+    result = running.result() if streaming else robust_combine("median", held)
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
     del result, held
@@ -67,6 +69,7 @@ def peak_bytes(size: int, clients: int, streaming: bool) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # what a run sets: Messages need it
     p.add_argument("--clients", default="10,100,1000,10000")
     p.add_argument("--hold-max-mb", type=float, default=500.0,
                    help="the hold-all path runs only while the held replies stay under this many MB (its memory grows)")

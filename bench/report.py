@@ -136,7 +136,9 @@ def main() -> None:
     am = _load("aggregation_memory.json")
     out += ["### fedsb's aggregation alone", "",
             "Command: `python -m bench.aggregation_memory` (replies the size of the default model's uploads, validated and",
-            "folded one at a time as `server/rounds.py` does, no Flower in the process; peak allocation by tracemalloc).", ""]
+            "folded one at a time as the strategy's `aggregate_train` does; peak allocation by tracemalloc). The \"hold all",
+            "(median)\" rows were measured with fedsb's former median; `aggregation=median` now runs Flower's `FedMedian`,",
+            "which also holds every reply (as float64 copies): rerun the command to measure it.", ""]
     if am:
         clients = sorted({r["clients"] for r in am["rows"]})
         paths = sorted({(r["method"], r["numbers"], r["path"]) for r in am["rows"]}, key=lambda t: (t[0], t[2] != "streaming mean"))

@@ -23,6 +23,8 @@ from fedsb.config import FedSBConfig
 from fedsb.methods import Download, method_for
 from fedsb.methods.fed_sb import BasisSeedMismatch
 from fedsb.tasks import Task, get_task
+from fedsb.tasks.models import freeze
+from fedsb.tasks.own import OwnModelTask
 from fedsb.tasks.training import peak_memory_bytes, reset_peak_memory
 from fedsb.upload import quantize_update, rounding_generator
 from fedsb.wire import decode_basis, flatten, pack_signs, unflatten_into
@@ -122,6 +124,23 @@ class FedSBClient:
     def __init__(self, task_for: Callable[[FedSBConfig], Task] = get_task):
         self.task_for = task_for
 
+    @classmethod
+    def from_functions(cls, model_fn: Callable[[], torch.nn.Module],
+                       data_fn: Callable[[Context], tuple[Any, Any, list[str]]]) -> "FedSBClient":
+        """The client on your own model and this node's own data, for a ``ClientApp`` of yours (task=seq-cls).
+
+        ``model_fn()`` returns the base model, e.g. ``AutoModelForSequenceClassification.from_pretrained(path,
+        num_labels=2)``: the same weights as the server's (the basis fingerprint checks it), called once per
+        process. ``data_fn(context)`` returns this node's ``(train, test, label_names)``: tokenized examples
+        (dicts with ``input_ids``, ``attention_mask``..., and an integer ``labels``/``label``; a list or a
+        tokenized ``datasets.Dataset``), called once per node; ``test`` is what federated evaluation reads.
+
+        Two functions rather than a ``Task`` subclass: a Flower app already has a model factory and a
+        ``load_data(partition_id, ...)``, and these are what it passes; the ``Task`` fedsb needs (loss,
+        evaluation, batching, target layers, fingerprint) is built from them (``OwnModelTask``). The node's
+        ``--node-config`` still gives its threads, DP bounds and rank; its ``dataset``/``model`` are yours."""
+        return _FunctionsClient(model_fn, data_fn)
+
     def setup(self, context: Context) -> tuple[FedSBConfig, Task, NodeSettings]:
         """The run's config, this node's task (its own file and model where its node config names them) and
         its settings; torch gets the node's thread count."""
@@ -140,11 +159,12 @@ class FedSBClient:
 
     @staticmethod
     def eval_dataset(task: Task, cfg: FedSBConfig, node: NodeSettings):
-        """What federated evaluation reads: a node with its own file, its seeded held-out slice (never a
-        training example); otherwise its partition, as before."""
+        """What federated evaluation reads, never a training example: a node with its own file, its seeded
+        held-out slice; a partition of the shared data, its share of the held-out split (in seeded order, so
+        each share is a random sample of it)."""
         if node.dataset:
             return task.data.dataset.subset(task.data.test_idx)
-        return task.data.client_dataset(node.partition_id, node.num_partitions, cfg)
+        return task.data.dataset.subset(np.array_split(task.data.test_idx, node.num_partitions)[node.partition_id])
 
     @staticmethod
     def method_for(cfg: FedSBConfig, task: Task, node: NodeSettings):
@@ -239,3 +259,36 @@ class FedSBClient:
         m = task.evaluate(model, task.loader(ds, shuffle=False, batch_size=64))
         m = {k: float(v) for k, v in m.items() if v is not None}
         return Message(RecordDict({"metrics": MetricRecord(m), "config": ConfigRecord({"status": "ok"})}), reply_to=msg)
+
+
+class _FunctionsClient(FedSBClient):
+    """``FedSBClient.from_functions``: the task comes from the user's two functions instead of ``task_for``."""
+
+    def __init__(self, model_fn: Callable[[], torch.nn.Module], data_fn: Callable[[Context], tuple[Any, Any, list[str]]]):
+        super().__init__()
+        self.model_fn, self.data_fn = model_fn, data_fn
+        self.tasks: dict[tuple[int, FedSBConfig], OwnModelTask] = {}  # a simulated process serves many nodes
+
+    def setup(self, context: Context) -> tuple[FedSBConfig, Task, NodeSettings]:
+        node = NodeSettings.from_node_config(context.node_config)
+        torch.set_num_threads(node.threads())
+        cfg = FedSBConfig.from_run_config(context.run_config)
+        key = (context.node_id, cfg)
+        if key not in self.tasks:
+            frozen = next((t.frozen for (_, c), t in self.tasks.items() if c == cfg), None)
+            if frozen is None:
+                with torch.random.fork_rng():  # a new head's random init neither reads nor moves the node's RNG
+                    torch.manual_seed(cfg.seed)
+                    frozen = freeze(self.model_fn(), cfg.torch_base_dtype, cfg.train_pooler)  # as a loaded model
+            train, test, label_names = self.data_fn(context)
+            self.tasks[key] = OwnModelTask.from_model(cfg, frozen, train, test, label_names,
+                                                      getattr(self.model_fn, "__qualname__", "model_fn"))
+        return cfg, self.tasks[key], node
+
+    @staticmethod
+    def train_dataset(task: Task, cfg: FedSBConfig, node: NodeSettings):
+        return task.data.dataset.subset(task.data.train_idx)
+
+    @staticmethod
+    def eval_dataset(task: Task, cfg: FedSBConfig, node: NodeSettings):
+        return task.data.dataset.subset(task.data.test_idx)

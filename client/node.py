@@ -77,6 +77,9 @@ class NodeSettings:
         changes = {k: v for k, v in (("dataset", self.dataset), ("text_column", self.text_column),
                                      ("text_pair_column", self.text_pair_column), ("label_column", self.label_column),
                                      ("model", self.model)) if v}
+        if cfg.dataset == "none" and not self.dataset:
+            raise NodeConfigError("dataset", "the run config says dataset='none' (the server holds no data), so this "
+                                  "node trains on its own file; give its path: --node-config \"dataset='/data/local.csv'\"")
         if self.dataset and cfg.task == "seq-cls" and not cfg.labels.strip():
             raise NodeConfigError("dataset", "a node with its own file needs the run config's labels (e.g. "
                                   "labels='negative,neutral,positive'), so every party maps classes to the same "
@@ -85,7 +88,8 @@ class NodeSettings:
         # for the server's init gradient or a validation slice (those are the server's data, not a party's).
         # This config only loads the node's task; training and DP keep the run's own config.
         if self.dataset:
-            changes.update(init_source="clients", init_dataset="", validation_fraction=0.0, eval_split="test")
+            changes.update(init_source="clients", init_dataset="", eval_dataset="", validation_fraction=0.0,
+                           eval_split="test")
         return cfg.replace(**changes) if changes else cfg
 
     def threads(self) -> int:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedsb.aggregation.robust import TRIM_FRACTION_MAX
+from fedsb.config_data import check_data_keys
 from fedsb.config_text import ConfigError, coerce, markdown_table, readme_with_table, suggest
 from fedsb.upload import UPLOAD_DTYPES
 from fedsb.wire import BASIS_DTYPES
@@ -51,8 +52,11 @@ class FedSBConfig:
     dataset: str = _f(
         "default",
         "a CSV/JSONL file, or `default` (bundled tweet sentiment; for causal-lm reasoning-gym digit_sum, or "
-        "`reasoning:NAME`, `gsm`, `chatterbot`)",
+        "`reasoning:NAME`, `gsm`, `chatterbot`), or `none`: the server holds no training data (seq-cls; each node "
+        "trains on its own --node-config dataset, labels required)",
     )
+    eval_dataset: str = _f("", "with dataset='none': the server's own evaluation file (same columns as dataset); "
+                           "empty: federated evaluation, on each node's held-out slice")
     text_column: str = _f("text", "column holding the input text")
     text_pair_column: str = _f("", "optional second text column (sentence pairs, e.g. NLI); empty for none")
     label_column: str = _f("sentiment", "column holding the class label (any strings or integers)")
@@ -133,7 +137,8 @@ class FedSBConfig:
     max_update_norm: float = _f(0.0, "reject a reply whose update norm exceeds this (0: no bound)", lo=0.0)
     max_num_examples: int = _f(0, "reject a reply claiming more examples than this as its weight (0: no bound)", lo=0)
     eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1, identity=False)
-    federated_evaluate: bool = _f(False, "also ask the sampled clients to evaluate on their local data", identity=False)
+    federated_evaluate: bool = _f(False, "also ask nodes (those that did not train the round, where there are enough) to "
+                                  "evaluate on their local data", identity=False)
     seed: int = _f(42, "seed of data split, partition, sampling and initialization", lo=0)
     output_dir: str = _f("", "the run directory (created if missing); empty: runs/<method>-<time>", identity=False)
     resume: bool = _f(False, "continue from the checkpoint in output-dir", identity=False)
@@ -206,9 +211,7 @@ class FedSBConfig:
         # Combinations.
         if self.train_pooler and self.task != "seq-cls":
             raise ConfigError("train-pooler", f"applies to task='seq-cls' (got {self.task!r}); set it to false")
-        if self.eval_split == "validation" and self.validation_fraction == 0:
-            raise ConfigError("eval-split", "`validation` needs a validation slice; set validation-fraction > 0 "
-                              "(e.g. 0.1) or eval-split='test'")
+        check_data_keys(self)
         if self.min_available_nodes < self.min_train_nodes:
             raise ConfigError("min-available-nodes", f"got {self.min_available_nodes}, below min-train-nodes="
                               f"{self.min_train_nodes}; raise it or lower min-train-nodes")
@@ -241,9 +244,6 @@ class FedSBConfig:
                 raise ConfigError("device", "got 'cuda' but torch sees no CUDA device here (torch "
                                   f"{torch.__version__}, CUDA build: {torch.version.cuda}); use device='auto' or 'cpu', "
                                   "or install a CUDA build of torch on a machine with a GPU")
-        if self.labels.strip() and (len(self.label_list) < 2 or len(set(self.label_list)) != len(self.label_list)):
-            raise ConfigError("labels", f"got {self.labels!r}; give at least two distinct comma-separated classes, "
-                              "e.g. 'negative,neutral,positive'")
         if self.client_ranks.strip():
             ranks = self.client_rank_list
             if not method.supports_nested_ranks:
@@ -258,9 +258,6 @@ class FedSBConfig:
         if self.init_upload == "sign" and self.init_update != "sign":
             raise ConfigError("init-upload", "`sign` uploads only the gradient's signs, which init-update=grad "
                               "cannot use; set init-upload='dense' with init-update='grad'")
-        if self.init_dataset and self.init_source != "server":
-            raise ConfigError("init-dataset", f"is read only with init-source='server' (got {self.init_source!r}); "
-                              "set init-source='server' or leave init-dataset empty")
         if self.init_source == "server" and self.init_basis != "gradient":
             raise ConfigError("init-source", f"a {self.init_basis} basis uses no init gradient; leave init-source='clients'")
         if not method.needs_basis and self.init_basis != "gradient":

@@ -26,7 +26,7 @@ def check_num_nodes(cfg: FedSBConfig, num_nodes: int) -> None:
 
 
 def check_data(cfg: FedSBConfig) -> None:
-    """The dataset files exist and name the configured columns (header / first record only)."""
+    """The server's data files exist and name the configured columns (header / first record only)."""
     from fedsb.tasks.data import check_columns, table_columns, table_path
 
     if cfg.task == "causal-lm":  # generators need no file; a JSONL file is read in full later
@@ -34,8 +34,8 @@ def check_data(cfg: FedSBConfig) -> None:
             raise ConfigError("dataset", f"{cfg.dataset!r} is not a file; give a JSONL path with prompt/answer "
                               "records, `default`, `reasoning:NAME`, `gsm` or `chatterbot`")
         return
-    for key, dataset in (("dataset", cfg.dataset), ("init-dataset", cfg.init_dataset)):
-        if dataset:
+    for key, dataset in (("dataset", cfg.dataset), ("init-dataset", cfg.init_dataset), ("eval-dataset", cfg.eval_dataset)):
+        if dataset and not (key == "dataset" and dataset == "none"):  # none: the server holds no training data
             path = table_path(dataset, key)
             check_columns(path, table_columns(path), cfg.text_column, cfg.label_column, cfg.text_pair_column)
 

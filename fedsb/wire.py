@@ -197,7 +197,7 @@ def layers_fingerprint(model_id: str, rank: int, layers: Mapping[str, nn.Module]
 
 # Every train/evaluate message's config carries these keys (their values when the feature is off), so a
 # client never has to guess which exist: method- and privacy-specific values override them.
-MESSAGE_CONFIG_DEFAULTS = {"flora-stacks": 0, "dp-delta": 0.0, "dp-history": []}
+MESSAGE_CONFIG_DEFAULTS = {"dp-delta": 0.0, "dp-history": []}
 
 # Flower's legacy messages (SecAgg+ rounds) carry only scalars in config and metrics: a list travels as
 # JSON text behind this prefix and is decoded on the other side.

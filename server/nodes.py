@@ -102,5 +102,18 @@ class Nodes:
     def sample(self, rnd: int, nodes: list[int]) -> list[int]:
         return sample_nodes(self.ordered(nodes), self.cfg.fraction_train, self.cfg.min_train_nodes, self.cfg.seed, rnd)
 
+    def evaluation_sample(self, rnd: int, nodes: list[int], trained: list[int]) -> list[int]:
+        """The nodes that evaluate round ``rnd``: as many as a round trains, drawn (with their own seed) from
+        those that did not train it; only when there are too few are trainers added to them."""
+        ordered = self.ordered(nodes)
+        k = min(len(ordered), max(self.cfg.min_train_nodes, math.ceil(self.cfg.fraction_train * len(ordered))))
+        rng = np.random.default_rng([self.cfg.seed, rnd, 1])
+        trained = set(trained)
+        rest = [n for n in ordered if n not in trained]
+        chosen = [rest[i] for i in rng.choice(len(rest), size=min(k, len(rest)), replace=False)]
+        others = [n for n in ordered if n in trained]
+        chosen += [others[i] for i in rng.choice(len(others), size=k - len(chosen), replace=False)]
+        return self.ordered(chosen)
+
     def rank(self, node: int) -> int:
         return self.rank_of.get(node, self.cfg.rank)

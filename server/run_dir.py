@@ -140,6 +140,15 @@ def train_round(st: Strategy, outer: Strategy, rnd: int, arrays: ArrayRecord, co
     return outer.aggregate_train(rnd, replies() if getattr(outer, "streams_replies", False) else list(replies()))
 
 
+def federated_evaluate(st: Strategy, outer: Strategy, rnd: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+                       result: Result) -> None:
+    messages = outer.configure_evaluate(rnd, arrays, config, grid)
+    replies = st.transport.stream(messages, "federated-evaluate")
+    metrics = outer.aggregate_evaluate(rnd, replies if getattr(outer, "streams_replies", False) else list(replies))
+    if metrics is not None:
+        result.evaluate_metrics_clientapp[rnd] = metrics
+
+
 def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: float | None, train_config: ConfigRecord,
         evaluate_config: ConfigRecord, evaluate_fn) -> Result:
     cfg, t0, result = st.cfg, time.time(), Result()
@@ -154,7 +163,10 @@ def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: flo
         st.initialized = True
     else:
         st.initialize(grid)
-        st.evaluate(0, seconds=time.time() - t0)
+        if st.federated_only:  # the nodes' held-out slices give the initial accuracy too
+            federated_evaluate(st, outer, 0, st.global_arrays(), evaluate_config, grid, result)
+        else:
+            st.evaluate(0, seconds=time.time() - t0)
         if evaluate_fn:
             evaluate_fn(0, st.global_arrays())
         rundir.checkpoint(0)
@@ -166,15 +178,12 @@ def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: flo
         if metrics is not None:
             result.train_metrics_clientapp[rnd] = metrics
         if rnd % cfg.eval_every == 0 or rnd == num_rounds:
-            result.evaluate_metrics_serverapp[rnd] = st.evaluate(rnd, arrays)
+            if not st.federated_only:
+                result.evaluate_metrics_serverapp[rnd] = st.evaluate(rnd, arrays)
             if evaluate_fn:
                 evaluate_fn(rnd, arrays)
-            if cfg.federated_evaluate:
-                messages = outer.configure_evaluate(rnd, arrays, evaluate_config, grid)
-                replies = st.transport.stream(messages, "federated-evaluate")
-                metrics = outer.aggregate_evaluate(rnd, replies if getattr(outer, "streams_replies", False) else list(replies))
-                if metrics is not None:
-                    result.evaluate_metrics_clientapp[rnd] = metrics
+            if cfg.federated_evaluate or st.federated_only:
+                federated_evaluate(st, outer, rnd, arrays, evaluate_config, grid, result)
         rundir.checkpoint(rnd)
     result.arrays = arrays
     rundir.finish(time.time() - t0)

@@ -35,6 +35,7 @@ from fedsb.wire import MESSAGE_CONFIG_DEFAULTS
 from server.basis import BasisProtocol
 from server.hooks import PhaseHooks
 from server.nodes import Nodes
+from server.robust import robust_combine
 from server.rounds import EvaluateTally, RoundTally, train_row
 from server.transport import Transport, arrays, nbytes
 
@@ -66,6 +67,9 @@ class FedSB(Strategy):
         self.rows: list[tuple[int, str, dict]] = []  # metrics rows not yet reported (start() drains them)
         self.initialized = False
         self.tally: RoundTally | None = None
+        # dataset='none' without eval-dataset: the server has nothing to evaluate on; the nodes' held-out
+        # slices do it (federated evaluation), and their example-weighted mean is the run's evaluate row
+        self.federated_only = cfg.dataset == "none" and not cfg.eval_dataset
 
     # -- the global arrays --------------------------------------------------------------------------
     def global_arrays(self) -> ArrayRecord:
@@ -232,10 +236,8 @@ class FedSB(Strategy):
         return self.method.aggregate(self.model, tally.vectors, tally.weights, self.combine)
 
     def combine(self, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-        if self.cfg.aggregation == "median":
-            return robust.coordinate_median(vectors)
-        if self.cfg.aggregation == "trimmed-mean":
-            return robust.trimmed_mean(vectors, self.cfg.trim_fraction)
+        if self.cfg.aggregation != "mean":  # Flower's FedMedian / FedTrimmedAvg
+            return robust_combine(self.cfg.aggregation, vectors, self.cfg.trim_fraction)
         return robust.weighted_mean(vectors, weights)
 
     def finish_round(self, updated: bool, **extra) -> dict:
@@ -269,23 +271,30 @@ class FedSB(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        """Federated evaluation: the sampled clients evaluate the global adapter on their local data."""
-        if not self.cfg.federated_evaluate:
+        """Federated evaluation: nodes that did not train this round (``Nodes.evaluation_sample``) evaluate
+        the global adapter on their local held-out data."""
+        if not (self.cfg.federated_evaluate or self.federated_only):
             return []
         self.connect(grid)
         global_vec = self.set_global(arrays) if self.fits(arrays) else self.method.get_vector(self.model)
         self.eval_tally = EvaluateTally(self.state.totals)
-        nodes = self.nodes.sample(server_round, self.nodes.connected())
-        return (self.metered(Message(self.model_content(n, server_round, global_vec, config)[0], dst_node_id=int(n),
-                                     message_type=MessageType.EVALUATE)) for n in nodes)
+        trained = self.tally.sampled if self.tally is not None and self.tally.rnd == server_round else []
+        nodes = self.nodes.evaluation_sample(server_round, self.nodes.connected(), trained)
+        return (self.evaluate_message(n, server_round, global_vec, config) for n in nodes)
+
+    def evaluate_message(self, node: int, rnd: int, global_vec: np.ndarray, config: ConfigRecord | None) -> Message:
+        rd, added = self.model_content(node, rnd, global_vec, config)
+        self.state.totals["bytes_basis_total"] += added  # a node's first message may be an evaluation
+        return self.metered(Message(rd, dst_node_id=int(node), message_type=MessageType.EVALUATE))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if not self.cfg.federated_evaluate:
+        if not (self.cfg.federated_evaluate or self.federated_only):
             return None
         for reply in replies:
             self.state.totals["bytes_up"] += 0 if reply.has_error() else nbytes(reply.content)
             self.eval_tally.add(reply)
-        return scalar_metrics(self.report(server_round, "federated-evaluate", self.eval_tally.row()))
+        phase = "evaluate" if self.federated_only else "federated-evaluate"
+        return scalar_metrics(self.report(server_round, phase, self.eval_tally.row()))
 
     def summary(self) -> None:
         log.info("\t├──> FedSB settings: method=%s rank=%d aggregation=%s secagg=%s dp=%s", self.cfg.method,

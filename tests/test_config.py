@@ -32,13 +32,17 @@ def test_readme_holds_the_current_rendering_of_the_key_table():
 
 
 def test_trim_fraction_has_one_rule_checked_at_parse_time():
-    from fedsb.aggregation.robust import TRIM_FRACTION_MAX, trimmed_mean
+    from client.flower_private import SUPERLINK_NODE_ID, TaskIdentity
+    from fedsb.aggregation.robust import TRIM_FRACTION_MAX
+    from server.robust import robust_combine
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID  # as in a run
 
     with pytest.raises(ConfigError) as e:
         FedSBConfig.from_run_config({"aggregation": "trimmed-mean", "trim-fraction": 0.5})
     assert e.value.key == "trim-fraction" and "< 0.5" in str(e.value)
     ok = FedSBConfig.from_run_config({"aggregation": "trimmed-mean", "trim-fraction": 0.49})
-    trimmed_mean([np.zeros(3, np.float32)] * 4, ok.trim_fraction)  # what parses, aggregates
+    robust_combine("trimmed-mean", [np.zeros(3, np.float32)] * 4, ok.trim_fraction)  # what parses, aggregates
     assert TRIM_FRACTION_MAX == 0.5
 
 

@@ -101,3 +101,13 @@ def test_payload_sizes_follow_the_design_table(tiny_bert):
     assert sizes["fed-sb"] == len(layers) * r * r + head
     assert sizes["fedit"] == sum(r * (l.out_features + l.in_features) for l in layers.values()) + head
     assert sizes["ffa-lora"] == sum(r * l.out_features for l in layers.values()) + head
+
+
+def test_a_methods_message_keys_travel_only_with_that_method():
+    # what the server sends in every train/evaluate config: the generic defaults, then the method's own keys
+    from fedsb.methods import REGISTRY
+    from fedsb.wire import MESSAGE_CONFIG_DEFAULTS
+
+    for name in REGISTRY:
+        keys = {**MESSAGE_CONFIG_DEFAULTS, **make_method(name, 4, 1.0, 8.0, 0).round_config()}
+        assert ("flora-stacks" in keys) == (name == "flora"), (name, keys)

@@ -175,3 +175,31 @@ def test_server_adam_steps_along_the_pseudo_gradient_as_fedadam_does():
         assert np.allclose(got, expected, rtol=1e-6, atol=1e-7)
         assert not np.allclose(got, mean)  # a step, not the plain mean
         x = got
+
+
+def test_flowers_fedmedian_aggregates_a_run_and_resists_a_poisoned_node(tiny_bert, sentiment_csv, tmp_path):
+    # aggregation=median is Flower's FedMedian over the round's replies (server/robust.py), inside a real
+    # ServerApp run: one node of three shifts its R and head by 1e3 every round; the mean would follow it
+    from flwr.app import Array, ArrayRecord, Context, Message
+    from flwr.clientapp import ClientApp
+
+    from client import app as real
+    from tests.inprocess_grid import run_inprocess
+
+    app = ClientApp()
+    app.query()(real.query)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        reply = real.train(msg, context)
+        if int(context.node_config["partition-id"]) == 0 and reply.content["config"].get("status") == "ok":
+            vec = reply.content["adapter"]["adapter"].numpy() + np.float32(1e3)
+            reply.content["adapter"] = ArrayRecord({"adapter": Array(vec)})
+        return reply
+
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", aggregation="median",
+                                        **{"num-server-rounds": 2}), 3, client_app=app)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["replies"] == 3 and r["rejected_count"] == 0 for r in rows if r.get("phase") == "train"), rows
+    s = json.loads((run / "summary.json").read_text())
+    assert s["final_accuracy"] >= 0.9, s

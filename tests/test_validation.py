@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from fedsb.aggregation import robust
 from fedsb.aggregation.validation import REASONS, InvalidReply, ReplySpec, check_num_examples, check_reply, update_norm
+from server.robust import robust_combine
 
 FP = "f" * 32
 F32_MAX = float(np.finfo(np.float32).max)
@@ -207,19 +208,46 @@ def test_malformed_replies_never_change_the_aggregate(good, bad, rnd):
     np.testing.assert_array_equal(acc.result(), expected)
     # and a robust rule over the accepted ones is the rule over the honest ones
     honest_vecs = [_flat(a) for a, _, _ in in_order]
-    np.testing.assert_array_equal(robust.coordinate_median(accepted), robust.coordinate_median(honest_vecs))
-    np.testing.assert_array_equal(robust.trimmed_mean(accepted, 0.2), robust.trimmed_mean(honest_vecs, 0.2))
+    np.testing.assert_array_equal(robust_combine("median", accepted), robust_combine("median", honest_vecs))
+    np.testing.assert_array_equal(robust_combine("trimmed-mean", accepted, 0.2), robust_combine("trimmed-mean", honest_vecs, 0.2))
 
 
 # ---------------------------------------------------------------------------------------------------
 # robust aggregation rules
+@pytest.fixture(autouse=True, scope="module")
+def inside_a_flower_run():
+    """What a ServerApp's run sets: the robust rules build Flower Messages (module scope: hypothesis-safe)."""
+    from client.flower_private import SUPERLINK_NODE_ID, TaskIdentity
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+
+
+def _former_rules(vs: list[np.ndarray], trim: float) -> tuple[np.ndarray, np.ndarray]:
+    """fedsb's own median and trimmed mean, as they were before Flower's replaced them: float64, sorted, floor."""
+    stack = np.stack([np.asarray(v, np.float64) for v in vs])
+    t = int(np.floor(len(vs) * trim))
+    return (np.median(stack, axis=0).astype(np.float32),
+            np.sort(stack, axis=0)[t:len(vs) - t].mean(axis=0).astype(np.float32))
+
+
+def test_flowers_median_and_trimmed_mean_give_the_former_results_bit_for_bit():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        k, d = int(rng.integers(1, 12)), int(rng.integers(1, 500))
+        vs = [(rng.standard_normal(d) * 10.0 ** rng.uniform(-6, 3)).astype(np.float32) for _ in range(k)]
+        trim = float(rng.choice([0.0, 0.1, 0.2, 0.25, 0.3, 0.49]))
+        median, trimmed = _former_rules(vs, trim)
+        np.testing.assert_array_equal(robust_combine("median", vs), median)
+        np.testing.assert_array_equal(robust_combine("trimmed-mean", vs, trim), trimmed)
+
+
 def test_robust_rules_resist_an_outlier_and_agree_on_equal_inputs():
     vs = [np.full(4, 1.0, np.float32)] * 4 + [np.full(4, 1e6, np.float32)]
-    assert np.allclose(robust.coordinate_median(vs), 1.0)
-    assert np.allclose(robust.trimmed_mean(vs, 0.2), 1.0)
+    assert np.allclose(robust_combine("median", vs), 1.0)
+    assert np.allclose(robust_combine("trimmed-mean", vs, 0.2), 1.0)
     assert not np.allclose(robust.weighted_mean(vs, [1] * 5), 1.0)  # the plain mean does not resist
     same = [np.arange(4, dtype=np.float32)] * 3
-    for agg in (robust.coordinate_median(same), robust.trimmed_mean(same, 0.1), robust.trimmed_mean(same, 0.4),
+    for agg in (robust_combine("median", same), robust_combine("trimmed-mean", same, 0.1), robust_combine("trimmed-mean", same, 0.4),
                 robust.weighted_mean(same, [1, 2, 3])):
         np.testing.assert_array_equal(agg, same[0])
         assert agg.dtype == np.float32
@@ -228,18 +256,18 @@ def test_robust_rules_resist_an_outlier_and_agree_on_equal_inputs():
 def test_robust_rule_details():
     vs = [np.array([1.0, 10.0], np.float32), np.array([2.0, 20.0], np.float32),
           np.array([3.0, 30.0], np.float32), np.array([4.0, -1e9], np.float32)]
-    np.testing.assert_array_equal(robust.coordinate_median(vs), [2.5, 15.0])  # even count: mean of middle two
-    np.testing.assert_array_equal(robust.trimmed_mean(vs, 0.25), [2.5, 15.0])  # drops 1 low, 1 high per coord
-    np.testing.assert_array_equal(robust.trimmed_mean(vs, 0.2), robust.weighted_mean(vs, [1] * 4))  # floor(0.8)=0
+    np.testing.assert_array_equal(robust_combine("median", vs), [2.5, 15.0])  # even count: mean of middle two
+    np.testing.assert_array_equal(robust_combine("trimmed-mean", vs, 0.25), [2.5, 15.0])  # drops 1 low, 1 high per coord
+    np.testing.assert_array_equal(robust_combine("trimmed-mean", vs, 0.2), robust.weighted_mean(vs, [1] * 4))  # floor(0.8)=0
     np.testing.assert_array_equal(robust.weighted_mean(vs[:2], [1, 3]), [1.75, 17.5])
     for bad in (-0.1, 0.5, 0.7, float("nan")):
         with pytest.raises(ValueError):
-            robust.trimmed_mean(vs, bad)
-    for f in (robust.coordinate_median, lambda v: robust.trimmed_mean(v, 0.1), lambda v: robust.weighted_mean(v, [])):
+            robust_combine("trimmed-mean", vs, bad)
+    for f in (lambda v: robust_combine("median", v), lambda v: robust_combine("trimmed-mean", v, 0.1), lambda v: robust.weighted_mean(v, [])):
         with pytest.raises(ValueError):
             f([])
     with pytest.raises(ValueError, match="shape"):  # never broadcast a (1,) vector into the rest
-        robust.coordinate_median([np.zeros(3, np.float32), np.zeros(1, np.float32)])
+        robust_combine("median", [np.zeros(3, np.float32), np.zeros(1, np.float32)])
     acc = robust.BlockWeightedMean(np.zeros(3, np.float32))
     acc.add(np.zeros(3, np.float32), 1)
     with pytest.raises(ValueError, match="shape"):
@@ -281,7 +309,7 @@ def test_aggregators_properties(vectors, data):
     lo, hi = stack.min(axis=0).astype(np.float32), stack.max(axis=0).astype(np.float32)
     perm = data.draw(st.permutations(range(len(vectors))))
     trim = data.draw(st.floats(0, 0.49))
-    for rule in (robust.coordinate_median, lambda v: robust.trimmed_mean(v, trim)):
+    for rule in (lambda v: robust_combine("median", v), lambda v: robust_combine("trimmed-mean", v, trim)):
         out = rule(vectors)
         assert out.dtype == np.float32 and out.shape == vectors[0].shape
         assert np.all(lo <= out) and np.all(out <= hi)  # inside the per-coordinate range
@@ -293,6 +321,6 @@ def test_aggregators_properties(vectors, data):
 def test_a_single_outlier_among_equal_honest_vectors_is_ignored(k, honest_value, outlier, where):
     vs = [np.full(3, honest_value, np.float32) for _ in range(k)]
     vs.insert(where % (k + 1), np.full(3, outlier, np.float32))
-    np.testing.assert_array_equal(robust.coordinate_median(vs), np.full(3, honest_value, np.float32))
+    np.testing.assert_array_equal(robust_combine("median", vs), np.full(3, honest_value, np.float32))
     trim = 1.0 / (k + 1) + 1e-9  # drops exactly one value per side
-    np.testing.assert_allclose(robust.trimmed_mean(vs, trim), np.full(3, honest_value, np.float32), rtol=1e-6)
+    np.testing.assert_allclose(robust_combine("trimmed-mean", vs, trim), np.full(3, honest_value, np.float32), rtol=1e-6)

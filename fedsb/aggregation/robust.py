@@ -1,6 +1,9 @@
-"""Aggregation rules over flat update vectors: weighted mean (streaming), coordinate median, trimmed mean.
+"""The weighted mean of flat update vectors (streaming or all at once), and the trim-fraction bound.
 
-All rules accumulate in float64 and return float32 (the wire dtype). Inputs are expected to have passed
+The robust rules (``aggregation = "median" | "trimmed-mean"``) are Flower's, applied on the server
+(``server/robust.py``); ``TRIM_FRACTION_MAX`` stays here because the config checks it without Flower.
+
+The mean accumulates in float64 and returns float32 (the wire dtype). Inputs are expected to have passed
 :func:`fedsb.aggregation.validation.check_reply` (same shape, finite); shapes are still checked here, with a clear
 ``ValueError``, because numpy broadcasting would otherwise silently average a ``(1,)`` vector into the rest.
 The weighted mean is deterministic: the same vectors in the same order give bit-identical results, streamed
@@ -15,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-# At least one value per coordinate must remain after trimming both ends.
+# At least one value per coordinate must remain after trimming both ends (Flower's FedTrimmedAvg: beta < 0.5).
 TRIM_FRACTION_MAX = 0.5
 
 
@@ -73,33 +76,3 @@ def weighted_scalar_mean(pairs: Sequence[tuple[float, float]]) -> float | None:
     fsum is exactly rounded, so the result does not depend on the order the pairs (replies) arrived in."""
     pairs = list(pairs)
     return math.fsum(x * w for x, w in pairs) / math.fsum(w for _, w in pairs) if pairs else None
-
-
-def _stack(vectors: Sequence[np.ndarray]) -> np.ndarray:
-    if len(vectors) == 0:
-        raise ValueError("no vectors to aggregate")
-    arrs = [np.asarray(v, dtype=np.float64) for v in vectors]
-    shapes = {a.shape for a in arrs}
-    if len(shapes) != 1:
-        raise ValueError(f"vectors of different shapes: {sorted(shapes)}")
-    return np.stack(arrs)
-
-
-def coordinate_median(vectors: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-coordinate median (mean of the two middle values for an even count); float32 result."""
-    return np.median(_stack(vectors), axis=0).astype(np.float32)
-
-
-def trimmed_mean(vectors: Sequence[np.ndarray], trim_fraction: float) -> np.ndarray:
-    """Per coordinate, drop the ``floor(k·trim_fraction)`` smallest and largest values and average the rest.
-
-    ``trim_fraction`` must lie in ``[0, 0.5)`` (so at least one value per coordinate always remains); ``0`` is
-    the plain unweighted mean. With few vectors nothing may be trimmed: ``k = 4``, ``0.2`` drops ``floor(0.8) = 0``.
-    """
-    tf = float(trim_fraction)
-    if not (0.0 <= tf < TRIM_FRACTION_MAX):  # the config's range for trim-fraction is this same bound
-        raise ValueError(f"trim_fraction must be in [0, {TRIM_FRACTION_MAX}), got {trim_fraction!r}")
-    stack = np.sort(_stack(vectors), axis=0)
-    k = stack.shape[0]
-    t = int(math.floor(k * tf))  # tf < 0.5 => 2t < k
-    return stack[t : k - t].mean(axis=0).astype(np.float32)

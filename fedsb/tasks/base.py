@@ -82,8 +82,7 @@ class Task:
 
     def base_model(self) -> nn.Module:
         """A fresh copy of the frozen base model, its weights in base-dtype, on the configured device."""
-        model = load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed, self.cfg.torch_base_dtype,
-                                self.cfg.train_pooler)
+        model = self.frozen_copy()
         if self.data.label_names:  # the exported head's config then names its classes (transformers reads them)
             model.config.id2label = dict(enumerate(self.data.label_names))
             model.config.label2id = {name: i for i, name in enumerate(self.data.label_names)}
@@ -91,6 +90,11 @@ class Task:
             # non-reentrant: the frozen base's inputs need no grad for R's gradient to flow through
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.to(self.device)
+
+    def frozen_copy(self) -> nn.Module:
+        """A fresh copy of the frozen base as loaded (``base_model`` adds labels, checkpointing, device)."""
+        return load_base_model(self.model_path, self.name, self.data.num_labels, self.cfg.seed, self.cfg.torch_base_dtype,
+                               self.cfg.train_pooler)
 
     @property
     def portable_model_name(self) -> str:

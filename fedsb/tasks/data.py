@@ -90,14 +90,14 @@ def table_columns(path: Path) -> list[str]:
 
 
 def load_table(dataset: str, text_column: str, label_column: str, text_pair_column: str = "",
-               labels: tuple[str, ...] = ()) -> TextTable:
+               labels: tuple[str, ...] = (), key: str = "dataset") -> TextTable:
     """The rows of a CSV/TSV/JSONL file with a text and a label. ``labels`` fixes the classes and their order
     (the run config's ``labels``); a value outside it is refused, never dropped. Without it the classes are
-    the file's distinct labels, sorted (numbers numerically)."""
-    path = table_path(dataset)
+    the file's distinct labels, sorted (numbers numerically). ``key``: the config key naming the file."""
+    path = table_path(dataset, key)
     rows = _read_rows(path)
     if not rows:
-        raise ConfigError("dataset", f"{path} holds no rows")
+        raise ConfigError(key, f"{path} holds no rows")
     check_columns(path, list(rows[0].keys()), text_column, label_column, text_pair_column)
     rows = [r for r in rows if r.get(text_column) not in (None, "") and r.get(label_column) not in (None, "")]
     raw_labels = [str(r[label_column]) for r in rows]
@@ -272,9 +272,11 @@ class TaskData:
         idx = self.eval_idx if cap <= 0 else self.eval_idx[:cap]
         return self.dataset.subset(idx)
 
-    def majority_rate(self, cap: int = 0) -> float:
+    def majority_rate(self, cap: int = 0) -> float | None:
         """Accuracy of always predicting the most frequent class of the evaluated held-out examples."""
         idx = self.eval_idx if cap <= 0 else self.eval_idx[:cap]
+        if len(idx) == 0:  # a server without evaluation data (dataset='none', federated evaluation)
+            return None
         counts = np.bincount(self.dataset.labels[idx], minlength=self.num_labels)
         return float(counts.max() / counts.sum())
 

@@ -85,9 +85,17 @@ def _load_base(path: str, task: str, num_labels: int, seed: int, dtype: torch.dt
             )
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = load_tokenizer(path).pad_token_id
-            if train_pooler:
-                model.fedsb_extra_heads = [pooler_name(model)]
+    return freeze(model, dtype, train_pooler and task != "causal-lm")
+
+
+def freeze(model: nn.Module, dtype: torch.dtype, train_pooler: bool = False) -> nn.Module:
+    """``model`` as fedsb trains on it, in place: weights in ``dtype`` but for a float32 task head (and the
+    pooler with ``train_pooler``), eval mode, nothing requiring grad."""
+    if train_pooler:
+        model.fedsb_extra_heads = [pooler_name(model)]
     if dtype != torch.float32:
+        if next(model.parameters()).dtype != dtype:  # a user's own model object; a loaded one is in dtype already
+            model.to(dtype)
         for h in head_prefixes(model):
             model.get_submodule(h).float().register_forward_pre_hook(_float_input)
     model.eval()
@@ -136,13 +144,18 @@ def model_content_id(path: str, model: nn.Module, layer_names: list[str]) -> str
     and model (a path is read once: the weights behind it do not change while a run uses them)."""
     key = (path, tuple(layer_names), str(next(model.parameters()).dtype))
     if key not in _CONTENT_IDS:
-        h = hashlib.sha256()
-        arch = {k: getattr(model.config, k, None) for k in ARCHITECTURE_FIELDS}
-        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
-        for name in layer_names:
-            for pname, t in sorted(model.get_submodule(name).named_parameters(recurse=False)):
-                t = t.detach().contiguous().cpu()
-                h.update(f"|{name}.{pname}:{t.dtype}:{tuple(t.shape)}|".encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, bfloat16 included
-        _CONTENT_IDS[key] = h.hexdigest()[:32]
+        _CONTENT_IDS[key] = content_id(model, layer_names)
     return _CONTENT_IDS[key]
+
+
+def content_id(model: nn.Module, layer_names: list[str]) -> str:
+    """``model_content_id`` of a model object, uncached (a user's own model has no path to key a cache by)."""
+    h = hashlib.sha256()
+    arch = {k: getattr(model.config, k, None) for k in ARCHITECTURE_FIELDS}
+    h.update(json.dumps(arch, sort_keys=True, default=str).encode())
+    for name in layer_names:
+        for pname, t in sorted(model.get_submodule(name).named_parameters(recurse=False)):
+            t = t.detach().contiguous().cpu()
+            h.update(f"|{name}.{pname}:{t.dtype}:{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, bfloat16 included
+    return h.hexdigest()[:32]

@@ -40,8 +40,7 @@ def server_carve(cfg: FedSBConfig) -> int:
     return cfg.init_server_samples if cfg.init_source == "server" and not cfg.init_dataset else 0
 
 
-def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int, test_fraction: float,
-            seed: int, carve: int = 0, validation_fraction: float = 0.0, eval_split: str = "test") -> TaskData:
+def _tokenized(texts, pairs, labels, model_path: str, max_length: int) -> EncodedDataset:
     tok = load_tokenizer(model_path)
 
     def tokenize() -> dict[str, np.ndarray]:
@@ -52,7 +51,13 @@ def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int,
     content = hashlib.sha256("\x1f".join(texts).encode() + b"\x1e" + "\x1f".join(pairs or []).encode()).hexdigest()
     arrays = cached_arrays("tokens", {"texts": content, "pairs": pairs is not None, "max_length": max_length,
                                       "tokenizer": tokenizer_digest(model_path)}, tokenize)
-    ds = EncodedDataset(arrays_to_ragged(arrays), np.asarray(labels, dtype=np.int64))
+    return EncodedDataset(arrays_to_ragged(arrays), np.asarray(labels, dtype=np.int64))
+
+
+def _encode(texts, pairs, labels, label_names, model_path: str, max_length: int, test_fraction: float,
+            seed: int, carve: int = 0, validation_fraction: float = 0.0, eval_split: str = "test") -> TaskData:
+    tok = load_tokenizer(model_path)
+    ds = _tokenized(texts, pairs, labels, model_path, max_length)
     server_idx, train_idx, val_idx, test_idx = split_rest(len(ds), carve, test_fraction, seed, validation_fraction)
     return TaskData(ds, train_idx, test_idx, len(label_names), list(label_names), tok.pad_token_id, server_idx=server_idx,
                     val_idx=val_idx, eval_split=eval_split)
@@ -65,6 +70,20 @@ def _load(model_path: str, dataset: str, text_column: str, label_column: str, te
     table = load_table(dataset, text_column, label_column, text_pair_column, labels)
     return _encode(table.texts, table.pairs, table.labels, table.label_names, model_path, max_length, test_fraction,
                    seed, carve, validation_fraction, eval_split)
+
+
+def _server_without_data(cfg: FedSBConfig, model_path: str) -> TaskData:
+    """dataset='none': no training data on the server; what it evaluates is its eval-dataset file, whole (in
+    a seeded order, so an eval-max-samples prefix is a random sample), or nothing (federated evaluation)."""
+    names, none = list(cfg.label_list), np.zeros(0, dtype=np.int64)
+    if not cfg.eval_dataset:
+        ds = EncodedDataset({}, none)
+    else:
+        table = load_table(cfg.eval_dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column, cfg.label_list,
+                           key="eval-dataset")
+        ds = _tokenized(table.texts, table.pairs, table.labels, model_path, cfg.max_length)
+    test_idx = np.random.default_rng(cfg.seed).permutation(len(ds))
+    return TaskData(ds, none, test_idx, len(names), names, load_tokenizer(model_path).pad_token_id, server_idx=none)
 
 
 class SeqClsTask(Task):
@@ -81,6 +100,8 @@ class SeqClsTask(Task):
 
     @classmethod
     def load_data(cls, cfg: FedSBConfig, model_path: str) -> TaskData:
+        if cfg.dataset == "none":
+            return _server_without_data(cfg, model_path)
         return _load(model_path, cfg.dataset, cfg.text_column, cfg.label_column, cfg.text_pair_column,
                      cfg.max_length, cfg.test_fraction, cfg.seed, server_carve(cfg), cfg.validation_fraction,
                      cfg.eval_split, cfg.label_list)
@@ -89,7 +110,8 @@ class SeqClsTask(Task):
         if not self.cfg.init_dataset:
             return self.data.server_dataset()
         c = self.cfg  # the server's own file: same columns, labels mapped onto the training data's
-        table = load_table(c.init_dataset, c.text_column, c.label_column, c.text_pair_column, c.label_list)
+        table = load_table(c.init_dataset, c.text_column, c.label_column, c.text_pair_column, c.label_list,
+                           key="init-dataset")
         unknown = sorted(set(table.label_names) - set(self.data.label_names))
         if unknown:
             raise ConfigError("init-dataset", f"labels {unknown} are not among dataset's {self.data.label_names}")
