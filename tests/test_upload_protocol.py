@@ -15,6 +15,12 @@ from tests.conftest import tiny_run_config
 from tests.inprocess_grid import run_inprocess
 
 
+@pytest.fixture(autouse=True)
+def _empty_basis_cache(monkeypatch, tmp_path):
+    """A node that cached a basis in an earlier run would never compute it: each test starts without."""
+    monkeypatch.setenv("FEDSB_CACHE_DIR", str(tmp_path / "basis-cache"))
+
+
 def _run(tiny_bert, csv, out, nodes=3, **extra):
     run_dir = run_inprocess(tiny_run_config(tiny_bert, csv, out, **extra), nodes)
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
