@@ -71,7 +71,7 @@ def noise_multiplier(cfg: FedSBConfig, n_local: int, d: float) -> float:
         return cfg.noise_multiplier
     phases = [(min(1.0, cfg.batch_size / n_local), cfg.num_server_rounds * cfg.local_steps)]
     if method_class(cfg.method).init_spends_privacy and cfg.init_basis == "gradient" and cfg.init_source == "clients":
-        # a random basis, or one from the server's own data, spends nothing of the clients' budget
+        # a random or weights basis, or one from the server's own data, spends nothing of the clients' budget
         phases.insert(0, (min(1.0, cfg.init_samples / n_local), 1))
     return privacy.calibrate_noise(cfg.target_epsilon, d, phases, cfg.accountant)
 

@@ -26,6 +26,7 @@ from fedsb.tasks import Task, get_task
 from fedsb.tasks.models import freeze
 from fedsb.tasks.own import OwnModelTask
 from fedsb.tasks.training import peak_memory_bytes, reset_peak_memory
+from fedsb.upload import quantize_update, rounding_generator
 from fedsb.wire import decode_basis, flatten, pack_signs, unflatten_into
 
 log = logging.getLogger("fedsb.client")
@@ -67,13 +68,28 @@ def _arr(vec: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(vec))
 
 
-def train_reply_content(vec: np.ndarray, metrics: dict, fingerprint: str) -> RecordDict:
-    """What a client uploads each round: one flat float32 vector (R matrices and head), metrics, fingerprint."""
+def train_reply_content(vec: np.ndarray | dict[str, np.ndarray], metrics: dict, fingerprint: str) -> RecordDict:
+    """What a client uploads each round: one flat float32 vector (R matrices and head), or its quantized update
+    (``upload_arrays``), metrics, fingerprint."""
+    named = vec if isinstance(vec, dict) else {"adapter": vec}
     return RecordDict({
-        "adapter": ArrayRecord({"adapter": _arr(vec)}),
+        "adapter": ArrayRecord({k: _arr(v) for k, v in named.items()}),
         "metrics": MetricRecord(metrics),
         "config": ConfigRecord({"status": "ok", "fingerprint": fingerprint}),
     })
+
+
+def upload_arrays(cfg: FedSBConfig, method, model, sent: np.ndarray, private: bool, rnd: int, pid: int
+                  ) -> dict[str, np.ndarray]:
+    """upload-dtype=float32: the trained vector as it is; int8/int4: the update (trained less sent) in codes,
+    a segment per trainable tensor. The rounding noise is seeded by (seed, round, partition) for a reproducible
+    run, and fresh OS entropy under DP (a noise the server could recompute would be no randomization)."""
+    vec = method.get_vector(model)
+    if cfg.upload_dtype == "float32":
+        return {"adapter": vec}
+    segments = [t.numel() for t in method.trainable(model).values()]
+    rng = rounding_generator(None if private else np.random.SeedSequence([cfg.seed, rnd, pid]))
+    return quantize_update(vec - sent, segments, cfg.upload_dtype, rng)
 
 
 def download_of(msg: Message) -> Download:
@@ -205,7 +221,8 @@ class FedSBClient:
         if model is None:
             log.info("partition %d: lacking basis %s, asking the server for it", pid, fp)
             return ask
-        method.set_vector(model, msg.content["adapter"]["adapter"].numpy())
+        sent = msg.content["adapter"]["adapter"].numpy()
+        method.set_vector(model, sent)
         t_model = time.time()
         ds = self.train_dataset(task, cfg, node)
         t0 = time.time()
@@ -227,7 +244,8 @@ class FedSBClient:
             log.info("partition %d round %d: local train loss %.4f (kept on this node: dp=true)", pid, rnd, loss)
         else:
             metrics["train-loss"] = float(loss)
-        return Message(train_reply_content(method.get_vector(model), metrics, fp), reply_to=msg)
+        upload = upload_arrays(cfg, method, model, sent, trainer.private, rnd, pid)
+        return Message(train_reply_content(upload, metrics, fp), reply_to=msg)
 
     def evaluate(self, msg: Message, context: Context) -> Message:
         """Evaluate the global adapter on this node's local data (federated evaluation)."""

@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping
 from fedsb.aggregation.robust import TRIM_FRACTION_MAX
 from fedsb.config_data import check_data_keys
 from fedsb.config_text import ConfigError, coerce, markdown_table, readme_with_table, suggest
+from fedsb.upload import UPLOAD_DTYPES
 from fedsb.wire import BASIS_DTYPES
 
 METHODS = ("fed-sb", "fedit", "ffa-lora", "fedex-lora", "flora")
@@ -89,9 +90,9 @@ class FedSBConfig:
     init_lr: float = _f(1e-3, "step size eta of the approximated full fine-tuning step", lo=0.0, lo_open=True)
     init_svd: str = _f("auto", "truncated SVD: `exact`, `randomized` or `auto` (randomized for large layers)", choices=("auto", "exact", "randomized"))
     init_fraction: float = _f(0.5, "fraction of nodes asked for Fed-SB initialization gradients (sampled with the seed; other methods ignore it)", lo=0.0, hi=1.0, lo_open=True)
-    init_basis: str = _f("gradient", "Fed-SB basis: `gradient` (update approximation from init gradients) or "
-                         "`random` (seeded orthonormal B, A and R0 = 0: no init upload, no privacy spent on it)",
-                         choices=("gradient", "random"))
+    init_basis: str = _f("gradient", "Fed-SB basis: `gradient` (from init gradients), `random` (seeded orthonormal B, A), "
+                         "`weights`/`weights-minor` (top/bottom singular vectors of each node's own W0, no download); R0 = 0 "
+                         "but for `gradient`", choices=("gradient", "random", "weights", "weights-minor"))
     init_upload: str = _f("sign", "what a client uploads for the init: `sign` (its gradient's signs, 1 bit each; the "
                           "server takes the example-weighted majority vote) or `dense` (float32 gradient sums)",
                           choices=("sign", "dense"))
@@ -103,6 +104,8 @@ class FedSBConfig:
     init_server_samples: int = _f(640, "examples the server's init gradient sums over (init-source=server)", lo=1)
     basis_dtype: str = _f("int4", "dtype of the one-time B, A broadcast (int8, int4: a scale per basis vector, "
                           "int4 packed two per byte; what every party uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
+    upload_dtype: str = _f("float32", "a client's round upload, any method: `float32` (its vector) or its update as `int8`/"
+                           "`int4` codes (unbiased stochastic rounding, a scale per tensor; not with secagg)", choices=UPLOAD_DTYPES)
 
     # --- hardware ----------------------------------------------------------------------------
     device: str = _f("auto", "where clients train and the server evaluates and initializes: `auto` (CUDA when "
@@ -210,16 +213,11 @@ class FedSBConfig:
             raise ConfigError("train-pooler", f"applies to task='seq-cls' (got {self.task!r}); set it to false")
         check_data_keys(self)
         if self.min_available_nodes < self.min_train_nodes:
-            raise ConfigError(
-                "min-available-nodes",
-                f"got {self.min_available_nodes}, below min-train-nodes={self.min_train_nodes}; "
-                "raise it or lower min-train-nodes",
-            )
+            raise ConfigError("min-available-nodes", f"got {self.min_available_nodes}, below min-train-nodes="
+                              f"{self.min_train_nodes}; raise it or lower min-train-nodes")
         if self.secagg and self.secagg_threshold > self.secagg_shares:
-            raise ConfigError(
-                "secagg-threshold",
-                f"got {self.secagg_threshold} > secagg-shares={self.secagg_shares}; it must not exceed the shares",
-            )
+            raise ConfigError("secagg-threshold", f"got {self.secagg_threshold} > secagg-shares={self.secagg_shares}; "
+                              "it must not exceed the shares")
         from fedsb.methods import REGISTRY  # here, not at the top: the config module loads without torch
 
         method = REGISTRY[self.method]
@@ -229,6 +227,8 @@ class FedSBConfig:
                               f"A_i and B_i, which secure aggregation hides; use {able}")
         if self.secagg and self.aggregation != "mean":
             raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
+        if self.secagg and self.upload_dtype != "float32":  # SecAgg+ quantizes the vector its own way
+            raise ConfigError("upload-dtype", f"got {self.upload_dtype!r} with secagg=true; set upload-dtype='float32'")
         if self.secagg and self.max_update_norm > 0:
             raise ConfigError("max-update-norm", "cannot be checked with secagg=true (the server sees no single update); set 0")
         if self.dp and self.federated_evaluate:
@@ -258,8 +258,8 @@ class FedSBConfig:
         if self.init_upload == "sign" and self.init_update != "sign":
             raise ConfigError("init-upload", "`sign` uploads only the gradient's signs, which init-update=grad "
                               "cannot use; set init-upload='dense' with init-update='grad'")
-        if self.init_source == "server" and self.init_basis == "random":
-            raise ConfigError("init-source", "a random basis uses no init gradient; leave init-source='clients'")
+        if self.init_source == "server" and self.init_basis != "gradient":
+            raise ConfigError("init-source", f"a {self.init_basis} basis uses no init gradient; leave init-source='clients'")
         if not method.needs_basis and self.init_basis != "gradient":
             able = ", ".join(n for n, c in REGISTRY.items() if c.needs_basis)
             raise ConfigError("init-basis", f"only applies to method={able} (got method={self.method!r}); leave it at 'gradient'")

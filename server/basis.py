@@ -1,8 +1,9 @@
 """The Fed-SB basis protocol: compute B, A once, ship them to each node once.
 
 ``initialize`` fixes the basis and its fingerprint from the sampled nodes' init gradients (dense, or
-1 bit per entry and a weighted majority vote), from the server's own data, or from a seed; ``attach``
-adds the basis (in basis-dtype, or the seed of a random one) to the message of a node that lacks it.
+1 bit per entry and a weighted majority vote), from the server's own data, from a seed, or from the
+frozen weights; ``attach`` adds the basis (in basis-dtype, the seed of a random one, nothing for a weights
+one) to the message of a node that lacks it.
 Only methods with ``needs_basis`` use this.
 """
 
@@ -22,6 +23,7 @@ from fedsb.run.export import head_state
 from fedsb.wire import (MESSAGE_CONFIG_DEFAULTS, basis_fingerprint, basis_tensors, encode_basis, flatten,
                         layer_list_fingerprint, layers_fingerprint, round_basis, unflatten_into, unpack_signs)
 from fedsb.config import FedSBConfig
+from fedsb.methods.fed_sb import WEIGHT_BASES, bases_from_weights
 from fedsb.run.state import RunState
 from server.hooks import PhaseHooks
 from server.nodes import Nodes
@@ -53,6 +55,10 @@ class BasisProtocol:
             self.install(random_bases(shapes, cfg.rank, cfg.seed))
             return dict(clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
                         fingerprint=self.state.fingerprint, init_basis="random", **dict(row, init_upload="none"))
+        if cfg.init_basis in WEIGHT_BASES:  # from the server's own W0; each node computes the same from its own
+            self.install(bases_from_weights(self.task))
+            return dict(clients=0, bytes_up=0, bytes_down=0, seconds=round(time.time() - t0, 3),
+                        fingerprint=self.state.fingerprint, init_basis=cfg.init_basis, **dict(row, init_upload="none"))
         if cfg.init_source == "server":  # the server's own data: no client uploads, no privacy spent
             grads, count = self.server_gradient(names)
             self.install(self.bases(grads, count))
@@ -176,17 +182,30 @@ class BasisProtocol:
         return RecordDict({"basis": arrays(**encode_basis(tensors, cfg.basis_dtype))})
 
     def attach(self, node: int, content: RecordDict) -> int:
-        """Add the basis to ``content`` if ``node`` does not hold it; returns the bytes it added."""
+        """Add the basis to ``content`` if ``node`` does not hold it; returns the bytes it added. A weights
+        basis adds nothing (the run config tells the node to compute it), unless that node failed to."""
         if node in self.state.basis_holders:
+            return 0
+        if self.cfg.init_basis in WEIGHT_BASES and node not in self.full_matrices:
+            self.state.basis_holders.add(node)
+            self.state.totals["basis_sends"] = self.state.totals.get("basis_sends", 0) + 1
             return 0
         content["basis"] = self.record(node)["basis"]
         self.state.basis_holders.add(node)
         self.state.totals["basis_sends"] = self.state.totals.get("basis_sends", 0) + 1
         return nbytes(RecordDict({"basis": content["basis"]}))
 
+    def fallback(self) -> dict:
+        """The summary's count of nodes sent the matrices because their own seeded or weights basis differed."""
+        if self.cfg.init_basis not in ("random", *WEIGHT_BASES):
+            return {}
+        reached = len(self.state.basis_holders | self.full_matrices)
+        return {"basis_fallback_nodes": len(self.full_matrices),
+                "basis_fallback_rate": len(self.full_matrices) / reached if reached else None}
+
     def forget(self, nodes: list[int], seed_failed: list[int] = ()) -> None:
         """These nodes lost the basis (restart, wiped state): the next message to them carries it again,
-        as the matrices for those that could not regenerate it from its seed."""
+        as the matrices for those that could not regenerate it from its seed or their weights."""
         self.state.basis_holders.difference_update(nodes)
         self.full_matrices.update(seed_failed)
 

@@ -15,6 +15,7 @@ from flwr.app import Message
 
 from fedsb.aggregation import robust
 from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_num_examples, check_reply
+from fedsb.upload import dequantize_update
 from server.basis import reject
 from server.transport import arrays_of
 
@@ -41,7 +42,9 @@ class RoundTally:
         # FedEx/FLoRA and the robust rules need all vectors at once.
         self.running, self.vectors = robust.BlockWeightedMean(global_vec), []
         self.lacking: list[int] = []
-        self.seed_failed: list[int] = []  # nodes that could not regenerate a random basis from its seed
+        self.seed_failed: list[int] = []  # nodes that could not regenerate a random or weights basis
+        self.upload_dtype = "float32"
+        self.segments_for: Callable[[int], list[int]] | None = None  # set for int8/int4 uploads
 
     def add(self, node: int, reply: Message, up: int, spec_for: Callable[[int], tuple[np.ndarray | None, ReplySpec, np.ndarray]],
             observe: Callable[[int, Message], None]) -> None:
@@ -63,12 +66,15 @@ class RoundTally:
             return
         index, spec, sent = spec_for(node)  # a block larger than the node's is refused
         try:
-            n_ex = check_reply(spec, arrays_of(reply, "adapter"), reply.content["metrics"].get("num-examples"),
+            got = arrays_of(reply, "adapter")
+            if self.segments_for is not None:  # upload-dtype int8/int4: back to the vector it stands for
+                got = {"adapter": decode_upload(got, self.segments_for(node), sent, self.upload_dtype)}
+            n_ex = check_reply(spec, got, reply.content["metrics"].get("num-examples"),
                                reply.content["config"].get("fingerprint"), {"adapter": sent})
         except (InvalidReply, KeyError) as e:
             self.rejected.append(reject(node, e))
             return
-        vec = reply.content["adapter"]["adapter"].numpy()
+        vec = got["adapter"]
         if self.streaming:
             self.running.add(vec, float(n_ex), index)
         else:
@@ -80,6 +86,26 @@ class RoundTally:
         if "train-loss" in metrics:  # absent under dp (not privatized, kept on the client)
             self.losses.append((float(metrics["train-loss"]), n_ex))
         self.up_sizes.append(up)
+
+
+def decode_upload(got: dict[str, np.ndarray], segments: list[int], sent: np.ndarray, dtype: str) -> np.ndarray:
+    """The vector an int8/int4 upload stands for (``sent`` plus the dequantized update), or ``InvalidReply``:
+    the arrays' names, dtypes and shapes checked as any reply's, then their values (``dequantize_update``)."""
+    n, codes = int(sum(segments)), "update_i8" if dtype == "int8" else "update_i4"
+    specs = {codes: ReplySpec({codes: (n if dtype == "int8" else (n + 1) // 2,)}, np.int8 if dtype == "int8" else np.uint8),
+             "update_scale": ReplySpec({"update_scale": (len(segments),)}, np.float32)}
+    for key in got:
+        if key not in specs:
+            raise InvalidReply("extra-key", f"reply has unexpected {key!r} (expected {sorted(specs)})")
+    for key, spec in specs.items():
+        if key not in got:
+            raise InvalidReply("missing-key", f"reply lacks {key!r} (expected {sorted(specs)})")
+        check_reply(spec, {key: got[key]}, 1, None)
+    try:
+        delta = dequantize_update(got, segments)
+    except ValueError as e:
+        raise InvalidReply("quantization", str(e)) from None
+    return (sent + delta).astype(np.float32)
 
 
 def train_row(tally: RoundTally, updated: bool, bytes_up: int, bytes_down: int, hook_metrics: dict,

@@ -116,7 +116,7 @@ class RunDirectory:
             "secagg_settings": {"shares": cfg.secagg_shares, "threshold": cfg.secagg_threshold,
                                 "clip_range": cfg.secagg_clip_range, "quantization_range": cfg.secagg_quantization_range,
                                 "modulus_range": 2**32} if cfg.secagg else None,
-            **st.hooks.summary(),
+            **st.hooks.summary(), **(st.basis.fallback() if st.basis is not None else {}),
         }
         self.rec.write_summary(summary)
         log.info("run complete: accuracy %s, loss %s; results in %s", ev.get("accuracy"), ev.get("loss"), self.path)

@@ -153,6 +153,8 @@ class FedSB(Strategy):
         global_vec = self.method.get_vector(self.model) if fresh else self.set_global(arrays_in)
         streaming = self.method.streamable and self.cfg.aggregation == "mean"
         tally = self.tally = RoundTally(rnd, global_vec, streaming)
+        if self.cfg.upload_dtype != "float32":
+            tally.upload_dtype, tally.segments_for = self.cfg.upload_dtype, self.upload_segments
         tally.t0, totals = time.time(), self.state.totals
         tally.down0, tally.up0, tally.basis0 = totals["bytes_down"], totals["bytes_up"], totals["bytes_basis_total"]
         tally.mem0 = tracemalloc.get_traced_memory()[0] if TRACE_MEMORY else 0
@@ -176,6 +178,15 @@ class FedSB(Strategy):
                          fingerprint=self.basis.fingerprint_for(node) if self.basis else None,
                          max_num_examples=self.cfg.max_num_examples)
         return index, spec, sent
+
+    def upload_segments(self, node: int) -> list[int]:
+        """The sizes of ``node``'s trainable tensors (its nested block's part of each): how its client cut
+        a quantized upload into scaled segments."""
+        sizes = [t.numel() for t in self.method.trainable(self.model).values()]
+        index = self.method.block_index(self.model, self.nodes.rank(node))
+        if index is None:
+            return sizes
+        return np.bincount(np.searchsorted(np.cumsum(sizes), index, side="right"), minlength=len(sizes)).tolist()
 
     def take(self, reply: Message) -> None:
         """Fold one train reply into the round (validated as it arrives)."""

@@ -64,7 +64,8 @@ def test_each_bad_reply_is_refused_with_its_reason(arrays, n, fp, reason):
 
 
 def test_every_reason_is_reachable_and_details_are_clear():
-    assert {reason for *_, reason in BAD_CASES} == set(REASONS)
+    # "quantization" is raised by the server's decoding of an int8/int4 upload (server.rounds.decode_upload)
+    assert {reason for *_, reason in BAD_CASES} == set(REASONS) - {"quantization"}
     with pytest.raises(InvalidReply, match=r"key 'adapter' has shape \(5,\), expected \(6,\)"):
         check_reply(SPEC, {"adapter": np.zeros(5, np.float32)}, 1, FP, REF)
     with pytest.raises(InvalidReply, match=r"key 'adapter' has dtype float64, expected float32"):

@@ -32,7 +32,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-REASONS = ("missing-key", "extra-key", "shape", "dtype", "non-finite", "fingerprint", "update-norm", "num-examples")
+# "quantization": an int8/int4 upload whose codes or scales no client could have sent (a zero or negative
+# scale, an int8 code of -128); raised where the server decodes such an upload, before check_reply
+REASONS = ("missing-key", "extra-key", "shape", "dtype", "non-finite", "fingerprint", "update-norm", "num-examples",
+           "quantization")
 
 
 class InvalidReply(ValueError):

@@ -14,12 +14,14 @@ from torch import nn
 from fedsb import adapters
 from fedsb.methods.base import Download, Method, ModelSource, NodeStore
 from fedsb.ops.basis_cache import BasisCache
-from fedsb.adapters.sb_init import apply_bases, random_bases
-from fedsb.wire import basis_tensors, flatten, layers_fingerprint, round_basis, unflatten_into
+from fedsb.adapters.layers import weight_as_mn
+from fedsb.adapters.sb_init import Basis, apply_bases, random_bases, weight_bases
+from fedsb.wire import basis_fingerprint, basis_tensors, flatten, layers_fingerprint, round_basis, unflatten_into
 
 log = logging.getLogger(__name__)
 
 BASIS_KEY = "fedsb-basis"
+WEIGHT_BASES = {"weights": "principal", "weights-minor": "minor"}  # init-basis -> weight_bases' directions
 
 # Per-process cache of the adapted model for the current basis: a simulated client process serves many
 # rounds (and nodes); re-building the model each message would dominate the round time.
@@ -32,7 +34,7 @@ class FedSB(Method):
 
     needs_basis = True
     supports_nested_ranks = True
-    init_spends_privacy = True  # the init gradient (unless init-basis=random or init-source=server)
+    init_spends_privacy = True  # the init gradient (unless init-basis is random or weights, or init-source=server)
 
     @classmethod
     def scale_for(cls, scale: float, lora_alpha: float, rank: int) -> float:
@@ -63,6 +65,9 @@ class FedSB(Method):
             download.basis = regenerate_random_basis(task, task.cfg.rank, download.basis_seed,
                                                      None if self.rank < task.cfg.rank else download.fingerprint, self.rank)
         vec = basis_for(download, store)
+        if vec is None and task.cfg.init_basis in WEIGHT_BASES:  # nothing was sent: this node computes it
+            download.basis = regenerate_weight_basis(task, download.fingerprint, self.rank)
+            vec = basis_for(download, store)
         if vec is None:
             return None
         key = (task.cfg, download.fingerprint)
@@ -98,6 +103,32 @@ def regenerate_random_basis(task: ModelSource, rank: int, seed: int, fingerprint
     if fingerprint is not None and layers_fingerprint(task.model_id, rank, layers) != fingerprint:
         raise BasisSeedMismatch(f"the basis regenerated from seed {seed} does not match fingerprint {fingerprint}")
     return flatten(basis_tensors(layers, k or rank))
+
+
+def bases_from_weights(task: ModelSource, model: nn.Module | None = None) -> dict[str, Basis]:
+    """B, A of ``init-basis = "weights"`` (or ``weights-minor``) from this party's own frozen W0, rounded to
+    basis-dtype: the server and every node run this same code on their own copy of the model."""
+    model = model if model is not None else task.base_model()
+    weights = {n: weight_as_mn(model.get_submodule(n)) for n in task.layer_names}
+    bases = weight_bases(weights, task.cfg.rank, WEIGHT_BASES[task.cfg.init_basis])
+    for b in bases.values():
+        b.B, b.A = round_basis(b.B, task.cfg.basis_dtype), round_basis(b.A, task.cfg.basis_dtype)
+    return bases
+
+
+def regenerate_weight_basis(task: ModelSource, fingerprint: str, k: int) -> np.ndarray:
+    """This node's basis vector (its leading rank-k block) computed from its own W0, checked against the
+    server's fingerprint for it; a mismatch (another LAPACK rounding a singular vector differently) raises
+    ``BasisSeedMismatch`` and the node asks for the matrices instead."""
+    model = task.base_model()
+    bases = bases_from_weights(task, model)  # read W0 before the SB layers wrap it
+    layers = adapters.inject_sb(model, task.layer_names, task.cfg.rank)
+    apply_bases(layers, bases)
+    tensors = basis_tensors(layers, k)  # the order the server packs and fingerprints them in
+    got = basis_fingerprint(task.model_id, k, {n: (tensors[n + ".B"], tensors[n + ".A"]) for n in layers})
+    if got != fingerprint:
+        raise BasisSeedMismatch(f"the basis computed from this node's weights ({got}) does not match fingerprint {fingerprint}")
+    return flatten(tensors)
 
 
 def basis_for(download: Download, store: NodeStore, cache: BasisCache | None = None) -> np.ndarray | None:
