@@ -110,8 +110,11 @@ class RunDirectory:
             "head_params": sum(t.numel() for t in head_state(model).values()),
             "adapted_layers": len(task.layer_names), "fingerprint": s.fingerprint,
             "rank_mix": {str(k): ranks.count(k) for k in sorted(set(ranks))},
-            # each node's training examples as it said in its hello (its own file less its held-out slice)
-            "node_train_examples": {str(n): st.nodes.examples_of[n] for n in sorted(st.nodes.examples_of)},
+            # each node's training examples as it said in its hello (its own file less its held-out slice), by
+            # partition id: node ids are random in every run, partition ids are not
+            "node_train_examples": sorted([{"partition-id": s.partition_of.get(n), "train_examples": k}
+                                           for n, k in st.nodes.examples_of.items()],
+                                          key=lambda e: (e["partition-id"], e["train_examples"])),
             "seconds": round(time.time() - self.t0, 2), "seconds_this_session": round(session_seconds, 2),
             "config": cfg.to_run_config(), "versions": versions(),
             "run_dir": str(self.path), "secagg": cfg.secagg,

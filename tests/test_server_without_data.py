@@ -91,7 +91,7 @@ def test_dataset_none_evaluates_federated_on_nodes_that_did_not_train(tiny_bert,
     for path, kinds in recorded["examples"].items():
         assert kinds["train"] and not kinds["train"] & kinds["evaluate"], path
     # summary.json lists every node's training examples: its own file less its held-out slice
-    counts = sorted(summary["node_train_examples"].values())
+    counts = sorted(e["train_examples"] for e in summary["node_train_examples"])
     assert len(counts) == len(SIZES) and counts == sorted(len(k["train"]) for k in recorded["examples"].values())
     assert all(0 < c < size for c, size in zip(counts, sorted(SIZES)))
 
