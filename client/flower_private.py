@@ -35,6 +35,18 @@ PRIVATE = {
     # FitIns/FitRes): a Grid's nodes become legacy client proxies, messages convert to and from FitIns/FitRes.
     "GridClientProxy": "flwr.server.compat.grid_client_proxy",
     "recorddict_compat": "flwr.compat.common",
+    # lab/inprocess_grid.py (the in-process Grid of the tests and of `fedsb compare --backend inprocess`) does
+    # what Flower's runtimes do to a message: the node config keys and error code they set, their protobuf
+    # serializers (every message crosses a wire copy) and the SuperLink's reply validator. Flower exposes
+    # none of these publicly, and ships no synchronous in-process Grid.
+    "NUM_PARTITIONS_KEY": "flwr.common.constant",
+    "PARTITION_ID_KEY": "flwr.common.constant",
+    "ErrorCode": "flwr.common.constant",
+    "context_from_proto": "flwr.common.serde",
+    "context_to_proto": "flwr.common.serde",
+    "message_from_proto": "flwr.common.serde",
+    "message_to_proto": "flwr.common.serde",
+    "validate_message": "flwr.server.utils.validator",
 }
 
 __all__ = sorted(PRIVATE)

@@ -13,6 +13,7 @@ summary with the same settings is reused, so an interrupted comparison continues
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -99,6 +100,11 @@ class Comparison:
     validation_fraction: float = 0.1
     select_rounds: int = 0  # 0: as many rounds as the final runs
     max_extend: int = 2
+    # where each run executes: Flower's Ray simulation (clients in parallel processes, as `fedsb simulate`), or
+    # lab.inprocess_grid (the same ServerApp and ClientApp, clients one after another in this process: no Ray,
+    # so several comparisons can share a machine, one process each)
+    backend: str = "ray"
+    server_app: str = ""  # "module:attr" of another ServerApp (e.g. a strategy wrapped in Flower's DP wrapper)
 
     def __post_init__(self) -> None:
         from fedsb.config import METHODS, FedSBConfig
@@ -108,6 +114,10 @@ class Comparison:
             raise ValueError(f"--methods: unknown or empty {unknown}; accepted: {', '.join(METHODS)}")
         if self.seeds < 1:
             raise ValueError(f"--seeds: got {self.seeds}; give the number of seeds, 1 or more")
+        if self.backend not in ("ray", "inprocess"):
+            raise ValueError(f"--backend: got {self.backend!r}; use 'ray' or 'inprocess'")
+        if self.server_app and ":" not in self.server_app:
+            raise ValueError(f"--server-app: got {self.server_app!r}; give module:attribute, e.g. bench.user_dp:app")
         if self.select_rounds < 0 or self.max_extend < 0:
             raise ValueError("--select-rounds and --max-extend must be >= 0")
         if not 0 <= self.validation_fraction < 0.5:
@@ -148,7 +158,16 @@ class Comparison:
             log.info("compare: %s (%s) already finished; kept", spec.name, spec.split)
             return have
         log.info("=== compare: %s on %s ===", spec.name, spec.split)
-        simulate(cfg, self.num_supernodes)
+        server_app = None
+        if self.server_app:
+            module, attr = self.server_app.split(":", 1)
+            server_app = getattr(importlib.import_module(module), attr)
+        if self.backend == "inprocess":
+            from lab.inprocess_grid import run_inprocess
+
+            run_inprocess(cfg, self.num_supernodes, server_app=server_app)
+        else:
+            simulate(cfg, self.num_supernodes, server_app=server_app)
         return json.loads(summary.read_text())
 
     def choose_lr(self, method: str, rank: int) -> float:

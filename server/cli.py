@@ -58,7 +58,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     rows = Comparison(methods, args.num_supernodes, Path(args.out), parse_run_config(args.run_config),
                       parse_ranks(args.rank, methods), parse_lrs(args.lr, methods), seeds=args.seeds,
                       validation_fraction=args.validation_fraction, select_rounds=args.select_rounds,
-                      max_extend=args.max_extend).run()
+                      max_extend=args.max_extend, backend=args.backend, server_app=args.server_app).run()
     print((Path(args.out) / "compare.md").read_text())
     return 0 if rows else 1
 
@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--select-rounds", type=int, default=0, help="rounds of a selection run (0: as many as the final runs)")
     m.add_argument("--max-extend", type=int, default=2, help="times the lr grid is extended by 2x when the best "
                    "rate is at its edge")
+    m.add_argument("--backend", default="ray", choices=("ray", "inprocess"), help="ray: Flower's simulation, clients "
+                   "in parallel; inprocess: the same apps, clients one after another in this process, no Ray (several "
+                   "compare commands can then share a machine)")
+    m.add_argument("--server-app", default="", help="module:attr of another ServerApp to run instead of fedsb's (e.g. "
+                   "bench.user_dp:app, FedSB wrapped in Flower's DP wrapper)")
     m.set_defaults(func=_cmd_compare)
 
     cc = command("check-config", help="check a run config (files, columns, model, target modules, output-dir) "

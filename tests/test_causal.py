@@ -164,7 +164,7 @@ def test_peft_export_of_gpt2_conv1d(tiny_gpt2, tmp_path):
 
 
 def test_federated_causal_lm_loss_falls(tiny_llama, tmp_path):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     rng = random.Random(0)
     data = tmp_path / "qa.jsonl"

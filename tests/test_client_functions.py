@@ -38,7 +38,7 @@ def _model_fn(tiny_bert):
 
 
 def test_a_client_app_built_from_two_functions_trains_in_a_federation(tiny_bert, sentiment_csv, tmp_path):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     examples, calls = _examples(tiny_bert, sentiment_csv), {"model": 0, "data": []}
     model_fn = _model_fn(tiny_bert)

@@ -151,7 +151,7 @@ def test_eval_split_validation_needs_a_validation_slice():
 # ---------------------------------------------------------------- end to end
 def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_csv, tmp_path, capsys, monkeypatch):
     from server.cli import main
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     # every run of the comparison over the in-process grid (what compare decides is the subject here)
     runs = []

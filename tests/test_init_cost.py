@@ -118,7 +118,7 @@ def test_regenerated_random_basis_matches_the_servers_bit_for_bit(tiny_bert, sen
 def _run(tiny_bert, sentiment_csv, out, n=3, **extra):
     from safetensors.torch import load_file
 
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, out, **extra), n)
     t = load_file(str(run / "adapter" / "fedsb_adapter.safetensors"))

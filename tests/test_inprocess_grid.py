@@ -11,7 +11,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from tests.inprocess_grid import InProcessGrid
+from lab.inprocess_grid import InProcessGrid
 
 seen: list[tuple[int, int]] = []  # (partition, count) in the order the ClientApp ran
 

@@ -86,7 +86,7 @@ def test_a_block_larger_than_the_nodes_rank_is_rejected():
 
 
 def _sim(tiny_bert, sentiment_csv, out, **extra):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     return run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, out, **extra), 3)
 

@@ -87,7 +87,7 @@ def test_pooler_adapted_as_one_more_target_and_peft_loads_it(tiny_bert, tmp_path
 
 def test_train_pooler_in_a_federated_run_and_its_errors(tiny_bert, sentiment_csv, tmp_path):
     from fedsb.config import ConfigError, FedSBConfig
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", **{"train-pooler": True,
                                                                                       "num-server-rounds": 1}), 3)

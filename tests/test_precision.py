@@ -82,7 +82,7 @@ def test_bfloat16_base_exports_a_peft_adapter_that_loads_into_float32(tiny_bert,
 
 
 def test_bfloat16_base_federated_run(tiny_bert, sentiment_csv, tmp_path):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "bf16", **{"base-dtype": "bfloat16",
                                                                                           "num-server-rounds": 2}), 3)

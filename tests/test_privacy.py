@@ -158,7 +158,7 @@ def test_calibration_is_computed_once_per_question(monkeypatch):
 
 
 def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp_path):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp", **{
         "dp": True, "target-epsilon": 8.0, "max-grad-norm": 1.0, "num-server-rounds": 2, "local-steps": 5}), 3)
@@ -177,7 +177,7 @@ def test_private_simulation_accounts_the_init_step(tiny_bert, sentiment_csv, tmp
 def test_random_basis_spends_no_privacy_and_uploads_no_init_gradient(tiny_bert, sentiment_csv, tmp_path):
     from client.dp import noise_multiplier
     from fedsb.config import FedSBConfig
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     base = {"dp": True, "target-epsilon": 3.0, "num-server-rounds": 2, "local-steps": 5}
     grad_cfg = FedSBConfig.from_run_config(base)
@@ -203,7 +203,7 @@ def test_dp_refuses_federated_evaluation_on_private_data():
 def test_secagg_rounds_are_accounted_under_dp(tiny_bert, sentiment_csv, tmp_path):
     """dp + secagg: every secure round's DP-SGD steps reach the server's accountant (ε grows round by round
     and the summary's history holds the init step and both rounds), so a node's budget is never reset."""
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "dp-secagg", **{
         "dp": True, "secagg": True, "target-epsilon": 8.0, "num-server-rounds": 2, "local-steps": 5}), 3)

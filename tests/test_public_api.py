@@ -34,7 +34,7 @@ def test_readme_shows_the_example_verbatim():
 
 
 def test_own_model_example_runs_in_a_simulation(tiny_bert, tmp_path, monkeypatch):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     monkeypatch.setenv("MY_MODEL_DIR", str(tiny_bert))
     example = load_example("own_model")

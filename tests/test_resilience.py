@@ -23,7 +23,7 @@ def _records(run_dir: Path) -> list[dict]:
 
 def test_hostile_replies_are_rejected_and_change_nothing(tiny_bert, sentiment_csv, tmp_path):
     from tests.hostile_app import KINDS, failing, hostile
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     common = dict(fraction_train=1.0)
     cfg = lambda out: tiny_run_config(tiny_bert, sentiment_csv, out, **{"max-update-norm": 100.0, "max-num-examples": 10**6, "fraction-train": 1.0,
@@ -46,7 +46,7 @@ import json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import fedsb.run.state
-from tests.inprocess_grid import run_inprocess
+from lab.inprocess_grid import run_inprocess
 
 cfg, hold_after = json.loads(sys.argv[1]), int(sys.argv[2])
 save = fedsb.run.state.save_checkpoint
@@ -73,7 +73,7 @@ def _run_sim(cfg: dict, hold_after: int) -> subprocess.Popen:
 
 
 def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     rounds = {"num-server-rounds": 4}
     run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "full", **rounds), 3)

@@ -25,7 +25,7 @@ def _final_vector(run_dir) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def secagg_runs(tiny_bert, sentiment_csv, tmp_path_factory):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
     from tests.hostile_app import recording, recording_with_dropout
 
     base = tmp_path_factory.mktemp("secagg")

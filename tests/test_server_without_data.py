@@ -67,7 +67,7 @@ def _records(run_dir) -> tuple[list[dict], dict]:
 
 
 def test_dataset_none_evaluates_federated_on_nodes_that_did_not_train(tiny_bert, tmp_path, recorded):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     records, summary = _records(run_inprocess(_config(tiny_bert, tmp_path), len(SIZES), node_configs=_nodes(tmp_path)))
     evaluations = [r for r in records if r["phase"] == "evaluate"]
@@ -97,7 +97,7 @@ def test_dataset_none_evaluates_federated_on_nodes_that_did_not_train(tiny_bert,
 
 
 def test_eval_dataset_is_what_the_server_evaluates(tiny_bert, tmp_path, recorded):
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     own = make_sentiment_csv(tmp_path / "server-eval.csv", n=50, seed=99)
     init = make_sentiment_csv(tmp_path / "server-init.csv", n=30, seed=98)

@@ -117,10 +117,10 @@ def test_a_missing_file_fails_before_flower_starts(monkeypatch, tiny_bert, senti
 
 
 def test_the_inprocess_grid_reproduces_this_ray_run(fedsb_run, tmp_path):
-    """The protocol tests run over ``tests.inprocess_grid``: given this run's config it must produce this run,
+    """The protocol tests run over ``lab.inprocess_grid``: given this run's config it must produce this run,
     every metric, byte count and tensor bit for bit, or what those tests check is not what Ray runs."""
     from lab.same_run import compare
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     run_dir, _, summary = fedsb_run
     mine = run_inprocess(dict(summary["config"], **{"output-dir": str(tmp_path / "inprocess")}), 3)

@@ -184,7 +184,7 @@ def test_flowers_fedmedian_aggregates_a_run_and_resists_a_poisoned_node(tiny_ber
     from flwr.clientapp import ClientApp
 
     from client import app as real
-    from tests.inprocess_grid import run_inprocess
+    from lab.inprocess_grid import run_inprocess
 
     app = ClientApp()
     app.query()(real.query)

@@ -12,7 +12,7 @@ from fedsb.config import FedSBConfig
 from fedsb.config_text import ConfigError
 from fedsb.upload import upload_bytes
 from tests.conftest import tiny_run_config
-from tests.inprocess_grid import run_inprocess
+from lab.inprocess_grid import run_inprocess
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ What it does not test: Ray, gRPC, node churn, timeouts, parallel clients. ``test
 
 Usable outside the tests for fast debugging::
 
-    PYTHONPATH=. python -c "from tests.inprocess_grid import run_inprocess; print(run_inprocess({...}, 3))"
+    PYTHONPATH=. python -c "from lab.inprocess_grid import run_inprocess; print(run_inprocess({...}, 3))"
 
 Hand-written because Flower ships no synchronous in-process Grid: its ``InMemoryGrid`` needs a
 LinkState and a Fleet runtime (Ray or SuperNodes) to answer.
@@ -46,13 +46,10 @@ from flwr.clientapp import ClientApp
 from flwr.common import now
 from flwr.serverapp import Grid, ServerApp
 
-from client.flower_private import SUPERLINK_NODE_ID, Run, TaskIdentity
-
-# Test-only uses of Flower's non-public API (the project's own are in client/flower_private.py): the node
-# config keys, error code, serializers and reply validator Flower's runtimes use, so this grid does what they do.
-from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, ErrorCode  # noqa: E402
-from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto  # noqa: E402
-from flwr.server.utils.validator import validate_message  # noqa: E402
+from client.flower_private import (
+    NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode, Run, TaskIdentity, context_from_proto,
+    context_to_proto, message_from_proto, message_to_proto, validate_message,
+)
 
 log = logging.getLogger("fedsb.inprocess")
 
