@@ -66,13 +66,13 @@ def test_a_round_short_of_nodes_says_so_in_its_row():
 
 
 def _wrapped(tiny_bert, sentiment_csv, out):
-    from server.simulation import simulate
+    from lab.inprocess_grid import run_inprocess
     from tests import wrapped_app
 
     wrapped_app.SEEN.clear()
     cfg = tiny_run_config(tiny_bert, sentiment_csv, out, **{"num-server-rounds": 1, "fraction-train": 1.0,
                                                             "min-available-nodes": 3})
-    return simulate(cfg, 3, server_app=wrapped_app.app), wrapped_app.SEEN
+    return run_inprocess(cfg, 3, server_app=wrapped_app.app), wrapped_app.SEEN
 
 
 def test_flowers_adaptive_clipping_wraps_fedsb_noise_and_epsilon(tiny_bert, sentiment_csv, tmp_path):
@@ -111,14 +111,14 @@ def test_flowers_own_loop_runs_fedsb_wrapped(tiny_bert, sentiment_csv, tmp_path)
 
 
 def test_secagg_node_restarted_with_empty_cache_gets_the_basis_again(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
-    from server.simulation import simulate
+    from lab.inprocess_grid import run_inprocess
     from tests.restart_app import RESTARTED, app
 
-    monkeypatch.setenv("FEDSB_CACHE_DIR", str(tmp_path / "cache"))  # Ray workers inherit it
+    monkeypatch.setenv("FEDSB_CACHE_DIR", str(tmp_path / "cache"))  # the nodes (in this process) read it
     cfg = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", **{
         "secagg": True, "num-server-rounds": 3, "fraction-train": 1.0, "secagg-shares": 3, "secagg-threshold": 2,
         "min-available-nodes": 3})
-    run_dir = simulate(cfg, 3, client_app=app)
+    run_dir = run_inprocess(cfg, 3, client_app=app)
     train = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if r["phase"] == "train"}
     restarted_round = RESTARTED[1]
