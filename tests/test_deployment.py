@@ -1,5 +1,5 @@
 """The same app under Flower's Deployment Engine, on loopback: SuperLink with TLS and SuperNode
-authentication, three registered SuperNodes, ``flwr run``; one node killed mid-run, then restarted with
+authentication, three registered SuperNodes, ``flwr run``; one node lost mid-round, then restarted with
 empty state and an empty basis cache; an unregistered key refused. Real processes, stopped by pid."""
 
 from __future__ import annotations
@@ -38,28 +38,32 @@ def test_tls_auth_federation_survives_lost_and_restarted_node(federation, tiny_b
         fed.start_supernode(i)
     out = tmp_path / "run"
     run_id = fed.run(tiny_run_config(tiny_bert, sentiment_csv, out, **{
-        "num-server-rounds": 4, "local-steps": 5, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
-        "min-available-nodes": 3, "round-timeout": 90.0}))
+        "num-server-rounds": 3, "local-steps": 5, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
+        "min-available-nodes": 3, "round-timeout": 300.0}))  # nothing waits it out: a bound for a loaded machine
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while not any(r["phase"] == "train" and r["round"] == 1 for r in _records(metrics)):
+    deadline = time.time() + 600  # a bound for a machine shared with other work; idle, it takes a fraction
+    # lost mid-round: node 2 leaves once it holds its round-2 train message (its second), so round 2 counts
+    # it (it was connected when the round began) and its reply never comes. It leaves as SIGTERM stops it:
+    # the SuperLink answers the round for it with Flower's node-unavailable error at once, where a SIGKILLed
+    # node is only noticed when its heartbeat runs out (up to 60 s; see Federation.leave).
+    while fed.log("supernode-2").count("Receiving: train message") < 2:
         assert time.time() < deadline, fed.log("superlink")[-3000:]
-        time.sleep(1)
-    fed.kill("supernode-2")  # lost mid-run
+        time.sleep(0.2)
+    fed.leave("supernode-2")
     while not any(r["phase"] == "train" and r["round"] == 2 for r in _records(metrics)):
         assert time.time() < deadline
-        time.sleep(1)
-    fed.start_supernode(2, cache_dir=tmp_path / "empty-cache")  # back, with no state and no cached basis
-    status = fed.wait(run_id, timeout=400)
+        time.sleep(0.5)
+    # back, with no state and no cached basis: round 3 waits for it (min-available-nodes=3)
+    fed.start_supernode(2, cache_dir=tmp_path / "empty-cache")
+    status = fed.wait(run_id, timeout=400, until=out / "summary.json")
     assert status == "finished:completed", status
     summary = json.loads((out / "summary.json").read_text())
     train = {r["round"]: r for r in _records(metrics) if r["phase"] == "train"}
     assert train[1]["replies"] == 3 and train[1]["bytes_basis"] > 0
-    assert train[2]["failed"] >= 1 and train[2]["replies"] == 2 and train[2]["updated"]
-    # the restarted node said it lacked the basis, got it again, and its reply counted
-    assert sum(r["basis_resent"] for r in train.values()) >= 1
-    assert train[4]["replies"] == 3
-    assert summary["rounds"] == 4 and summary["final_accuracy"] is not None
+    assert train[2]["failed"] == 1 and train[2]["replies"] == 2 and train[2]["updated"]
+    # the restarted node said it lacked the basis, got it again, and its reply counted in the same round
+    assert train[3]["basis_resent"] == 1 and train[3]["bytes_basis"] > 0 and train[3]["replies"] == 3
+    assert summary["rounds"] == 3 and summary["final_accuracy"] is not None
     assert intruder.wait(timeout=60) != 0  # refused: the SuperLink answers 412 to an unregistered key
     assert "Failed to activate SuperNode" in fed.log("supernode-3")
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in fed.log("superlink")
