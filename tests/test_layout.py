@@ -5,10 +5,13 @@ holds."""
 from __future__ import annotations
 
 import ast
+import os
 import pkgutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import fedsb
 
@@ -43,23 +46,29 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
     return {m for m in found if m in modules}
 
 
-def test_fedsb_never_imports_flower():
+@pytest.fixture(scope="module")
+def fedsb_imported() -> tuple[str, str]:
+    """Every fedsb module imported in a fresh process (one start for both tests below: torch and transformers
+    take seconds to import), without the offline settings the tests run with: (the environment variables the
+    imports changed, the flwr modules they loaded), each as the process printed it."""
     names = sorted(m.name for m in pkgutil.walk_packages(fedsb.__path__, "fedsb."))
     assert len(names) > 20  # every module, found by walking the package: a new one cannot be left out
-    code = "import sys\n" + "".join(f"import {m}\n" for m in names) + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
-def test_importing_fedsb_leaves_the_environment_alone():
-    names = sorted(m.name for m in pkgutil.walk_packages(fedsb.__path__, "fedsb."))
-    code = ("import os\nbefore = dict(os.environ)\n" + "".join(f"import {m}\n" for m in names)
-            + "print(sorted(set(os.environ.items()) ^ set(before.items())))")
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import os, sys\nbefore = dict(os.environ)\n" + "".join(f"import {m}\n" for m in names)
+            + "print(sorted(set(os.environ.items()) ^ set(before.items())))\n"
+            + "print(sorted(m for m in sys.modules if m.split('.')[0] == 'flwr'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"  # offline loading is each load's local_files_only, not a global setting
+    changed, flower = out.stdout.strip().splitlines()
+    return changed, flower
+
+
+def test_fedsb_never_imports_flower(fedsb_imported):
+    assert fedsb_imported[1] == "[]"
+
+
+def test_importing_fedsb_leaves_the_environment_alone(fedsb_imported):
+    assert fedsb_imported[0] == "[]"  # offline loading is each load's local_files_only, not a global setting
 
 
 def test_type_checking_imports_count_as_dependencies(tmp_path):
@@ -118,14 +127,24 @@ def test_every_module_opens_with_what_it_holds_and_stays_small():
         assert len(path.read_text().splitlines()) <= limit, f"{path.relative_to(ROOT)} is over ~300 lines: split it"
 
 
+def _tree() -> list[Path]:
+    """Every file of the checkout, without descending into the virtual environment (`make install` puts it
+    in the checkout: tens of thousands of files), git's folder, Flower's home or node_modules."""
+    skip = {".venv", ".git", ".flwr", "node_modules"}
+    out = []
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if d not in skip]
+        out += [Path(folder) / f for f in files]
+    return out
+
+
 def test_no_file_cites_notes_outside_the_project():
     """The project explains itself in its own files: code, README and BENCHMARKS never send a reader to notes
     that are not in the repository (design notes, style notes, a shared folder beside it)."""
     import re
 
     cited = re.compile(r"DESIGN\.md|STYLE\.md|NOTES-[\w.-]*\.md|\.\./shared")
-    files = [p for p in ROOT.rglob("*") if p.is_file() and (p.suffix == ".py" or p.name in ("README.md", "BENCHMARKS.md"))
-             and not {".venv", ".git", ".flwr", "node_modules"} & set(p.relative_to(ROOT).parts)]
+    files = [p for p in _tree() if p.suffix == ".py" or p.name in ("README.md", "BENCHMARKS.md")]
     assert len(files) > 50  # the whole tree was walked
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1)
                  if cited.search(line) and p != Path(__file__)]
@@ -137,9 +156,7 @@ def test_the_examples_are_never_imported_as_a_package_named_examples():
     project's examples are files loaded by path (tests/test_public_api.py), never that package."""
     assert not (ROOT / "examples" / "__init__.py").exists()
     offenders = []
-    for path in ROOT.rglob("*.py"):
-        if {".venv", ".git", ".flwr"} & set(path.relative_to(ROOT).parts):
-            continue
+    for path in (p for p in _tree() if p.suffix == ".py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
