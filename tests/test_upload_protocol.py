@@ -85,9 +85,18 @@ def test_quantized_upload_bytes_match_the_formula_and_the_ratio(dtype, ratio):
     assert q <= ratio * f32
 
 
+@pytest.fixture(scope="module")
+def float32_run(tiny_bert, sentiment_csv, tmp_path_factory):
+    """The float32 reference of the quantized runs, run once for both (with its own empty basis cache)."""
+    base = tmp_path_factory.mktemp("f32")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FEDSB_CACHE_DIR", str(base / "basis-cache"))
+        return _run(tiny_bert, sentiment_csv, base / "run", **{"rank": 16})[1]
+
+
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_quantized_uploads_in_a_run_weigh_the_formula_and_learn(tiny_bert, sentiment_csv, tmp_path, dtype):
-    _, f32 = _run(tiny_bert, sentiment_csv, tmp_path / "f32", **{"rank": 16})
+def test_quantized_uploads_in_a_run_weigh_the_formula_and_learn(tiny_bert, sentiment_csv, tmp_path, dtype, float32_run):
+    f32 = float32_run
     recs, s = _run(tiny_bert, sentiment_csv, tmp_path / dtype, **{"rank": 16, "upload-dtype": dtype})
     trains = [r for r in recs if r["phase"] == "train"]
     assert all(r["rejected_count"] == 0 and r["replies"] == 3 for r in trains)
@@ -180,22 +189,23 @@ from fedsb.config import FedSBConfig
 from fedsb.methods.fed_sb import bases_from_weights
 from fedsb.tasks import get_task
 from fedsb.wire import basis_fingerprint
-cfg = FedSBConfig.from_run_config(dict(a.split("=", 1) for a in sys.argv[1:]))
-task = get_task(cfg)
-print(basis_fingerprint(task.model_id, cfg.rank, {n: (b.B, b.A) for n, b in bases_from_weights(task).items()}))
+for basis in ("weights", "weights-minor"):
+    cfg = FedSBConfig.from_run_config(dict([a.split("=", 1) for a in sys.argv[1:]] + [("init-basis", basis)]))
+    task = get_task(cfg)
+    print(basis_fingerprint(task.model_id, cfg.rank, {n: (b.B, b.A) for n, b in bases_from_weights(task).items()}))
 """
 
 
-@pytest.mark.parametrize("basis", ["weights", "weights-minor"])
-def test_weights_basis_is_identical_on_two_processes(tiny_bert, sentiment_csv, tmp_path, basis):
+def test_weights_basis_is_identical_on_two_processes(tiny_bert, sentiment_csv, tmp_path):
     import os
     import subprocess
     import sys
 
-    run = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "fp", **{"init-basis": basis, "basis-dtype": "float32"})
+    run = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "fp", **{"basis-dtype": "float32"})
     args = [f"{k}={v}" for k, v in run.items() if k in ("model", "dataset", "text-column", "label-column",
-                                                        "rank", "init-basis", "basis-dtype")]
+                                                        "rank", "basis-dtype")]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # another thread count: another blocking of the SVD's sums
+    # each process prints the fingerprint of both weight bases (one process start each, not one per basis)
     out = [subprocess.run([sys.executable, "-c", _FINGERPRINT, *args], env=e, capture_output=True, text=True,
-                          check=True).stdout.strip() for e in (env, dict(env, OMP_NUM_THREADS="2"))]
-    assert len(out[0]) == 32 and out[0] == out[1]
+                          check=True).stdout.split() for e in (env, dict(env, OMP_NUM_THREADS="2"))]
+    assert len(out[0]) == 2 and all(len(fp) == 32 for fp in out[0]) and out[0] == out[1]
