@@ -122,11 +122,16 @@ class Federation:
         node-unavailable error at once; after SIGKILL the SuperLink only notices when the node's heartbeat
         runs out (2 × 30 s in flwr 1.41, with no setting to shorten it). What is left of the process group
         (an orphaned ClientApp) is killed."""
-        p = self.procs.get(name)
-        if p is not None and p.poll() is None:
+        p = self.procs.pop(name, None)
+        if p is None:
+            return
+        if p.poll() is None:
             p.terminate()
             p.wait(timeout=60)
-        self.kill(name)
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def stop(self) -> None:
         for name in list(self.procs):
