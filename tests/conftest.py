@@ -30,6 +30,30 @@ def sentiment_csv(tmp_path_factory) -> Path:
     return make_sentiment_csv(tmp_path_factory.mktemp("data") / "sentiment.csv")
 
 
+def user_env() -> dict:
+    """The environment a user's shell gives a command: the tests' FEDSB_PROGRESS=0 removed (the default)."""
+    env = {k: v for k, v in os.environ.items() if k != "FEDSB_PROGRESS"}
+    return dict(env, PYTHONPATH=os.pathsep.join([_ROOT, env.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture(scope="session")
+def ray_run(tiny_bert, sentiment_csv, tmp_path_factory) -> tuple[Path, str]:
+    """The suite's one Ray simulation, started as a user starts it (``fedsb simulate`` in a process of its
+    own): 3 nodes, 3 rounds, federated evaluation. Returns (run directory, the command's whole output).
+    tests/test_simulation.py checks the run (and that the in-process grid reproduces it), tests/test_first_run.py
+    what the user sees. Nothing may write into its directory: copy it first."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("ray") / "fed-sb"
+    cfg = tiny_run_config(tiny_bert, sentiment_csv, out, **{"federated-evaluate": True})
+    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in cfg.items())
+    p = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--num-supernodes", "3", "--run-config", text],
+                       cwd=_ROOT, env=user_env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return out, p.stdout + p.stderr
+
+
 @pytest.fixture(autouse=True)
 def default_dtype_is_float32():
     """Every test starts with torch's float32 default: a test (or a module, at import) that changes it and

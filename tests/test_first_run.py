@@ -5,7 +5,6 @@ and a resumed run's seconds."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,14 +12,9 @@ from pathlib import Path
 import pytest
 
 from server import cli
-from tests.conftest import tiny_run_config
+from tests.conftest import user_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "FEDSB_PROGRESS"}  # the default a user gets
-    return dict(env, PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
 
 
 def test_subcommand_help_shows_defaults(capsys):
@@ -45,20 +39,14 @@ def test_fedsb_logs_without_turning_on_other_loggers():
     code = ("import logging, sys; from server import cli; cli.main(['check-run', '/nonexistent']); "
             "logging.getLogger('alembic.runtime.migration').info('ALEMBIC-INFO'); "
             "logging.getLogger('flwr').debug('FLOWER-DEBUG'); logging.getLogger('fedsb.x').info('FEDSB-INFO')")
-    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
     assert "FEDSB-INFO" in p.stderr and "ALEMBIC-INFO" not in p.stderr and "FLOWER-DEBUG" not in p.stderr, p.stderr
 
 
 @pytest.fixture(scope="module")
-def cli_run(tiny_bert, sentiment_csv, tmp_path_factory):
-    """`fedsb simulate` as a user runs it, its whole output captured."""
-    out = tmp_path_factory.mktemp("first") / "run"
-    cfg = tiny_run_config(tiny_bert, sentiment_csv, out, **{"num-server-rounds": 1, "local-steps": 5})
-    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={str(v).lower()}" for k, v in cfg.items())
-    p = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--num-supernodes", "2", "--run-config", text],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return out, p.stdout + p.stderr
+def cli_run(ray_run):
+    """`fedsb simulate` as a user runs it, its whole output captured (the suite's Ray run: tests/conftest.py)."""
+    return ray_run
 
 
 def test_a_run_logs_fedsb_lines_not_library_noise(cli_run):
@@ -75,7 +63,7 @@ def test_the_peft_example_loads_the_export_with_its_labels(cli_run, tiny_bert):
     assert json.loads((peft_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_bert.resolve())
     texts = ["good great excellent happy the movie", "bad awful terrible sad the movie"]
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "load_adapter.py"), str(run), *texts], cwd=run,
-                       env=_env(), capture_output=True, text=True, timeout=300)
+                       env=user_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert [line.split("\t")[1] for line in lines] == texts and all(line.split("\t")[0] in ("neg", "pos") for line in lines)
@@ -90,16 +78,19 @@ def test_the_bundled_model_travels_by_name(tmp_path):
     assert SeqClsTask(FedSBConfig(model=str(tmp_path)), str(tmp_path), None, []).portable_model_name == str(tmp_path)
 
 
-def test_resuming_a_finished_run_keeps_its_earlier_seconds(cli_run):
-    from server.simulation import simulate
+def test_resuming_a_finished_run_keeps_its_earlier_seconds(cli_run, tmp_path):
+    import shutil
 
-    run, _ = cli_run
+    from lab.inprocess_grid import run_inprocess  # the resume's seconds are the server's, not Ray's
+
+    run = shutil.copytree(cli_run[0], tmp_path / "run")  # the Ray run is shared: resume a copy of it
     first = json.loads((run / "summary.json").read_text())
-    cfg = json.loads((run / "summary.json").read_text())["config"]
-    simulate({**cfg, "resume": True, "num-server-rounds": 2}, num_supernodes=2)
+    cfg = dict(first["config"], **{"output-dir": str(run), "resume": True, "num-server-rounds": first["rounds"] + 1})
+    run_inprocess(cfg, 3)
     s = json.loads((run / "summary.json").read_text())
     earlier = s["seconds"] - s["seconds_this_session"]
-    assert s["rounds"] == 2 and 0 < earlier <= first["seconds"] + 0.01, (first["seconds"], s["seconds"], s["seconds_this_session"])
+    assert s["rounds"] == first["rounds"] + 1
+    assert 0 < earlier <= first["seconds"] + 0.01, (first["seconds"], s["seconds"], s["seconds_this_session"])
 
 
 def test_readme_shows_the_load_adapter_example_verbatim():

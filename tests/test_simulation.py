@@ -12,11 +12,8 @@ from tests.conftest import tiny_run_config
 
 
 @pytest.fixture(scope="module")
-def fedsb_run(tiny_bert, sentiment_csv, tmp_path_factory):
-    from server.simulation import simulate
-
-    out = tmp_path_factory.mktemp("runs") / "fed-sb"
-    run_dir = simulate(tiny_run_config(tiny_bert, sentiment_csv, out, **{"federated-evaluate": True}), num_supernodes=3)
+def fedsb_run(ray_run):
+    run_dir, _ = ray_run  # tests/conftest.py: `fedsb simulate`, 3 nodes, 3 rounds, federated evaluation
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run_dir / "summary.json").read_text())
     return run_dir, records, summary
