@@ -30,7 +30,8 @@ class ServerAdam(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
-        self.current = {k: a.numpy().copy() for k, a in arrays.items()}
+        sent = getattr(self.strategy, "sent_arrays", lambda: None)()  # download-dtype int8/int4: the round's
+        self.current = {k: a.numpy().copy() for k, a in (sent or arrays).items()}  # global is what was sent
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
