@@ -39,6 +39,13 @@ class Broadcast:
         self.n, self.codes = vec.size, quantize_update(vec, segments, dtype, rng, name="adapter")
         self.reference = dequantize_update(self.codes, segments, name="adapter")
 
+    @classmethod
+    def of(cls, cfg, rnd: int, vec: np.ndarray, trainable: dict) -> Broadcast | None:
+        """The round's broadcast under ``cfg.download_dtype`` (a segment per trainable tensor); None for float32."""
+        if cfg.download_dtype == "float32":
+            return None
+        return cls(vec, [t.numel() for t in trainable.values()], cfg.download_dtype, cfg.seed, rnd)
+
     def arrays_for(self, index: np.ndarray | None) -> dict[str, np.ndarray]:
         """What a node whose part of the vector is ``index`` (``None``: all of it) is sent."""
         return codes_block(self.codes, self.n, index)
@@ -47,8 +54,10 @@ class Broadcast:
 class RoundTally:
     """What a round has seen so far: the running sum (or the vectors), the weights, what was refused."""
 
-    def __init__(self, rnd: int, global_vec: np.ndarray, streaming: bool):
-        self.rnd, self.global_vec, self.streaming = rnd, global_vec, streaming
+    def __init__(self, rnd: int, global_vec: np.ndarray, streaming: bool, broadcast: Broadcast | None = None):
+        # download-dtype int8/int4: the round's global is the broadcast's reference (``unquantized``: before it)
+        self.rnd, self.streaming, self.broadcast, self.unquantized = rnd, streaming, broadcast, global_vec
+        self.global_vec = global_vec if broadcast is None else broadcast.reference
         self.sampled: list[int] = []
         self.short_of = 0  # nodes the round lacked to reach min-available-nodes
         self.weights: list[float] = []
@@ -62,13 +71,11 @@ class RoundTally:
         # Plain FedAvg-style rules stream every reply into a running sum (server memory does not grow
         # with the number of clients), entry by entry, so nested-rank blocks average where they overlap;
         # FedEx/FLoRA and the robust rules need all vectors at once.
-        self.running, self.vectors = robust.BlockWeightedMean(global_vec), []
+        self.running, self.vectors = robust.BlockWeightedMean(self.global_vec), []
         self.lacking: list[int] = []
         self.seed_failed: list[int] = []  # nodes that could not regenerate a random or weights basis
         self.upload_dtype = "float32"
         self.segments_for: Callable[[int], list[int]] | None = None  # set for int8/int4 uploads
-        self.broadcast: Broadcast | None = None  # download-dtype int8/int4: global_vec is its reference
-        self.unquantized = global_vec  # the global before the broadcast's rounding
 
     def add(self, node: int, reply: Message, up: int, spec_for: Callable[[int], tuple[np.ndarray | None, ReplySpec, np.ndarray]],
             observe: Callable[[int, Message], None]) -> None:

@@ -121,9 +121,8 @@ class FedSB(Strategy):
 
     def model_content(self, node: int, rnd: int, global_vec: np.ndarray, config: ConfigRecord | None = None,
                       broadcast: Broadcast | None = None) -> tuple[RecordDict, int]:
-        """A train/evaluate message for ``node``: its part of the global vector (in codes for a train message
-        under download-dtype int8/int4), config, the basis if the node lacks it, and the method's extra
-        download. Returns it with the bytes the basis added."""
+        """A train/evaluate message for ``node``: its part of the global vector (or of ``broadcast``'s codes),
+        config, the basis if the node lacks it, the method's extra download; with the bytes the basis added."""
         entries = {**(dict(config) if config else {}), **self.message_config(node, rnd)}
         index, view = self.node_view(node, global_vec)
         rd = RecordDict({"adapter": arrays(**broadcast.arrays_for(index)) if broadcast else arrays(adapter=view),
@@ -158,13 +157,10 @@ class FedSB(Strategy):
         self.connect(grid)
         global_vec = self.method.get_vector(self.model) if fresh else self.set_global(arrays_in)
         streaming = self.method.streamable and self.cfg.aggregation == "mean"
-        broadcast = None
-        if self.cfg.download_dtype != "float32":  # the dequantized broadcast becomes the round's global
-            sizes = [t.numel() for t in self.method.trainable(self.model).values()]
-            broadcast = Broadcast(global_vec, sizes, self.cfg.download_dtype, self.cfg.seed, rnd)
+        broadcast = Broadcast.of(self.cfg, rnd, global_vec, self.method.trainable(self.model))  # None: float32
+        if broadcast is not None:  # the dequantized broadcast becomes the round's global
             self.method.set_vector(self.model, broadcast.reference)
-        tally = self.tally = RoundTally(rnd, broadcast.reference if broadcast else global_vec, streaming)
-        tally.broadcast, tally.unquantized = broadcast, global_vec
+        tally = self.tally = RoundTally(rnd, global_vec, streaming, broadcast)
         if self.cfg.upload_dtype != "float32":
             tally.upload_dtype, tally.segments_for = self.cfg.upload_dtype, self.upload_segments
         tally.t0, totals = time.time(), self.state.totals
