@@ -198,8 +198,7 @@ def test_method_config_applies_to_its_method_only(tiny_bert, sentiment_csv, tmp_
     """fed-sb with quantized transfers beside fedit at float32, in one comparison (over the in-process grid)."""
     from server.cli import main
 
-    rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "unused", **{"num-server-rounds": 1, "local-steps": 2,
-                                                                          "init-basis": "weights"})
+    rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "unused", **{"num-server-rounds": 1, "local-steps": 2})
     for key in ("output-dir", "rank", "learning-rate"):
         rc.pop(key)
     text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rc.items())
@@ -207,7 +206,7 @@ def test_method_config_applies_to_its_method_only(tiny_bert, sentiment_csv, tmp_
     assert main(["compare", "--methods", "fed-sb,fedit", "--num-supernodes", "3", "--out", str(out), "--run-config",
                  text, "--rank", "fed-sb=4,fedit=2", "--lr", "fed-sb=0.1,fedit=0.01", "--validation-fraction", "0",
                  "--backend", "inprocess", "--method-config", "fed-sb",
-                 "upload-dtype='int8' download-dtype='int8' local-steps=3"]) == 0
+                 "init-basis='weights' upload-dtype='int8' download-dtype='int8' local-steps=3"]) == 0
     config = {d.name.split("-r")[0]: json.loads((d / "summary.json").read_text())["config"]
               for d in (out / "runs").iterdir()}
     assert set(config) == {"fed-sb", "fedit"}
@@ -215,4 +214,5 @@ def test_method_config_applies_to_its_method_only(tiny_bert, sentiment_csv, tmp_
         "int8", "int8", 3)
     assert (config["fedit"]["upload-dtype"], config["fedit"]["download-dtype"], config["fedit"]["local-steps"]) == (
         "float32", "float32", 2)
-    assert config["fedit"]["init-basis"] == config["fed-sb"]["init-basis"] == "weights"  # --run-config: both
+    assert (config["fed-sb"]["init-basis"], config["fedit"]["init-basis"]) == ("weights", "gradient")
+    assert config["fedit"]["num-server-rounds"] == config["fed-sb"]["num-server-rounds"] == 1  # --run-config: both
