@@ -106,8 +106,8 @@ class FedSBConfig:
                           "int4 packed two per byte; what every party uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
     upload_dtype: str = _f("float32", "a client's round upload, any method: `float32` (its vector) or its update as `int8`/"
                            "`int4` codes (unbiased stochastic rounding, a scale per tensor; not with secagg)", choices=UPLOAD_DTYPES)
-    download_dtype: str = _f("float32", "the server's round broadcast, any method: `float32` or `int8`/`int4` codes (seeded "
-                             "stochastic rounding, a scale per tensor; clients start from its dequantized value; not with secagg)", choices=UPLOAD_DTYPES)
+    download_dtype: str = _f("float32", "the server's round broadcast, any method: `float32`, or `int8`/`int4` codes "
+                             "(seeded rounding, a scale a tensor; clients start from them; not with secagg)", choices=UPLOAD_DTYPES)
 
     # --- hardware ----------------------------------------------------------------------------
     device: str = _f("auto", "where clients train and the server evaluates and initializes: `auto` (CUDA when "
