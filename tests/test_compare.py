@@ -187,3 +187,12 @@ def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_c
     assert main(args) == 0
     assert {d: (d / "summary.json").stat().st_mtime for d in dirs} == before and len(runs) == len(dirs)
     assert (out / "compare.md").read_text() == md
+
+
+def test_compare_refuses_an_unknown_backend_or_a_server_app_without_attribute(tmp_path):
+    from lab.compare import Comparison
+
+    with pytest.raises(ValueError, match="--backend"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, backend="dask")
+    with pytest.raises(ValueError, match="--server-app.*module:attribute"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, server_app="bench.compose")
