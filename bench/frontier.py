@@ -55,6 +55,13 @@ PARTS = {
         "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
         "fed-sb-random": ("fed-sb", "32", "init-basis='random'"), "fedit": ("fedit", "8", ""),
         "ffa-lora": ("ffa-lora", "8", "")}},
+    # The default run (`make run`'s configuration) with each zero-byte basis and quantized upload (issue 31),
+    # each arm's rate chosen on validation like the frontier's.
+    "default-uploads": {"keys": {}, "sized": {}, "selection": {"select-rounds": 0}, "arms": {
+        "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
+        "fed-sb-weights-minor": ("fed-sb", "32", "init-basis='weights-minor'"),
+        "fed-sb-int8": ("fed-sb", "32", "upload-dtype='int8'"), "fed-sb-int4": ("fed-sb", "32", "upload-dtype='int4'"),
+        "fed-sb-weights-int8": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8'")}},
     # User-level DP (issue 28): Flower's server-side adaptive clipping around fedsb's strategy
     # (bench/compose.py), 100 clients, 10 sampled a round, 30 rounds, the same ε for every method.
     "user-dp": {"keys": {**LONG, "fraction-train": 0.1, "min-available-nodes": 100}, "selection": LONG_SELECTION,

@@ -43,7 +43,7 @@ def archive(path: Path, parts: list[str]) -> None:
     tmp = path.with_suffix(".tmp")
     with tarfile.open(tmp, "w:gz") as tar:
         for part in parts:
-            for pattern in ("*/*/*/summary.json", "*/*/*/metrics.jsonl", "*/*.log"):
+            for pattern in ("*/*/*/summary.json", "*/*/*/metrics.jsonl", "*.log"):
                 for f in sorted(Path(f"runs/frontier-{part}").glob(pattern)):
                     tar.add(f)
             if (RESULTS / f"frontier-{part}").is_dir():
@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="commands at once")
     p.add_argument("--extra", default="", help="more run-config keys for every run")
     p.add_argument("--archive", default="", help="tar.gz of the results, rewritten as commands finish")
+    p.add_argument("--deadline", type=float, default=0, help="seconds after which running commands are stopped and "
+                   "what finished is merged and archived (0: none); a later sweep resumes them")
     args = p.parse_args()
     parts = [x.strip() for x in args.parts.split(",") if x.strip()]
     bad = [x for x in parts if x not in PARTS]
@@ -76,6 +78,15 @@ def main() -> None:
             running.append((part, name, cmd, proc))
             log.info("started %s/%s", part, name)
         time.sleep(2)
+        if args.deadline and time.time() - start > args.deadline:
+            log.warning("deadline: stopping %d running commands, %d not started", len(running), len(pending))
+            for *_, proc in running:
+                proc.terminate()
+            for *_, proc in running:
+                proc.wait()
+            failed += [cmd for _, _, cmd, _ in running] + [cmd for _, _, cmd in pending]
+            running, pending = [], []
+            break
         for job in [j for j in running if j[3].poll() is not None]:
             running.remove(job)
             part, name, cmd, proc = job
