@@ -47,11 +47,12 @@ PARTS = {
         "fedit": ("fedit", "8", ""), "ffa-lora": ("ffa-lora", "8", "")}} for eps in (1, 3)},
     # The long horizon (issue 31): the same task for 30 rounds, so that each client trains in 6 of them on
     # average (2 of 10 a round), selection runs of 15; Fed-SB at today's initialization defaults.
-    "long-nonprivate": {"keys": LONG, "selection": LONG_SELECTION, "arms": {
+    "long-nonprivate": {"keys": LONG, "selection": LONG_SELECTION, "families": True, "arms": {
         **{f"fed-sb{basis}{up}": ("fed-sb", "32|64", f"{bkeys} {ukeys}".strip())
            for basis, bkeys in (("", ""), ("-weights", "init-basis='weights'")) for up, ukeys in UPLOADS},
         **{f"{m}{up}": (m, ranks, ukeys) for m, ranks in (("ffa-lora", "4|16"), ("fedit", "4|8")) for up, ukeys in UPLOADS}}},
-    "long-private-eps1": {"keys": {**LONG, "dp": True, "target-epsilon": 1.0}, "selection": LONG_SELECTION, "arms": {
+    "long-private-eps1": {"keys": {**LONG, "dp": True, "target-epsilon": 1.0}, "selection": LONG_SELECTION,
+                          "families": True, "arms": {
         "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
         "fed-sb-random": ("fed-sb", "32", "init-basis='random'"), "fedit": ("fedit", "8", ""),
         "ffa-lora": ("ffa-lora", "8", "")}},
@@ -61,7 +62,10 @@ PARTS = {
         "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
         "fed-sb-weights-minor": ("fed-sb", "32", "init-basis='weights-minor'"),
         "fed-sb-int8": ("fed-sb", "32", "upload-dtype='int8'"), "fed-sb-int4": ("fed-sb", "32", "upload-dtype='int4'"),
-        "fed-sb-weights-int8": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8'")}},
+        "fed-sb-weights-int8": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8'")},
+        # quantized uploads keep the rate their float32 arm chose on validation (the same method and rank: the
+        # rate is tuned per (method, rank), the upload's rounding is unbiased)
+        "arm_lrs": {"fed-sb-int8": "1e-2", "fed-sb-int4": "1e-2", "fed-sb-weights-int8": "1e-2"}},
     # User-level DP (issue 28): Flower's server-side adaptive clipping around fedsb's strategy
     # (bench/compose.py), 100 clients, 10 sampled a round, 30 rounds, the same ε for every method.
     "user-dp": {"keys": {**LONG, "fraction-train": 0.1, "min-available-nodes": 100}, "selection": LONG_SELECTION,
@@ -87,7 +91,7 @@ def command(part: str, arm: str, extra: str = "", rank: str = "", backend: str =
                    *keys.split(), *extra.split()])
     server_app = app[0] if app else spec.get("server_app", "")
     return (f"fedsb compare --methods {method} --num-supernodes {spec.get('supernodes', 10)} "
-            f"--rank '{method}={rank or ranks}' --lr '{method}={LRS}' "
+            f"--rank '{method}={rank or ranks}' --lr '{method}={spec.get('arm_lrs', {}).get(arm, LRS)}' "
             + "".join(f"--{k} {v} " for k, v in {**SELECTION, **spec.get("selection", {})}.items())
             + (f"--server-app {server_app} " if server_app else "") + (f"--backend {backend} " if backend else "")
             + f"--run-config \"{rc}\" --out runs/frontier-{part}/{arm}")
@@ -108,7 +112,10 @@ def merge(part: str, extra: str = "") -> None:
         found = found or [r for r in kept if r["method"] == arm]
         rows += found
         ran += [arm] if found else []
-    write_summary(rows, dest)
+    # variants of one method (its bases, upload dtypes) compete as that method in the verdicts of the parts that
+    # ask for it; the older parts' tables keep each arm as its own contender, as they were rendered
+    family = (lambda arm: PARTS[part]["arms"][arm][0]) if PARTS[part].get("families") else None
+    write_summary(rows, dest, family)
     (dest / "commands.txt").write_text("".join(command(part, a, extra) + "\n" for a in ran))
 
 

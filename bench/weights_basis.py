@@ -3,6 +3,12 @@ its own copy of the default model, fingerprinted per layer, for every rank and b
 
     python -m bench.weights_basis --out agree-HOST.json          # on each machine
     python -m bench.weights_basis --compare a.json b.json        # the layers and whole bases that differ
+    python -m bench.weights_basis --from-runs runs/frontier-*    # what the runs themselves saw (below)
+
+``--from-runs`` reads every finished run with a weights basis: each summary.json holds the basis fingerprint
+the server computed, the share of nodes that fell back to receiving the matrices (``basis_fallback_rate``)
+and the versions it ran with. Runs of one (basis, rank, basis dtype) made on different machines agree across
+machines exactly when their fingerprints are equal. Written to bench/results/weights_basis.json.
 
 A node whose whole-basis fingerprint differs from the server's is sent the matrices instead (the fallback),
 so the share of (rank, dtype, directions) cases whose fingerprints differ is the fallback rate between
@@ -59,11 +65,43 @@ def compare(a: dict, b: dict) -> dict:
             "layers_differing": differ}
 
 
+def from_runs(dirs: list[str]) -> dict:
+    groups: dict[str, dict] = {}
+    for d in dirs:
+        for f in sorted(Path(d).glob("**/summary.json")):
+            s = json.loads(f.read_text())
+            c = s["config"]
+            if c.get("init-basis") not in DIRECTIONS or s.get("fingerprint") is None:
+                continue
+            key = f"{c['init-basis']}/r{c['rank']}/{c['basis-dtype']}"
+            machine = f"torch {s['versions']['torch']}, python {s['versions']['python']}"
+            g = groups.setdefault(key, {"fingerprints": {}, "runs": 0, "nodes": 0, "fallback_nodes": 0})
+            g["fingerprints"].setdefault(machine, set()).add(s["fingerprint"])
+            g["runs"] += 1
+            g["nodes"] += len(s.get("node_train_examples") or [])
+            g["fallback_nodes"] += int(s.get("basis_fallback_nodes") or 0)
+    out = {}
+    for key, g in sorted(groups.items()):
+        prints = {m: sorted(v) for m, v in g["fingerprints"].items()}
+        distinct = {p for v in prints.values() for p in v}
+        out[key] = {"runs": g["runs"], "nodes_in_runs": g["nodes"], "fallback_nodes": g["fallback_nodes"],
+                    "machines": sorted(prints), "fingerprints": prints, "distinct_fingerprints": len(distinct),
+                    # None: one machine only, nothing to say across machines
+                    "agree_across_machines": (len(distinct) == 1) if len(prints) > 1 else None}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="")
     p.add_argument("--compare", nargs=2, default=None)
+    p.add_argument("--from-runs", nargs="+", default=None)
     args = p.parse_args()
+    if args.from_runs:
+        result = from_runs(args.from_runs)
+        Path("bench/results/weights_basis.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result, indent=1))
+        return
     if args.compare:
         a, b = (json.loads(Path(f).read_text()) for f in args.compare)
         print(json.dumps(compare(a, b), indent=1))
