@@ -174,8 +174,8 @@ class FedSBClient:
         return method
 
     def query(self, msg: Message, context: Context) -> Message:
-        """``hello``: partition, size and model content id; ``basis``: the basis ahead of a SecAgg+ round; ``fed-sb-init``: the
-        sum of ∂L/∂W0 over up to init-samples local examples."""
+        """``hello``: partition, size and model content id; ``basis``: the basis ahead of a SecAgg+ round;
+        ``fed-sb-init``: the sum of ∂L/∂W0 over up to init-samples local examples."""
         cfg, task, node = self.setup(context)
         pid = node.partition_id
         ds = self.train_dataset(task, cfg, node)
