@@ -186,8 +186,8 @@ class FedSBClient:
         return method
 
     def query(self, msg: Message, context: Context) -> Message:
-        """``hello``: partition and size; ``basis``: the basis ahead of a SecAgg+ round; ``fed-sb-init``: the
-        sum of ∂L/∂W0 over up to init-samples local examples."""
+        """``hello``: partition, size and model content id; ``basis``: the basis ahead of a SecAgg+ round;
+        ``fed-sb-init``: the sum of ∂L/∂W0 over up to init-samples local examples."""
         cfg, task, node = self.setup(context)
         pid = node.partition_id
         ds = self.train_dataset(task, cfg, node)
@@ -200,8 +200,10 @@ class FedSBClient:
         if mode == "basis":  # SecAgg+ round messages carry only FitIns, so the basis comes in a query
             self.method_for(cfg, task, node).client_model(task, download_of(msg), ContextStore(context))
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        if mode != "fed-sb-init":
-            return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
+        if mode != "fed-sb-init":  # hello: also which model this node holds, so a server can refuse a different one
+            identity = ConfigRecord({"model-id": task.model_id, "model-path": str(task.model_path)})
+            return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)}),
+                                       "config": identity}), reply_to=msg)
         t0 = time.time()
         reset_peak_memory(task.device)
         model = task.base_model()

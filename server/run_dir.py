@@ -115,6 +115,7 @@ class RunDirectory:
             "node_train_examples": sorted([{"partition-id": s.partition_of.get(n), "train_examples": k}
                                            for n, k in st.nodes.examples_of.items()],
                                           key=lambda e: (e["partition-id"], e["train_examples"])),
+            "refused_nodes": list(st.nodes.refused.values()),  # nodes whose model was not the run's: never sampled
             "seconds": round(time.time() - self.t0, 2), "seconds_this_session": round(session_seconds, 2),
             "config": cfg.to_run_config(), "versions": versions(),
             "run_dir": str(self.path), "secagg": cfg.secagg,

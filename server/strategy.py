@@ -61,7 +61,7 @@ class FedSB(Strategy):
         self.state = RunState(config=cfg.to_run_config())
         self.hooks = PhaseHooks()
         self.transport = Transport(None, self.state.totals, cfg.round_timeout)
-        self.nodes = Nodes(cfg, self.state, self.transport)
+        self.nodes = Nodes(cfg, self.state, self.transport, model_id=self.task.model_id)
         self.basis = (BasisProtocol(cfg, self.task, self.model, self.state, self.transport, self.nodes, self.hooks)
                       if self.method.needs_basis else None)
         self.rows: list[tuple[int, str, dict]] = []  # metrics rows not yet reported (start() drains them)
@@ -100,6 +100,10 @@ class FedSB(Strategy):
         self.connect(grid)
         t0, nodes = time.time(), self.nodes.wait()
         self.nodes.hello(nodes)
+        eligible = self.nodes.ordered(nodes)  # less those refused for another model
+        if nodes and not eligible:
+            raise RuntimeError("every connected node was refused: none holds the run's model (see the errors above)")
+        nodes = eligible
         if self.basis is not None:
             self.report(0, "init", self.basis.initialize(nodes))
         else:

@@ -216,3 +216,12 @@ def test_method_config_applies_to_its_method_only(tiny_bert, sentiment_csv, tmp_
         "float32", "float32", 2)
     assert (config["fed-sb"]["init-basis"], config["fedit"]["init-basis"]) == ("weights", "gradient")
     assert config["fedit"]["num-server-rounds"] == config["fed-sb"]["num-server-rounds"] == 1  # --run-config: both
+
+
+def test_compare_refuses_an_unknown_backend_or_a_server_app_without_attribute(tmp_path):
+    from lab.compare import Comparison
+
+    with pytest.raises(ValueError, match="--backend"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, backend="dask")
+    with pytest.raises(ValueError, match="--server-app.*module:attribute"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, server_app="bench.compose")
