@@ -75,8 +75,7 @@ class FedSB(Strategy):
     def global_arrays(self) -> ArrayRecord:
         return arrays(adapter=self.method.get_vector(self.model))
 
-    def sent_arrays(self) -> ArrayRecord | None:
-        """download-dtype int8/int4: the round's global as its nodes received it (the dequantized broadcast)."""
+    def sent_arrays(self) -> ArrayRecord | None:  # download-dtype int8/int4: the round's broadcast, dequantized
         return arrays(adapter=self.tally.global_vec) if self.tally and self.tally.broadcast else None
 
     def set_global(self, record: ArrayRecord) -> np.ndarray:
