@@ -62,10 +62,12 @@ PARTS = {
         "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
         "fed-sb-weights-minor": ("fed-sb", "32", "init-basis='weights-minor'"),
         "fed-sb-int8": ("fed-sb", "32", "upload-dtype='int8'"), "fed-sb-int4": ("fed-sb", "32", "upload-dtype='int4'"),
-        "fed-sb-weights-int8": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8'")},
+        "fed-sb-weights-int8": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8'"),
+        "fed-sb-weights-int8-both": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8' download-dtype='int8'")},
         # quantized uploads keep the rate their float32 arm chose on validation (the same method and rank: the
         # rate is tuned per (method, rank), the upload's rounding is unbiased)
-        "arm_lrs": {"fed-sb-int8": "1e-2", "fed-sb-int4": "1e-2", "fed-sb-weights-int8": "1e-2"}},
+        "arm_lrs": {"fed-sb-int8": "1e-2", "fed-sb-int4": "1e-2", "fed-sb-weights-int8": "1e-2",
+                    "fed-sb-weights-int8-both": "1e-2"}},
     # User-level DP (issue 28): Flower's server-side adaptive clipping around fedsb's strategy
     # (bench/compose.py), 100 clients, 10 sampled a round, 30 rounds, the same ε for every method.
     "user-dp": {"keys": {**LONG, "fraction-train": 0.1, "min-available-nodes": 100}, "selection": LONG_SELECTION,
