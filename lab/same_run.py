@@ -1,4 +1,5 @@
-"""Are two run directories the same run? Every metric, count, byte total and tensor, ignoring timings.
+"""Are two run directories the same run? Every metric, count, byte total and tensor, ignoring timings
+and memory peaks.
 
     python -m lab.same_run RUN_A RUN_B      # exit 0 when identical up to timings, else lists what differs
 
@@ -16,8 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-# wall-clock fields, and the paths that name the run directory itself
-IGNORED = {"seconds", "seconds_this_session", "client_seconds", "server_peak_bytes", "run_dir", "output-dir"}
+# wall-clock fields, memory peaks (what the machine and the allocator did, not the run: a client's peak RSS
+# differs between two runs of one commit), and the paths that name the run directory itself
+IGNORED = {"seconds", "seconds_this_session", "client_seconds", "server_peak_bytes", "client_peak_memory_bytes",
+           "run_dir", "output-dir"}
 
 
 def _strip(x):
