@@ -31,6 +31,9 @@ SELECTION = {"seeds": 3, "validation-fraction": 0.05, "select-rounds": 5, "max-e
 # Fed-SB's initialization as it was when the frontier ran (the defaults then), pinned so that the commands
 # reproduce those runs after the defaults moved to init-fraction=0.5 basis-dtype=int4 (issue 14)
 FED_SB_INIT = "init-fraction=1.0 basis-dtype='int8'"
+LONG = {"num-server-rounds": 30, "eval-every": 30}
+LONG_SELECTION = {"select-rounds": 15}
+UPLOADS = (("", ""), ("-int8", "upload-dtype='int8'"))
 # A part is a set of arms, each one ``fedsb compare`` of one method over its ranks with its own keys; an arm's
 # name labels its rows in the merged table (Fed-SB's initializations are arms of the same method).
 PARTS = {
@@ -42,19 +45,58 @@ PARTS = {
         "fed-sb-random": ("fed-sb", "32", f"init-basis='random' {FED_SB_INIT}"),
         "fed-sb-server": ("fed-sb", "32", f"init-source='server' {FED_SB_INIT}"),
         "fedit": ("fedit", "8", ""), "ffa-lora": ("ffa-lora", "8", "")}} for eps in (1, 3)},
+    # The long horizon (issue 31): the same task for 30 rounds, so that each client trains in 6 of them on
+    # average (2 of 10 a round), selection runs of 15; Fed-SB at today's initialization defaults.
+    "long-nonprivate": {"keys": LONG, "selection": LONG_SELECTION, "families": True, "arms": {
+        **{f"fed-sb{basis}{up}": ("fed-sb", "32|64", f"{bkeys} {ukeys}".strip())
+           for basis, bkeys in (("", ""), ("-weights", "init-basis='weights'")) for up, ukeys in UPLOADS},
+        **{f"{m}{up}": (m, ranks, ukeys) for m, ranks in (("ffa-lora", "4|16"), ("fedit", "4|8")) for up, ukeys in UPLOADS}}},
+    "long-private-eps1": {"keys": {**LONG, "dp": True, "target-epsilon": 1.0}, "selection": LONG_SELECTION,
+                          "families": True, "arms": {
+        "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
+        "fed-sb-random": ("fed-sb", "32", "init-basis='random'"), "fedit": ("fedit", "8", ""),
+        "ffa-lora": ("ffa-lora", "8", "")}},
+    # The default run (`make run`'s configuration) with each zero-byte basis and quantized upload (issue 31),
+    # each arm's rate chosen on validation like the frontier's.
+    "default-uploads": {"keys": {}, "sized": {}, "selection": {"select-rounds": 0}, "arms": {
+        "fed-sb": ("fed-sb", "32", ""), "fed-sb-weights": ("fed-sb", "32", "init-basis='weights'"),
+        "fed-sb-weights-minor": ("fed-sb", "32", "init-basis='weights-minor'"),
+        "fed-sb-int8": ("fed-sb", "32", "upload-dtype='int8'"), "fed-sb-int4": ("fed-sb", "32", "upload-dtype='int4'"),
+        "fed-sb-weights-int8": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8'"),
+        "fed-sb-weights-int8-both": ("fed-sb", "32", "init-basis='weights' upload-dtype='int8' download-dtype='int8'")},
+        # quantized uploads keep the rate their float32 arm chose on validation (the same method and rank: the
+        # rate is tuned per (method, rank), the upload's rounding is unbiased)
+        "arm_lrs": {"fed-sb-int8": "1e-2", "fed-sb-int4": "1e-2", "fed-sb-weights-int8": "1e-2",
+                    "fed-sb-weights-int8-both": "1e-2"}},
+    # User-level DP (issue 28): Flower's server-side adaptive clipping around fedsb's strategy
+    # (bench/compose.py), 100 clients, 10 sampled a round, 30 rounds, the same ε for every method.
+    "user-dp": {"keys": {**LONG, "fraction-train": 0.1, "min-available-nodes": 100}, "selection": LONG_SELECTION,
+                "supernodes": 100, "server_app": "bench.compose:user_dp",
+                "arms": {"fed-sb": ("fed-sb", "32", ""), "fedit": ("fedit", "8", "")}},
+    # The server optimizer (issue 28) against plain averaging on the non-IID default (Dirichlet α = 0.5 over
+    # labels), each ServerAdam step size an arm of its own with its client rate chosen on validation.
+    "server-adam": {"keys": {"partitioner": "'dirichlet'"}, "sized": {}, "selection": {"select-rounds": 0}, "arms": {
+        **{m: (m, r, "") for m, r in (("fed-sb", "32"), ("fedit", "24"))},
+        **{f"{m}-adam-{eta}": (m, r, "", f"bench.compose:adam_{eta}") for m, r in (("fed-sb", "32"), ("fedit", "24"))
+           for eta in ("3e_3", "1e_2", "3e_2")}}},
 }
 RESULTS = Path("bench/results")
 
 
-def command(part: str, arm: str, extra: str = "") -> str:
-    """The ``fedsb compare`` command line of one arm of a part (``extra``: more run-config keys)."""
-    method, ranks, keys = PARTS[part]["arms"][arm]
-    shared = {**SIZED, **PARTS[part]["keys"]}
+def command(part: str, arm: str, extra: str = "", rank: str = "", backend: str = "") -> str:
+    """The ``fedsb compare`` command line of one arm of a part (``extra``: more run-config keys; ``rank``: one
+    of the arm's ranks alone; ``backend``: compare's --backend)."""
+    spec = PARTS[part]
+    method, ranks, keys, *app = spec["arms"][arm]
+    shared = {**spec.get("sized", SIZED), **spec["keys"]}
     rc = " ".join([*(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in shared.items()),
                    *keys.split(), *extra.split()])
-    return (f"fedsb compare --methods {method} --num-supernodes 10 --rank '{method}={ranks}' --lr '{method}={LRS}' "
-            + "".join(f"--{k} {v} " for k, v in SELECTION.items()) + f"--run-config \"{rc}\" "
-            f"--out runs/frontier-{part}/{arm}")
+    server_app = app[0] if app else spec.get("server_app", "")
+    return (f"fedsb compare --methods {method} --num-supernodes {spec.get('supernodes', 10)} "
+            f"--rank '{method}={rank or ranks}' --lr '{method}={spec.get('arm_lrs', {}).get(arm, LRS)}' "
+            + "".join(f"--{k} {v} " for k, v in {**SELECTION, **spec.get("selection", {})}.items())
+            + (f"--server-app {server_app} " if server_app else "") + (f"--backend {backend} " if backend else "")
+            + f"--run-config \"{rc}\" --out runs/frontier-{part}/{arm}")
 
 
 def merge(part: str, extra: str = "") -> None:
@@ -72,7 +114,10 @@ def merge(part: str, extra: str = "") -> None:
         found = found or [r for r in kept if r["method"] == arm]
         rows += found
         ran += [arm] if found else []
-    write_summary(rows, dest)
+    # variants of one method (its bases, upload dtypes) compete as that method in the verdicts of the parts that
+    # ask for it; the older parts' tables keep each arm as its own contender, as they were rendered
+    family = (lambda arm: PARTS[part]["arms"][arm][0]) if PARTS[part].get("families") else None
+    write_summary(rows, dest, family)
     (dest / "commands.txt").write_text("".join(command(part, a, extra) + "\n" for a in ran))
 
 

@@ -81,13 +81,18 @@ def frontier() -> str:
     """One bullet per part of ``bench.frontier``: best mean, what is resolved by total bytes and by per-round
     traffic, each method's bytes per run, Fed-SB's one-time share, and the rates left at a grid edge."""
     from bench.frontier import PARTS
-    from bench.report_frontier import one_time_shares
+    from bench.report_frontier import FRONTIER_PARTS, one_time_shares
     from lab.compare_report import budget_leaders, group_rows, read_rows
 
     bullets = []
-    for part, spec in PARTS.items():
+    for part in FRONTIER_PARTS:
+        spec = PARTS[part]
         path = R / f"frontier-{part}" / "compare.csv"
-        title = "Non-private" if part == "nonprivate" else f"Private, ε = {spec['keys']['target-epsilon']:g}"
+        eps = spec["keys"].get("target-epsilon")
+        title = "Non-private" if eps is None else f"Private, ε = {eps:g}"
+        if part.startswith("long-"):
+            title += f", {spec['keys']['num-server-rounds']} rounds"
+        family = (lambda arm, spec=spec: spec["arms"][arm][0]) if spec.get("families") else None
         if not path.exists():
             bullets.append(f"- **{title}**: not run yet (`python -m bench.frontier --part {part}`).")
             continue
@@ -98,9 +103,9 @@ def frontier() -> str:
         text = (f"- **{title}** ({', '.join(dict.fromkeys(g['method'] for g in groups))}; "
                 f"{'/'.join(map(str, seeds))} seeds each): best mean {_label(best)} {best['accuracy_mean']:.3f} ± "
                 f"{best['accuracy_std']:.3f}. Beyond two standard errors, by total bytes: "
-                f"{_wins(budget_leaders(groups))}")
+                f"{_wins(budget_leaders(groups, family=family))}")
         if any(g["bytes_one_time"] for g in groups):
-            text += f"; by per-round traffic alone: {_wins(budget_leaders(groups, 'bytes_rounds'))}"
+            text += f"; by per-round traffic alone: {_wins(budget_leaders(groups, 'bytes_rounds', family))}"
         text += ". Total bytes per run: " + ", ".join(
             f"{m} {min(v) / 1e6:.1f}" + (f"–{max(v) / 1e6:.1f}" if max(v) > min(v) * 1.005 else "") + " MB"
             for m, v in _by_method(groups, "bytes_total").items()) + "."

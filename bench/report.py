@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.report_common import R, _b, _command, _f, _load, _missing  # noqa: F401
 from bench.report_variants import deploy_section, init_section, llm_section, nested_section, precision_section
 from bench.report_frontier import frontier_section, pooler_section
+from bench.report_uploads import composition_section, uploads_section
 from bench.report_compare import compare_section, private_section
 
 
@@ -216,7 +217,7 @@ def main() -> None:
 
     out += deploy_section()
     out += init_section() + precision_section() + nested_section() + llm_section()
-    out += pooler_section() + frontier_section()
+    out += pooler_section() + frontier_section() + uploads_section() + composition_section()
     Path("BENCHMARKS.md").write_text("\n".join(out) + "\n")
     print("wrote BENCHMARKS.md")
 

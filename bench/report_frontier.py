@@ -60,6 +60,19 @@ def one_time_shares(groups: list[dict]) -> dict[str, float]:
             for g in sorted(groups, key=lambda g: (g["method"], g["rank"])) if g["bytes_one_time"]}
 
 
+FRONTIER_PARTS = ("nonprivate", "private-eps1", "private-eps3", "long-nonprivate", "long-private-eps1")
+LONG_ABOUT = (
+    "The same task for 30 rounds instead of 10, so that each client trains in 6 rounds on average (2 of 10 a round), "
+    "where the one-time costs are amortized; selection runs last 15 rounds. Each variant of a method (Fed-SB's basis: "
+    "the clients' gradients, today's default, or `init-basis=weights`, nothing sent; `upload-dtype=int8` or float32) chose "
+    "its own rate, and in the verdicts the variants of one method compete as that method (the best of them within the "
+    "budget). Runs: `python -m bench.sweep --parts long-nonprivate,long-private-eps1 --jobs N` runs the same commands "
+    "in parallel over the in-process backend (`fedsb compare --backend inprocess`); most of these runs ran that way on "
+    "an NVIDIA H200 (16 cores, CUDA), the rest on this 2-core machine (each run's summary.json names its versions; the "
+    "seeds of one arm may mix the two)."
+)
+
+
 def frontier_section() -> list[str]:
     """Issue 15 item 5: the frontier from ``bench.frontier``, non-private and private parts."""
     from bench.frontier import LRS, PARTS, SELECTION, SIZED
@@ -82,10 +95,16 @@ def frontier_section() -> list[str]:
            f"stayed there); the final runs use seeds {seeds}. Bytes are up + down over the whole run, all clients; `bytes_one_time` is "
            "Fed-SB's init upload and basis download. Each table and its verdicts are rendered from the runs by "
            "`lab.compare_report`: a method wins a budget only by more than two standard errors.", ""]
-    for part, spec in PARTS.items():
+    for part in FRONTIER_PARTS:
+        spec = PARTS[part]
         d = R / f"frontier-{part}"
-        title = "Non-private" if part == "nonprivate" else f"Private, ε = {spec['keys']['target-epsilon']:g} (DP-SGD on clients)"
+        eps = spec["keys"].get("target-epsilon")
+        title = ("Non-private" if eps is None else f"Private, ε = {eps:g} (DP-SGD on clients)")
+        if part.startswith("long-"):
+            title = f"{title}, the long horizon ({spec['keys']['num-server-rounds']} rounds)"
         out += [f"### {title}", ""]
+        if part.startswith("long-"):
+            out += [LONG_ABOUT, ""]
         if not (d / "compare.md").exists():
             out += _missing(f"python -m bench.frontier --part {part}")
             continue
@@ -97,7 +116,8 @@ def frontier_section() -> list[str]:
         out += (d / "compare.md").read_text().strip().splitlines() + [""]
         share = one_time_shares(group_rows(rows))
         if share:
-            per_client = SIZED["fraction-train"] * SIZED["num-server-rounds"]
+            shape = {**SIZED, **spec["keys"]}
+            per_client = shape["fraction-train"] * shape["num-server-rounds"]
             out.append("Fed-SB's one-time bytes (the int8 basis, and the clients' 1-bit init upload unless the server's data made "
                        "the basis) are this share of its "
                        "total: " + ", ".join(f"{k} {v:.0%}" for k, v in share.items())
@@ -107,7 +127,12 @@ def frontier_section() -> list[str]:
             out.append("")
         out.append(f"{len(test)} held-out runs and {len(rows) - len(test)} selection runs; median "
                    f"{statistics.median(r['seconds'] for r in rows):.0f} s of server time per run.")
+        short = sorted({r["method"] for r in test if sum(x["method"] == r["method"] for x in test) < n * len(
+            spec["arms"][r["method"]][1].split("|"))})
         missing = [a for a in spec["arms"] if a not in {r["method"] for r in test}]
+        if short:
+            out += ["", f"**Incomplete:** {', '.join(short)} have fewer than {n} seeds at some rank (the session's time ran "
+                    f"out; `python -m bench.frontier --part {part} --arms {','.join(short)}` resumes them)."]
         if missing:
             out += ["", f"**Not run yet:** {', '.join(missing)} (`python -m bench.frontier --part {part} --arms "
                     f"{','.join(missing)}`, resumable)."]

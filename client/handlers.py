@@ -26,7 +26,7 @@ from fedsb.tasks import Task, get_task
 from fedsb.tasks.models import freeze
 from fedsb.tasks.own import OwnModelTask
 from fedsb.tasks.training import peak_memory_bytes, reset_peak_memory
-from fedsb.upload import quantize_update, rounding_generator
+from fedsb.upload import decode_vector, quantize_update, rounding_generator
 from fedsb.wire import decode_basis, flatten, pack_signs, unflatten_into
 
 log = logging.getLogger("fedsb.client")
@@ -90,6 +90,18 @@ def upload_arrays(cfg: FedSBConfig, method, model, sent: np.ndarray, private: bo
     segments = [t.numel() for t in method.trainable(model).values()]
     rng = rounding_generator(None if private else np.random.SeedSequence([cfg.seed, rnd, pid]))
     return quantize_update(vec - sent, segments, cfg.upload_dtype, rng)
+
+
+def received_vector(cfg: FedSBConfig, method, model, msg: Message) -> np.ndarray:
+    """The global vector a train message carries: float32, or (download-dtype int8/int4) its codes dequantized,
+    a segment per trainable tensor as uploads; a message that does not fit is refused with the reason."""
+    got = {k: v.numpy() for k, v in msg.content["adapter"].items()}
+    if cfg.download_dtype == "float32":
+        return got["adapter"]
+    try:
+        return decode_vector(got, [t.numel() for t in method.trainable(model).values()], cfg.download_dtype)
+    except ValueError as e:
+        raise ValueError(f"refusing the server's broadcast (download-dtype={cfg.download_dtype}): {e}") from None
 
 
 def download_of(msg: Message) -> Download:
@@ -174,8 +186,8 @@ class FedSBClient:
         return method
 
     def query(self, msg: Message, context: Context) -> Message:
-        """``hello``: partition and size; ``basis``: the basis ahead of a SecAgg+ round; ``fed-sb-init``: the
-        sum of ∂L/∂W0 over up to init-samples local examples."""
+        """``hello``: partition, size and model content id; ``basis``: the basis ahead of a SecAgg+ round;
+        ``fed-sb-init``: the sum of ∂L/∂W0 over up to init-samples local examples."""
         cfg, task, node = self.setup(context)
         pid = node.partition_id
         ds = self.train_dataset(task, cfg, node)
@@ -188,8 +200,10 @@ class FedSBClient:
         if mode == "basis":  # SecAgg+ round messages carry only FitIns, so the basis comes in a query
             self.method_for(cfg, task, node).client_model(task, download_of(msg), ContextStore(context))
             return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
-        if mode != "fed-sb-init":
-            return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)})}), reply_to=msg)
+        if mode != "fed-sb-init":  # hello: also which model this node holds, so a server can refuse a different one
+            identity = ConfigRecord({"model-id": task.model_id, "model-path": str(task.model_path)})
+            return Message(RecordDict({"metrics": MetricRecord({**metrics, "num-examples": len(ds)}),
+                                       "config": identity}), reply_to=msg)
         t0 = time.time()
         reset_peak_memory(task.device)
         model = task.base_model()
@@ -221,7 +235,7 @@ class FedSBClient:
         if model is None:
             log.info("partition %d: lacking basis %s, asking the server for it", pid, fp)
             return ask
-        sent = msg.content["adapter"]["adapter"].numpy()
+        sent = received_vector(cfg, method, model, msg)
         method.set_vector(model, sent)
         t_model = time.time()
         ds = self.train_dataset(task, cfg, node)

@@ -1,25 +1,17 @@
 """Fed-SB on your own model and data, inside your own Flower apps (README: "Your own model and data")."""
 
-import os
-
 from flwr.app import Context
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.handlers import FedSBClient
-from fedsb.config import ConfigError, FedSBConfig
+from fedsb.config import FedSBConfig
 from fedsb.tasks import SeqClsTask
 from fedsb.tasks.seq_cls import encode_texts
 from server.strategy import FedSB
 
 
-class MyTask(SeqClsTask):
-    @classmethod
-    def default_model(cls) -> str:  # what `model = "default"` means: your local HF model folder
-        if not os.environ.get("MY_MODEL_DIR"):
-            raise ConfigError("model", "set MY_MODEL_DIR to your local Hugging Face model folder")
-        return os.environ["MY_MODEL_DIR"]
-
+class MyTask(SeqClsTask):  # the model is the run config's `model`: your local Hugging Face folder
     @classmethod
     def load_data(cls, cfg, model_path):  # your examples: any texts with integer labels
         texts = [f"{w} {x}" for w in ("good", "great", "bad", "awful") for x in range(150)]
@@ -41,8 +33,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy.start(grid=grid, num_rounds=cfg.num_server_rounds)  # init, rounds, checkpoints, PEFT export
 
 
-if __name__ == "__main__":  # MY_MODEL_DIR=/path/to/hf-model python examples/own_model.py: 3 simulated nodes
-    from server.simulation import simulate
+if __name__ == "__main__":  # 3 simulated nodes; argv: the run config, e.g. "model='/path/to/hf-model'"
+    import sys
+    from server.simulation import parse_run_config, simulate
 
-    MyTask.default_model()  # a missing MY_MODEL_DIR fails here, before the simulation starts
-    print(simulate({"num-server-rounds": 3}, 3, client_app=client_app, server_app=server_app))
+    print(simulate(parse_run_config(" ".join(sys.argv[1:])), 3, client_app=client_app, server_app=server_app))

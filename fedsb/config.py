@@ -106,6 +106,8 @@ class FedSBConfig:
                           "int4 packed two per byte; what every party uses and fingerprints is the dequantized basis)", choices=BASIS_DTYPES)
     upload_dtype: str = _f("float32", "a client's round upload, any method: `float32` (its vector) or its update as `int8`/"
                            "`int4` codes (unbiased stochastic rounding, a scale per tensor; not with secagg)", choices=UPLOAD_DTYPES)
+    download_dtype: str = _f("float32", "the server's round broadcast, any method: `float32`, or `int8`/`int4` codes "
+                             "(seeded rounding, a scale a tensor; clients start from them; not with secagg)", choices=UPLOAD_DTYPES)
 
     # --- hardware ----------------------------------------------------------------------------
     device: str = _f("auto", "where clients train and the server evaluates and initializes: `auto` (CUDA when "
@@ -227,8 +229,9 @@ class FedSBConfig:
                               f"A_i and B_i, which secure aggregation hides; use {able}")
         if self.secagg and self.aggregation != "mean":
             raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
-        if self.secagg and self.upload_dtype != "float32":  # SecAgg+ quantizes the vector its own way
-            raise ConfigError("upload-dtype", f"got {self.upload_dtype!r} with secagg=true; set upload-dtype='float32'")
+        for key, value in (("upload-dtype", self.upload_dtype), ("download-dtype", self.download_dtype)):
+            if self.secagg and value != "float32":  # SecAgg+ quantizes its own way; its FitIns carry float32
+                raise ConfigError(key, f"got {value!r} with secagg=true; set {key}='float32'")
         if self.secagg and self.max_update_norm > 0:
             raise ConfigError("max-update-norm", "cannot be checked with secagg=true (the server sees no single update); set 0")
         if self.dp and self.federated_evaluate:

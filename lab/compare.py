@@ -17,7 +17,7 @@ import importlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +105,9 @@ class Comparison:
     # so several comparisons can share a machine, one process each)
     backend: str = "ray"
     server_app: str = ""  # "module:attr" of another ServerApp (e.g. a strategy wrapped in Flower's DP wrapper)
+    # --method-config: run-config keys of one method only, on top of the shared overrides (e.g. Fed-SB with
+    # quantized uploads and downloads beside a float32 baseline)
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from fedsb.config import METHODS, FedSBConfig
@@ -125,16 +128,26 @@ class Comparison:
         if self.validation_fraction == 0 and any(len(v) > 1 for v in self.lrs.values()):
             raise ValueError("--lr: choosing among several rates needs a validation split; set "
                              "--validation-fraction > 0 (e.g. 0.1) or give one rate per method")
-        for key in ("method", "rank", "learning-rate", "output-dir", "eval-split", "validation-fraction"):
-            if key in self.overrides:
-                raise ValueError(f"--run-config: {key} is set by compare itself (use --methods, --rank, --lr, --out, "
-                                 "--validation-fraction); remove it")
+        for flag, given in [("--run-config", self.overrides), *(
+                (f"--method-config {m}", o) for m, o in self.method_overrides.items())]:
+            for key in ("method", "rank", "learning-rate", "output-dir", "eval-split", "validation-fraction"):
+                if key in given:
+                    raise ValueError(f"{flag}: {key} is set by compare itself (use --methods, --rank, --lr, --out, "
+                                     "--validation-fraction); remove it")
         base = FedSBConfig.from_run_config(self.overrides)  # bad keys fail now, not an hour in
+        for method, extra in self.method_overrides.items():
+            if method not in self.methods:
+                raise ValueError(f"--method-config: method {method!r} is not among --methods ({', '.join(self.methods)}); "
+                                 "add it there or drop its --method-config")
+            try:
+                FedSBConfig.from_run_config({**self.overrides, **extra, "method": method})
+            except ValueError as e:
+                raise ValueError(f"--method-config {method}: {e}") from None
         self.base_seed, self.rounds = base.seed, base.num_server_rounds
         self.default_rank, self.default_lr = base.rank, base.learning_rate
 
     def run_config(self, spec: RunSpec) -> dict[str, Any]:
-        cfg = dict(self.overrides, method=spec.method, rank=spec.rank, seed=spec.seed,
+        cfg = dict(self.overrides, **self.method_overrides.get(spec.method, {}), method=spec.method, rank=spec.rank, seed=spec.seed,
                    **{"learning-rate": spec.lr, "validation-fraction": self.validation_fraction,
                       "eval-split": spec.split, "output-dir": str(spec.run_dir(self.out).resolve())})
         if spec.split == "validation" and self.select_rounds:

@@ -15,7 +15,7 @@ import logging
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedsb.extras import MissingExtra, require
 
@@ -81,17 +81,21 @@ def group_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def budget_leaders(groups: list[dict], key: str = "bytes_total") -> list[dict]:
+def budget_leaders(groups: list[dict], key: str = "bytes_total", family: Callable[[str], str] | None = None) -> list[dict]:
     """Per communication budget (each group's ``key`` bytes: the total, or the per-round traffic alone as a
     long deployment amortizes the one-time cost): the leader and the runner-up among each method's best
     (method, rank) within it, the margin ``d``, its standard error ``se`` (None with fewer than 2 seeds a side)
-    and whether the leader ``wins`` (d > 2 SE). ``runner_up`` is None where one method fits."""
+    and whether the leader ``wins`` (d > 2 SE). ``runner_up`` is None where one method fits. ``family`` names
+    the method a row's label belongs to (variants of one method, e.g. its bases or upload dtypes, compete as
+    one: the best of them within the budget)."""
+    family = family or (lambda m: m)
     out = []
     for budget in sorted({g[key] for g in groups}):
         best: dict[str, dict] = {}
         for g in groups:
-            if g[key] <= budget and (g["method"] not in best or g["accuracy_mean"] > best[g["method"]]["accuracy_mean"]):
-                best[g["method"]] = g
+            f = family(g["method"])
+            if g[key] <= budget and (f not in best or g["accuracy_mean"] > best[f]["accuracy_mean"]):
+                best[f] = g
         ranked = sorted(best.values(), key=lambda g: -g["accuracy_mean"])
         a, b = ranked[0], (ranked[1] if len(ranked) > 1 else None)
         d = se = None
@@ -104,20 +108,21 @@ def budget_leaders(groups: list[dict], key: str = "bytes_total") -> list[dict]:
     return out
 
 
-def verdicts(groups: list[dict], key: str = "bytes_total") -> list[str]:
+def verdicts(groups: list[dict], key: str = "bytes_total", family: Callable[[str], str] | None = None) -> list[str]:
     """``budget_leaders`` as the markdown lines of ``compare.md``."""
-    lines = []
-    for v in budget_leaders(groups, key):
+    lines, family = [], family or (lambda m: m)
+    for v in budget_leaders(groups, key, family):
         a, b, d, se = v["leader"], v["runner_up"], v["d"], v["se"]
         head = f"≤ {v['budget'] / 1e6:,.1f} MB {'total' if key == 'bytes_total' else 'of per-round traffic'}"
         if b is None:
-            lines.append(f"- {head}: only {a['method']} r={a['rank']} fits")
+            variant = "" if family(a["method"]) == a["method"] else f" ({family(a['method'])})"
+            lines.append(f"- {head}: only {a['method']} r={a['rank']} fits{variant}")
             continue
         who = f"{a['method']} r={a['rank']} ({a['accuracy_mean']:.3f}) over {b['method']} r={b['rank']} ({b['accuracy_mean']:.3f})"
         if se is None:
             lines.append(f"- {head}: {who} by {d:.3f}: one seed, no standard error: not a claim")
         elif v["wins"]:
-            lines.append(f"- {head}: **{a['method']} wins**: {who} by {d:.4f} > 2 SE = {2 * se:.4f}")
+            lines.append(f"- {head}: **{family(a['method'])} wins**: {who} by {d:.4f} > 2 SE = {2 * se:.4f}")
         else:
             lines.append(f"- {head}: not resolved: {who} by {d:.4f} ≤ 2 SE = {2 * se:.4f}")
     return lines
@@ -130,7 +135,7 @@ def summarize(out: Path) -> list[dict]:
     return rows
 
 
-def write_summary(rows: list[dict], out: Path) -> None:
+def write_summary(rows: list[dict], out: Path, family: Callable[[str], str] | None = None) -> None:
     """``compare.csv``, ``compare.md``, ``pareto.png`` and ``curves.png`` in ``out`` from per-run rows (several
     comparisons' rows may be merged first, their ``method`` relabelled to tell variants apart)."""
     rows = sorted(rows, key=lambda r: (r["split"] != "validation", r["method"], r["rank"], r["lr"], r["seed"]))
@@ -141,10 +146,10 @@ def write_summary(rows: list[dict], out: Path) -> None:
         w.writerows(rows)
     groups = group_rows(rows)
     md = _table(GROUP_COLUMNS, groups) + ["", "Which method wins at each budget of total bytes, one-time costs included "
-                                          "(best of its ranks within it):", "", *verdicts(groups)]
+                                          "(best of its ranks within it):", "", *verdicts(groups, family=family)]
     if any(g["bytes_one_time"] for g in groups):
         md += ["", "The same by per-round traffic alone (what a long deployment pays once the one-time costs are "
-               "amortized):", "", *verdicts(groups, "bytes_rounds")]
+               "amortized):", "", *verdicts(groups, "bytes_rounds", family)]
     sel = [r for r in rows if r["split"] == "validation"]
     if sel:
         md += ["", "Learning-rate selection (one run each, validation accuracy):", "",

@@ -95,13 +95,17 @@ class Federation:
                 time.sleep(0.5)
         return dict(env, FEDSB_WARM_SOCKET=str(sock), PATH=f"{shim_dir(sock)}{os.pathsep}{env['PATH']}")
 
-    def start_supernode(self, i: int, cache_dir: Path | None = None) -> subprocess.Popen:
+    def start_supernode(self, i: int, cache_dir: Path | None = None, node_config: dict | None = None) -> subprocess.Popen:
+        """Node i; ``node_config`` adds its party's own keys (``dataset``, ``model``...) to its --node-config."""
         env = dict(self.env, FEDSB_CACHE_DIR=str(cache_dir or self.workdir / f"cache-{i}"))
         if self.warm:
             env = self.start_warm(i, env)
-        p = self._start(f"supernode-{i}", supernode_args(f"127.0.0.1:{self.port}", self.node_ports[i], i, self.num_nodes,
-                                                         self.sec, key=str(self.certs / "keys" / f"sn{i}"),
-                                                         isolation=self.isolation), env)
+        args = supernode_args(f"127.0.0.1:{self.port}", self.node_ports[i], i, self.num_nodes, self.sec,
+                              key=str(self.certs / "keys" / f"sn{i}"), isolation=self.isolation)
+        if node_config:
+            at = args.index("--node-config") + 1
+            args[at] += "".join(f" {k}={json.dumps(v)}" for k, v in node_config.items())
+        p = self._start(f"supernode-{i}", args, env)
         if self.isolation == "process":
             # the SuperNode's runtime API has no certificate of its own (as in docker/compose.tls.yml)
             self._start(f"superexec-clientapp-{i}", superexec_args(f"127.0.0.1:{self.node_ports[i]}", Security()), env)

@@ -1,4 +1,5 @@
-"""Are two run directories the same run? Every metric, count, byte total and tensor, ignoring timings.
+"""Are two run directories the same run? Every metric, count, byte total and tensor, ignoring timings
+and memory peaks.
 
     python -m lab.same_run RUN_A RUN_B      # exit 0 when identical up to timings, else lists what differs
 
@@ -8,6 +9,7 @@ adapters (fedsb format and PEFT) and the checkpoint's tensors, bit for bit.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -15,8 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-# wall-clock fields, and the paths that name the run directory itself
-IGNORED = {"seconds", "seconds_this_session", "client_seconds", "server_peak_bytes", "run_dir", "output-dir"}
+# wall-clock fields, memory peaks (what the machine and the allocator did, not the run: a client's peak RSS
+# differs between two runs of one commit), and the paths that name the run directory itself
+IGNORED = {"seconds", "seconds_this_session", "client_seconds", "server_peak_bytes", "client_peak_memory_bytes",
+           "run_dir", "output-dir"}
 
 
 def _strip(x):
@@ -68,7 +72,17 @@ def compare(a: Path, b: Path) -> list[str]:
 
 
 def main() -> int:
-    a, b = Path(sys.argv[1]), Path(sys.argv[2])
+    parser = argparse.ArgumentParser(prog="python -m lab.same_run", description=__doc__.split("\n\n")[0],
+                                     epilog="Each run directory comes from a run of its own tree, e.g. `fedsb simulate "
+                                            "--run-config \"output-dir='/tmp/a'\"` on one commit and output-dir='/tmp/b' "
+                                            "on the other (the config's seed makes them comparable).")
+    parser.add_argument("run_a", type=Path)
+    parser.add_argument("run_b", type=Path)
+    args = parser.parse_args()
+    a, b = args.run_a, args.run_b
+    for d in (a, b):
+        if not (d / "metrics.jsonl").is_file() or not (d / "summary.json").is_file():
+            parser.error(f"{d} is not a finished run directory (it lacks metrics.jsonl or summary.json)")
     diffs = compare(a, b)
     print("\n".join(diffs) if diffs else f"identical up to timings: {a} and {b}")
     return 1 if diffs else 0

@@ -7,6 +7,7 @@ learn: small enough that a simulated federation of it runs in seconds on a lapto
 from __future__ import annotations
 
 import csv
+import json
 import random
 import shutil
 from pathlib import Path
@@ -38,18 +39,37 @@ def make_tiny_bert(out: Path, hidden: int = 32, layers: int = 2) -> Path:
     return out
 
 
-def make_sentiment_csv(path: Path, n: int = 600, seed: int = 0) -> Path:
-    """Two classes decided by their sentiment words (4 of 6 words): learnable in a few steps."""
+def make_sentiment_csv(path: Path, n: int = 600, seed: int = 0, positive_rate: float = 0.5) -> Path:
+    """Two classes decided by their sentiment words (4 of 6 words): learnable in a few steps. A ``.jsonl``
+    path gets JSON lines with the same columns; ``positive_rate`` skews the labels (a party's own mix)."""
     rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.random() < positive_rate
+        words = rng.sample(FILLER, 2) + rng.sample(POSITIVE if y else NEGATIVE, 4)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": "pos" if y else "neg"})
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
     with path.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for _ in range(n):
-            y = rng.random() < 0.5
-            words = rng.sample(FILLER, 2) + rng.sample(POSITIVE if y else NEGATIVE, 4)
-            rng.shuffle(words)
-            w.writerow([" ".join(words), "pos" if y else "neg"])
+        w = csv.DictWriter(fh, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(rows)
     return path
+
+
+def copy_with_changed_weight(src: Path, dst: Path, layer: str = "bert.encoder.layer.0.attention.self.query") -> Path:
+    """The model folder ``src`` saved again at ``dst`` with one weight of ``layer`` (an adapted layer of the tiny
+    BERT) changed: what a party whose model is not the run's holds."""
+    from transformers import AutoModelForSequenceClassification
+
+    shutil.copytree(src, dst)
+    model = AutoModelForSequenceClassification.from_pretrained(dst)
+    with torch.no_grad():
+        model.get_submodule(layer).weight[0, 0] += 1e-3
+    model.save_pretrained(dst)
+    return dst
 
 
 def tiny_run_config(tiny_bert: Path, csv_path: Path, out: Path, **extra) -> dict:

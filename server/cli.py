@@ -50,6 +50,21 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_method_configs(pairs: list[list[str]]) -> dict[str, dict]:
+    """``--method-config METHOD "k=v ..."``, repeated: {method: its run-config keys}."""
+    from server.simulation import parse_run_config
+
+    out: dict[str, dict] = {}
+    for method, text in pairs:
+        if method in out:
+            raise ValueError(f"--method-config: {method!r} is given twice; put all its keys in one \"k=v k2=v\"")
+        try:
+            out[method] = parse_run_config(text)
+        except ValueError as e:
+            raise ValueError(f"--method-config {method}: {e}") from None
+    return out
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from lab.compare import Comparison, parse_lrs, parse_ranks
     from server.simulation import parse_run_config
@@ -58,7 +73,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     rows = Comparison(methods, args.num_supernodes, Path(args.out), parse_run_config(args.run_config),
                       parse_ranks(args.rank, methods), parse_lrs(args.lr, methods), seeds=args.seeds,
                       validation_fraction=args.validation_fraction, select_rounds=args.select_rounds,
-                      max_extend=args.max_extend, backend=args.backend, server_app=args.server_app).run()
+                      max_extend=args.max_extend, backend=args.backend, server_app=args.server_app,
+                      method_overrides=parse_method_configs(args.method_config)).run()
     print((Path(args.out) / "compare.md").read_text())
     return 0 if rows else 1
 
@@ -149,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--num-supernodes", type=int, default=10, help="simulated nodes (clients) of every run")
     m.add_argument("--out", required=True, help="directory for compare.csv, compare.md, pareto.png, curves.png")
     m.add_argument("--run-config", default="", help="overrides shared by every method")
+    m.add_argument("--method-config", nargs=2, action="append", default=[], metavar=("METHOD", "CONFIG"),
+                   help="run-config keys for one method only, on top of --run-config (repeatable): --method-config "
+                   "fed-sb \"init-basis='weights' upload-dtype='int8' download-dtype='int8'\"")
     m.add_argument("--rank", default="", help="per-method ranks, several with |: 'fed-sb=16|32|64,fedit=4|8' "
                    # (%(default)s is '' here: it only stops the formatter from appending "(default: )")
                    f"(default%(default)s for a method not named: {defaults['rank']}; rank in --run-config is refused)")

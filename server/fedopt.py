@@ -5,12 +5,12 @@ The pseudo-gradient is ``Δ = aggregate − current``. For Fed-SB it is exact (t
 is the R of the mean update, since B and A are shared); for FedIT it is not (mean(B)·mean(A) is not the
 mean update). Flower's own ``FedAdam`` subclasses ``FedAvg`` and cannot sit on another strategy's
 aggregate, so its step is written here, term for term the same (bias-corrected step size included).
-Its moments are not checkpointed: a resumed run restarts them from zero.
+Its moments go into the run's checkpoint (``server_state``): a resumed run continues them bit for bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -30,7 +30,8 @@ class ServerAdam(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         messages = self.strategy.configure_train(server_round, arrays, config, grid)
-        self.current = {k: a.numpy().copy() for k, a in arrays.items()}
+        sent = getattr(self.strategy, "sent_arrays", lambda: None)()  # download-dtype int8/int4: the round's
+        self.current = {k: a.numpy().copy() for k, a in (sent or arrays).items()}  # global is what was sent
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -46,6 +47,15 @@ class ServerAdam(Strategy):
         new = {k: (x + eta_norm * self.m[k] / (np.sqrt(self.v[k]) + self.tau)).astype(x.dtype)
                for k, x in self.current.items()}
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+
+    def server_state(self) -> dict[str, np.ndarray]:
+        """The moments, for the checkpoint that ``FedSB.start()`` writes each round (``server.run_dir``)."""
+        return {**{"m." + k: x for k, x in self.m.items()}, **{"v." + k: x for k, x in self.v.items()}}
+
+    def load_server_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """The moments of ``server_state``, on resume."""
+        self.m = {k[2:]: np.array(x) for k, x in state.items() if k.startswith("m.")}
+        self.v = {k[2:]: np.array(x) for k, x in state.items() if k.startswith("v.")}
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         return self.strategy.configure_evaluate(server_round, arrays, config, grid)

@@ -1,5 +1,5 @@
 """The connected nodes as the server knows them: partition ids and sizes (from a hello query), the rank
-each trains at (nested ranks), and the seeded per-round sample.
+each trains at (nested ranks), the nodes refused for holding another model, and the seeded per-round sample.
 
 Sampling follows partitions, not the (random) node ids, so a run (or a resumed run) is deterministic
 under its seed.
@@ -31,8 +31,10 @@ def sample_nodes(nodes: list[int], fraction: float, minimum: int, seed: int, rnd
 
 class Nodes:
     def __init__(self, cfg: FedSBConfig, state: RunState, transport: Transport, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, model_id: str = ""):
         self.cfg, self.state, self.transport = cfg, state, transport
+        self.model_id = model_id  # the run's model content id: a node whose hello names another is refused
+        self.refused: dict[int, dict] = {}  # node -> why: never sampled again in this run
         self.examples_of: dict[int, int] = {}
         self.rank_of: dict[int, int] = {}  # nested ranks: the rank each node trains at (from its hello)
         self.clock, self.sleep = clock, sleep
@@ -67,7 +69,8 @@ class Nodes:
         return max(0, self.cfg.min_available_nodes - len(nodes))
 
     def hello(self, nodes: list[int]) -> None:
-        """Ask every node for its partition id, size and rank."""
+        """Ask every node for its partition id, size, rank and model; refuse a node whose model is not the run's.
+        A node whose hello failed (a transient fault) stays eligible."""
         content = RecordDict({"config": ConfigRecord({"mode": "hello"})})
 
         def on_reply(node: int, reply: Message, up: int) -> None:
@@ -75,6 +78,13 @@ class Nodes:
                 log.warning("hello: node %d failed: %s", node, reply.error.reason)
                 return
             m = reply.content["metrics"]
+            identity = reply.content.config_records.get("config", {})
+            # a client that does not say which model it holds stays eligible (a basis method's replies still carry
+            # the fingerprint, which covers the model)
+            theirs = str(identity.get("model-id", ""))
+            if self.model_id and theirs and theirs != self.model_id:
+                self.refuse(node, int(m["partition-id"]), theirs, str(identity.get("model-path", "")))
+                return
             self.state.partition_of[node] = int(m["partition-id"])
             self.examples_of[node] = int(m["num-train-examples"])
             k = int(m.get("rank", self.cfg.rank))
@@ -88,8 +98,20 @@ class Nodes:
         for n in nodes:  # nodes that did not answer still take part, after the others
             self.state.partition_of.setdefault(n, 10**9 + n)
 
+    def refuse(self, node: int, partition: int, model_id: str, model_path: str) -> None:
+        """``node`` holds another model than the run's: its updates would be to other weights, and (for a method
+        with a basis) it could not verify the basis it is sent. Logged once; the node is never sampled again."""
+        where = f" at {model_path} on that node" if model_path else ""
+        detail = (f"node {node} (partition-id {partition}) refused: its model has content id {model_id}{where}; the "
+                  f"run's has {self.model_id}. It is not sampled again in this run; give that node a copy of the run's "
+                  "model (--node-config model=PATH)")
+        log.error("%s", detail)
+        self.refused[node] = {"node_id": int(node), "partition-id": partition, "reason": "model-mismatch",
+                              "model_id": model_id, "model_path": model_path, "detail": detail}
+
     def ordered(self, nodes) -> list[int]:
-        return sorted(nodes, key=lambda n: self.state.partition_of.get(n, 10**9 + n))
+        """The nodes that were not refused, in partition order: every sample is drawn from these."""
+        return sorted((n for n in nodes if n not in self.refused), key=lambda n: self.state.partition_of.get(n, 10**9 + n))
 
     def connected(self) -> list[int]:
         """The nodes connected now (waiting for min-available-nodes at most once), newcomers greeted."""

@@ -1,5 +1,5 @@
-"""A round's bookkeeping: each train reply validated and folded in as it arrives (``RoundTally``), the
-round's metrics row, built in one place (``train_row``) for the plain and the SecAgg+ round, and the
+"""A round's bookkeeping: its quantized broadcast (``Broadcast``), each train reply validated and folded in as it
+arrives (``RoundTally``), the round's metrics row, built in one place (``train_row``) for the plain and the SecAgg+ round, and the
 federated evaluation's example-weighted means (``EvaluateTally``).
 """
 
@@ -15,18 +15,49 @@ from flwr.app import Message
 
 from fedsb.aggregation import robust
 from fedsb.aggregation.validation import InvalidReply, ReplySpec, check_num_examples, check_reply
-from fedsb.upload import dequantize_update
+from fedsb.upload import codes_block, dequantize_update, quantize_update, rounding_generator
 from server.basis import reject
 from server.transport import arrays_of
 
 log = logging.getLogger("fedsb.server")
 
 
+class Broadcast:
+    """download-dtype int8/int4: the round's global vector in codes, drawn once a round so every node gets the same
+    bytes (a nested-rank node its block of them), and ``reference``, the vector they dequantize to.
+
+    ``reference`` replaces the server's float32 global for the round: clients start from it and each upload is
+    added to it, so the aggregate is exactly the mean of the clients' models and the method's maths is unchanged.
+    The rounding error is unbiased and does not accumulate in a hidden state: clients and server hold the same
+    values. The rounding noise is seeded by (seed, round) under DP too: the broadcast is post-processing of the
+    already private global (the noised aggregate of earlier rounds), which no rounding noise can make less private,
+    and a seeded one keeps a rerun identical."""
+
+    def __init__(self, vec: np.ndarray, segments: list[int], dtype: str, seed: int, rnd: int):
+        # spawn_key keeps this stream apart from the clients' upload streams, seeded by (seed, round, partition)
+        rng = rounding_generator(np.random.SeedSequence([seed, rnd], spawn_key=(1,)))
+        self.n, self.codes = vec.size, quantize_update(vec, segments, dtype, rng, name="adapter")
+        self.reference = dequantize_update(self.codes, segments, name="adapter")
+
+    @classmethod
+    def of(cls, cfg, rnd: int, vec: np.ndarray, trainable: dict) -> Broadcast | None:
+        """The round's broadcast under ``cfg.download_dtype`` (a segment per trainable tensor); None for float32."""
+        if cfg.download_dtype == "float32":
+            return None
+        return cls(vec, [t.numel() for t in trainable.values()], cfg.download_dtype, cfg.seed, rnd)
+
+    def arrays_for(self, index: np.ndarray | None) -> dict[str, np.ndarray]:
+        """What a node whose part of the vector is ``index`` (``None``: all of it) is sent."""
+        return codes_block(self.codes, self.n, index)
+
+
 class RoundTally:
     """What a round has seen so far: the running sum (or the vectors), the weights, what was refused."""
 
-    def __init__(self, rnd: int, global_vec: np.ndarray, streaming: bool):
-        self.rnd, self.global_vec, self.streaming = rnd, global_vec, streaming
+    def __init__(self, rnd: int, global_vec: np.ndarray, streaming: bool, broadcast: Broadcast | None = None):
+        # download-dtype int8/int4: the round's global is the broadcast's reference (``unquantized``: before it)
+        self.rnd, self.streaming, self.broadcast, self.unquantized = rnd, streaming, broadcast, global_vec
+        self.global_vec = global_vec if broadcast is None else broadcast.reference
         self.sampled: list[int] = []
         self.short_of = 0  # nodes the round lacked to reach min-available-nodes
         self.weights: list[float] = []
@@ -40,7 +71,7 @@ class RoundTally:
         # Plain FedAvg-style rules stream every reply into a running sum (server memory does not grow
         # with the number of clients), entry by entry, so nested-rank blocks average where they overlap;
         # FedEx/FLoRA and the robust rules need all vectors at once.
-        self.running, self.vectors = robust.BlockWeightedMean(global_vec), []
+        self.running, self.vectors = robust.BlockWeightedMean(self.global_vec), []
         self.lacking: list[int] = []
         self.seed_failed: list[int] = []  # nodes that could not regenerate a random or weights basis
         self.upload_dtype = "float32"

@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -27,8 +29,9 @@ log = logging.getLogger("fedsb.server")
 class RunDirectory:
     """The run directory of one ``server.strategy.FedSB`` (given, not imported: its ``start`` imports this)."""
 
-    def __init__(self, strategy: Strategy):
+    def __init__(self, strategy: Strategy, outer: Strategy | None = None):
         self.strategy, self.cfg = strategy, strategy.cfg
+        self.outer = outer or strategy  # the strategy the rounds go through: FedSB itself or a wrapper of it
         self.path = prepare_run_dir(self.cfg)  # the strategy loaded its task first: a bad model or dataset leaves no directory
         self.rec = RunRecorder(self.path, self.cfg.method)
         self.t0 = time.time()  # the run's clock: a resumed run goes on from the checkpointed seconds
@@ -47,7 +50,19 @@ class RunDirectory:
         s.totals["seconds"] = round(time.time() - self.t0, 3)
         s.global_vec = st.method.get_vector(st.model)
         s.method_tensors, s.method_nodes = st.method.server_state(), st.method.node_state()
+        s.wrapper_tensors = {f"{depth}.{k}": torch.from_numpy(np.ascontiguousarray(x))
+                             for depth, w in self.wrappers() for k, x in w.server_state().items()}
         s.to_checkpoint(self.path / CHECKPOINT)
+
+    def wrappers(self) -> list[tuple[int, Strategy]]:
+        """The wrappers between ``outer`` and FedSB (outermost is depth 0) that keep state across rounds
+        (``server_state``/``load_server_state``, e.g. ``server.fedopt.ServerAdam``'s moments)."""
+        out, s, depth = [], self.outer, 0
+        while s is not self.strategy and s is not None:
+            if hasattr(s, "server_state"):
+                out.append((depth, s))
+            s, depth = getattr(s, "strategy", None), depth + 1  # Flower's wrappers hold theirs in .strategy too
+        return out
 
     def restore(self) -> int:
         """Load the checkpoint into the strategy's state (the parts share that one object); returns the
@@ -65,10 +80,24 @@ class RunDirectory:
         st.method.load_server_state(st.model, state.method_tensors)
         st.method.load_node_state(state.method_nodes)
         st.method.set_vector(st.model, state.global_vec)
+        self.restore_wrappers(state.wrapper_tensors)
         self.rec = RunRecorder.resume(self.path, self.cfg.method, state.round)
         self.t0 -= st.state.totals.get("seconds", 0.0)
         log.info("resumed from round %d of %s", state.round, self.path)
         return state.round + 1
+
+    def restore_wrappers(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Each wrapper's state as ``checkpoint`` wrote it; a wrapper's state that this run has no wrapper for
+        is an error (resumed without the ServerAdam it started with, say), not state silently dropped."""
+        wrappers = self.wrappers()
+        orphans = {k.split(".", 1)[0] for k in tensors} - {str(depth) for depth, _ in wrappers}
+        if orphans:
+            raise ValueError(f"resume: the checkpoint holds the state of a strategy wrapping FedSB at depth "
+                             f"{sorted(orphans)} (e.g. ServerAdam's moments) that this run lacks; resume with the "
+                             "same strategies the run started with")
+        for depth, w in wrappers:  # (nothing yet, after round 0: a server optimizer has taken no step)
+            w.load_server_state({k.split(".", 1)[1]: v.numpy() for k, v in tensors.items()
+                                 if k.split(".", 1)[0] == str(depth)})
 
     # -- the end of the run -------------------------------------------------------------------------
     def one_time_per_client(self) -> float:
@@ -115,6 +144,7 @@ class RunDirectory:
             "node_train_examples": sorted([{"partition-id": s.partition_of.get(n), "train_examples": k}
                                            for n, k in st.nodes.examples_of.items()],
                                           key=lambda e: (e["partition-id"], e["train_examples"])),
+            "refused_nodes": list(st.nodes.refused.values()),  # nodes whose model was not the run's: never sampled
             "seconds": round(time.time() - self.t0, 2), "seconds_this_session": round(session_seconds, 2),
             "config": cfg.to_run_config(), "versions": versions(),
             "run_dir": str(self.path), "secagg": cfg.secagg,
@@ -160,7 +190,7 @@ def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: flo
     if timeout is not None:
         st.transport.timeout = timeout
     st.connect(grid)
-    rundir = RunDirectory(st)
+    rundir = RunDirectory(st, outer)
     start_round = 1
     if cfg.resume:
         start_round = rundir.restore()
@@ -180,6 +210,8 @@ def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: flo
         new, metrics = train_round(st, outer, rnd, arrays, train_config, grid)
         if new is not None:
             arrays = result.arrays = new
+            if outer is not st and st.fits(new):  # a wrapper's aggregate (a ServerAdam step, DP noise), not
+                st.set_global(new)  # FedSB's own: what this round's checkpoint and the export hold, evaluated or not
         if metrics is not None:
             result.train_metrics_clientapp[rnd] = metrics
         if rnd % cfg.eval_every == 0 or rnd == num_rounds:

@@ -36,7 +36,7 @@ from server.basis import BasisProtocol
 from server.hooks import PhaseHooks
 from server.nodes import Nodes
 from server.robust import robust_combine
-from server.rounds import EvaluateTally, RoundTally, train_row
+from server.rounds import Broadcast, EvaluateTally, RoundTally, train_row
 from server.transport import Transport, arrays, nbytes
 
 log = logging.getLogger("fedsb.server")
@@ -61,7 +61,7 @@ class FedSB(Strategy):
         self.state = RunState(config=cfg.to_run_config())
         self.hooks = PhaseHooks()
         self.transport = Transport(None, self.state.totals, cfg.round_timeout)
-        self.nodes = Nodes(cfg, self.state, self.transport)
+        self.nodes = Nodes(cfg, self.state, self.transport, model_id=self.task.model_id)
         self.basis = (BasisProtocol(cfg, self.task, self.model, self.state, self.transport, self.nodes, self.hooks)
                       if self.method.needs_basis else None)
         self.rows: list[tuple[int, str, dict]] = []  # metrics rows not yet reported (start() drains them)
@@ -74,6 +74,9 @@ class FedSB(Strategy):
     # -- the global arrays --------------------------------------------------------------------------
     def global_arrays(self) -> ArrayRecord:
         return arrays(adapter=self.method.get_vector(self.model))
+
+    def sent_arrays(self) -> ArrayRecord | None:  # download-dtype int8/int4: the round's broadcast, dequantized
+        return arrays(adapter=self.tally.global_vec) if self.tally and self.tally.broadcast else None
 
     def set_global(self, record: ArrayRecord) -> np.ndarray:
         """Put ``record`` into the server's model and return the global vector as the model holds it."""
@@ -96,6 +99,10 @@ class FedSB(Strategy):
         self.connect(grid)
         t0, nodes = time.time(), self.nodes.wait()
         self.nodes.hello(nodes)
+        eligible = self.nodes.ordered(nodes)  # less those refused for another model
+        if nodes and not eligible:
+            raise RuntimeError("every connected node was refused: none holds the run's model (see the errors above)")
+        nodes = eligible
         if self.basis is not None:
             self.report(0, "init", self.basis.initialize(nodes))
         else:
@@ -115,12 +122,13 @@ class FedSB(Strategy):
         index = self.method.block_index(self.model, self.nodes.rank(node))
         return index, (global_vec if index is None else global_vec[index])
 
-    def model_content(self, node: int, rnd: int, global_vec: np.ndarray, config: ConfigRecord | None = None
-                      ) -> tuple[RecordDict, int]:
-        """A train/evaluate message for ``node``: its part of the global vector, config, the basis if the node
-        lacks it, and the method's extra download. Returns it with the bytes the basis added."""
+    def model_content(self, node: int, rnd: int, global_vec: np.ndarray, config: ConfigRecord | None = None,
+                      broadcast: Broadcast | None = None) -> tuple[RecordDict, int]:
+        """A train/evaluate message for ``node``: its part of the global vector (or of ``broadcast``'s codes),
+        config, the basis if the node lacks it, the method's extra download; with the bytes the basis added."""
         entries = {**(dict(config) if config else {}), **self.message_config(node, rnd)}
-        rd = RecordDict({"adapter": arrays(adapter=self.node_view(node, global_vec)[1]),
+        index, view = self.node_view(node, global_vec)
+        rd = RecordDict({"adapter": arrays(**broadcast.arrays_for(index)) if broadcast else arrays(adapter=view),
                          "config": ConfigRecord(entries)})
         basis_bytes = self.basis.attach(node, rd) if self.basis is not None else 0
         extra = self.method.extra_download(node)
@@ -132,7 +140,7 @@ class FedSB(Strategy):
         """Built one at a time as the transport pushes them (each carries its own copy of the vector)."""
         tally = self.tally
         for n in nodes:
-            rd, added = self.model_content(n, tally.rnd, tally.global_vec, config)
+            rd, added = self.model_content(n, tally.rnd, tally.global_vec, config, tally.broadcast)
             tally.basis_bytes += added
             yield self.metered(Message(rd, dst_node_id=int(n), message_type=MessageType.TRAIN))
 
@@ -152,7 +160,10 @@ class FedSB(Strategy):
         self.connect(grid)
         global_vec = self.method.get_vector(self.model) if fresh else self.set_global(arrays_in)
         streaming = self.method.streamable and self.cfg.aggregation == "mean"
-        tally = self.tally = RoundTally(rnd, global_vec, streaming)
+        broadcast = Broadcast.of(self.cfg, rnd, global_vec, self.method.trainable(self.model))  # None: float32
+        if broadcast is not None:  # the dequantized broadcast becomes the round's global
+            self.method.set_vector(self.model, broadcast.reference)
+        tally = self.tally = RoundTally(rnd, global_vec, streaming, broadcast)
         if self.cfg.upload_dtype != "float32":
             tally.upload_dtype, tally.segments_for = self.cfg.upload_dtype, self.upload_segments
         tally.t0, totals = time.time(), self.state.totals
@@ -224,6 +235,7 @@ class FedSB(Strategy):
         else:
             log.warning("round %d: %d valid replies < min-train-nodes=%d; keeping the previous adapter",
                         server_round, len(tally.weights), self.cfg.min_train_nodes)
+            self.method.set_vector(self.model, tally.unquantized)  # as before the broadcast (download-dtype)
         row = self.finish_round(new is not None)
         return (self.global_arrays() if new is not None else None), scalar_metrics(row)
 

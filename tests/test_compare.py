@@ -47,7 +47,12 @@ def test_bad_compare_flags_exit_2_with_one_line(tmp_path, capsys):
     out = str(tmp_path / "c")
     cases = [(["--seeds", "0"], "--seeds"), (["--lr", "fed-sb=1e-3|2e-3", "--validation-fraction", "0"], "--lr"),
              (["--run-config", "rank=8"], "--run-config: rank is set by compare"),
-             (["--methods", "fed-sb,nope"], "--methods"), (["--run-config", "ranc=8"], "ranc")]
+             (["--methods", "fed-sb,nope"], "--methods"), (["--run-config", "ranc=8"], "ranc"),
+             (["--method-config", "fed-sb", "rank=8"], "--method-config fed-sb: rank is set by compare"),
+             (["--method-config", "fedit", "upload-dtype='int8'"], "--method-config: method 'fedit' is not among"),
+             (["--method-config", "fed-sb", "download-dtype='int2'"], "--method-config fed-sb: run-config 'download-dtype'"),
+             (["--method-config", "fed-sb", "ranc=8"], "ranc"),
+             (["--method-config", "fed-sb", "seed=1", "--method-config", "fed-sb", "seed=2"], "given twice")]
     for extra, says in cases:
         assert main(["compare", "--methods", "fed-sb", "--out", out, *extra]) == 2
         assert says in capsys.readouterr().err
@@ -187,3 +192,36 @@ def test_compare_selects_lr_on_validation_then_runs_seeds(tiny_bert, sentiment_c
     assert main(args) == 0
     assert {d: (d / "summary.json").stat().st_mtime for d in dirs} == before and len(runs) == len(dirs)
     assert (out / "compare.md").read_text() == md
+
+
+def test_method_config_applies_to_its_method_only(tiny_bert, sentiment_csv, tmp_path):
+    """fed-sb with quantized transfers beside fedit at float32, in one comparison (over the in-process grid)."""
+    from server.cli import main
+
+    rc = tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "unused", **{"num-server-rounds": 1, "local-steps": 2})
+    for key in ("output-dir", "rank", "learning-rate"):
+        rc.pop(key)
+    text = " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in rc.items())
+    out = tmp_path / "cmp"
+    assert main(["compare", "--methods", "fed-sb,fedit", "--num-supernodes", "3", "--out", str(out), "--run-config",
+                 text, "--rank", "fed-sb=4,fedit=2", "--lr", "fed-sb=0.1,fedit=0.01", "--validation-fraction", "0",
+                 "--backend", "inprocess", "--method-config", "fed-sb",
+                 "init-basis='weights' upload-dtype='int8' download-dtype='int8' local-steps=3"]) == 0
+    config = {d.name.split("-r")[0]: json.loads((d / "summary.json").read_text())["config"]
+              for d in (out / "runs").iterdir()}
+    assert set(config) == {"fed-sb", "fedit"}
+    assert (config["fed-sb"]["upload-dtype"], config["fed-sb"]["download-dtype"], config["fed-sb"]["local-steps"]) == (
+        "int8", "int8", 3)
+    assert (config["fedit"]["upload-dtype"], config["fedit"]["download-dtype"], config["fedit"]["local-steps"]) == (
+        "float32", "float32", 2)
+    assert (config["fed-sb"]["init-basis"], config["fedit"]["init-basis"]) == ("weights", "gradient")
+    assert config["fedit"]["num-server-rounds"] == config["fed-sb"]["num-server-rounds"] == 1  # --run-config: both
+
+
+def test_compare_refuses_an_unknown_backend_or_a_server_app_without_attribute(tmp_path):
+    from lab.compare import Comparison
+
+    with pytest.raises(ValueError, match="--backend"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, backend="dask")
+    with pytest.raises(ValueError, match="--server-app.*module:attribute"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, server_app="bench.compose")

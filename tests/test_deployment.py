@@ -1,14 +1,22 @@
 """The same app under Flower's Deployment Engine, on loopback: SuperLink with TLS and SuperNode
-authentication, three registered SuperNodes, ``flwr run``; one node lost mid-round, then restarted with
-empty state and an empty basis cache; an unregistered key refused. Real processes, stopped by pid."""
+authentication, three registered parties, each with its own data file (and one with its model at another
+path), a server that holds no client data, ``flwr run``; a fourth party whose model differs in one weight
+refused; one node lost mid-round, then restarted with empty state and an empty basis cache; an unregistered
+key refused. Real processes, stopped by pid."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import pytest
+from flwr.app import Context, RecordDict
 
+from client.handlers import FedSBClient
+from fedsb.config import FedSBConfig
+from fedsb.tasks import get_task
+from lab.tiny import copy_with_changed_weight, make_sentiment_csv
 from tests.conftest import tiny_run_config
 from lab.deployment_harness import Federation
 
@@ -21,27 +29,52 @@ def _records(path):
 
 @pytest.fixture
 def federation(tmp_path):
-    fed = Federation(tmp_path / "fed", num_nodes=3)
+    fed = Federation(tmp_path / "fed", num_nodes=4)
     yield fed
     fed.stop()
     assert all(p.poll() is not None for p in fed.procs.values())
 
 
-def test_tls_auth_federation_survives_lost_and_restarted_node(federation, tiny_bert, sentiment_csv, tmp_path):
-    fed = federation
+def _parties(tiny_bert, tmp_path) -> list[dict]:
+    """Each party's --node-config: its own file (a different size and label mix, one of them JSONL); party 1
+    keeps the model at another path (same weights), party 3 holds a model with one weight changed."""
+    files = [(60, 0.5, "csv"), (90, 0.8, "jsonl"), (45, 0.2, "csv"), (50, 0.5, "csv")]
+    parties = [{"dataset": str(make_sentiment_csv(tmp_path / f"party{i}.{ext}", n=n, seed=30 + i, positive_rate=rate))}
+               for i, (n, rate, ext) in enumerate(files)]
+    parties[1]["model"] = str(shutil.copytree(tiny_bert, tmp_path / "party1-model"))
+    parties[3]["model"] = str(copy_with_changed_weight(tiny_bert, tmp_path / "party3-model"))
+    return parties
+
+
+def _train_examples(run_config: dict, parties: list[dict]) -> set[tuple[int, int]]:
+    """(partition id, training examples) of each party as its node computes them: its file less its held-out slice."""
+    full = FedSBConfig.from_run_config(run_config).to_run_config()
+    out = set()
+    for i, party in enumerate(parties):
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": i, "num-partitions": 4, **party},
+                          state=RecordDict(), run_config=full)
+        cfg, task, node = FedSBClient().setup(context)
+        out.add((i, len(FedSBClient.train_dataset(task, cfg, node))))
+    return out
+
+
+def test_parties_with_own_data_survive_a_lost_node_and_refuse_another_model(federation, tiny_bert, tmp_path):
+    fed, parties = federation, _parties(tiny_bert, tmp_path)
     fed.start_superlink()
-    for i in range(3):
+    for i in range(4):
         assert fed.register(i).returncode == 0
     # a SuperNode whose key was never registered is refused
-    intruder = fed.start_supernode(3)
-    for i in range(3):
-        fed.start_supernode(i)
+    intruder = fed.start_supernode(4)
+    for i in range(4):
+        fed.start_supernode(i, node_config=parties[i])
     out = tmp_path / "run"
-    run_id = fed.run(tiny_run_config(tiny_bert, sentiment_csv, out, **{
+    run_config = tiny_run_config(tiny_bert, tmp_path / "unused.csv", out, **{
+        "dataset": "none", "labels": "neg,pos", "eval-dataset": str(make_sentiment_csv(tmp_path / "server-eval.csv", n=40)),
         "num-server-rounds": 3, "local-steps": 5, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
-        "min-available-nodes": 3, "round-timeout": 300.0}))  # nothing waits it out: a bound for a loaded machine
+        "min-available-nodes": 4, "round-timeout": 300.0})  # nothing waits it out: a bound for a loaded machine
+    run_id = fed.run(run_config)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 600  # a bound for a machine shared with other work; idle, it takes a fraction
+    deadline = time.time() + 600  # a bound, not a measurement: four parties' start-ups on a busy machine
     # lost mid-round: node 2 leaves once it holds its round-2 train message (its second), so round 2 counts
     # it (it was connected when the round began) and its reply never comes. It leaves as SIGTERM stops it:
     # the SuperLink answers the round for it with Flower's node-unavailable error at once, where a SIGKILLed
@@ -53,21 +86,36 @@ def test_tls_auth_federation_survives_lost_and_restarted_node(federation, tiny_b
     while not any(r["phase"] == "train" and r["round"] == 2 for r in _records(metrics)):
         assert time.time() < deadline
         time.sleep(0.5)
-    # back, with no state and no cached basis: round 3 waits for it (min-available-nodes=3)
-    fed.start_supernode(2, cache_dir=tmp_path / "empty-cache")
+    # back, with no state and no cached basis: round 3 waits for it (min-available-nodes=4)
+    fed.start_supernode(2, cache_dir=tmp_path / "empty-cache", node_config=parties[2])
     status = fed.wait(run_id, timeout=400, until=out / "summary.json")
     assert status == "finished:completed", status
     summary = json.loads((out / "summary.json").read_text())
     train = {r["round"]: r for r in _records(metrics) if r["phase"] == "train"}
-    assert train[1]["replies"] == 3 and train[1]["bytes_basis"] > 0
+    assert train[1]["clients"] == train[1]["replies"] == 3 and train[1]["bytes_basis"] > 0
     assert train[2]["failed"] == 1 and train[2]["replies"] == 2 and train[2]["updated"]
     # the restarted node said it lacked the basis, got it again, and its reply counted in the same round
     assert train[3]["basis_resent"] == 1 and train[3]["bytes_basis"] > 0 and train[3]["replies"] == 3
     assert summary["rounds"] == 3 and summary["final_accuracy"] is not None
+    evaluations = [r for r in _records(metrics) if r["phase"] == "evaluate"]
+    assert evaluations and all(r["clients"] == 0 and r["examples"] == 40 for r in evaluations)  # the server's own file
+    # every party's training examples: its own file less its held-out slice (the restarted node greeted twice)
+    assert {(e["partition-id"], e["train_examples"]) for e in summary["node_train_examples"]} == \
+        _train_examples(run_config, parties[:3])
+    # the party with another model: refused with one clear error, never sampled
+    (refused,) = summary["refused_nodes"]
+    assert refused["partition-id"] == 3 and refused["reason"] == "model-mismatch"
+    assert refused["model_path"] == parties[3]["model"]
+    run_model = get_task(FedSBConfig.from_run_config(run_config)).model_id  # what the server computes
+    assert refused["model_id"] != run_model
+    said = (f"node {refused['node_id']} (partition-id 3) refused: its model has content id {refused['model_id']} "
+            f"at {parties[3]['model']} on that node; the run's has {run_model}")
+    server_log = fed.flwr("log", str(run_id), "fedsb-test", "--show").stdout  # the ServerApp's own output
+    assert said in refused["detail"] and server_log.count(said) == 1, server_log[-3000:]
     assert intruder.wait(timeout=60) != 0  # refused: the SuperLink answers 412 to an unregistered key
-    assert "Failed to activate SuperNode" in fed.log("supernode-3")
+    assert "Failed to activate SuperNode" in fed.log("supernode-4")
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in fed.log("superlink")
-    assert not any(r.get("clients") == 4 for r in train.values())  # the intruder never joined a round
+    assert all(r["clients"] <= 3 for r in train.values())  # neither the intruder nor the refused party joined a round
 
 
 def test_warm_start_forks_every_clientapp_process(tiny_bert, sentiment_csv, tmp_path):

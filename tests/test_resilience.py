@@ -42,13 +42,15 @@ def test_hostile_replies_are_rejected_and_change_nothing(tiny_bert, sentiment_cs
 
 
 SIM_SCRIPT = """
-import json, sys, time
+import importlib, json, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import fedsb.run.state
 from lab.inprocess_grid import run_inprocess
 
 cfg, hold_after = json.loads(sys.argv[1]), int(sys.argv[2])
+module, _, attr = sys.argv[3].partition(":")
+server_app = getattr(importlib.import_module(module), attr) if module else None
 save = fedsb.run.state.save_checkpoint
 
 def save_then_hold(path, tensors, state):
@@ -61,25 +63,38 @@ def save_then_hold(path, tensors, state):
             time.sleep(60)
 
 fedsb.run.state.save_checkpoint = save_then_hold
-run_inprocess(cfg, 3)
+run_inprocess(cfg, 3, server_app=server_app)
 """
 
 
-def _run_sim(cfg: dict, hold_after: int) -> subprocess.Popen:
-    """The run (in-process grid) in its own process group, halted once round ``hold_after`` is checkpointed."""
+def _run_sim(cfg: dict, hold_after: int, server_app: str = "") -> subprocess.Popen:
+    """The run (in-process grid) in its own process group, halted once round ``hold_after`` is checkpointed;
+    ``server_app``: "module:attr" of another ServerApp than fedsb's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.Popen([sys.executable, "-c", SIM_SCRIPT.format(root=str(ROOT)), json.dumps(cfg), str(hold_after)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-c", SIM_SCRIPT.format(root=str(ROOT)), json.dumps(cfg), str(hold_after),
+                             server_app], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
 
 
-def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path):
+# fedsb's own ServerApp, and FedSB wrapped in ServerAdam (tests/wrapped_app.py, for an output dir ending in
+# "adam"): its moments are in the checkpoint, so round 3 after the resume takes the same step as without a crash;
+# and round 2, not evaluated (eval-every=3), is checkpointed with ServerAdam's step, not FedSB's plain mean
+@pytest.mark.parametrize("server_app, suffix, extra", [("", "", {}), ("tests.wrapped_app:app", "-adam", {"eval-every": 3})],
+                         ids=["fedsb", "server-adam"])
+def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path, server_app, suffix, extra):
+    import importlib
+
+    from safetensors.torch import load_file
+
     from lab.inprocess_grid import run_inprocess
 
-    rounds = {"num-server-rounds": 4}
-    run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "full", **rounds), 3)
-    crash_dir = tmp_path / "crash"
+    module, _, attr = server_app.partition(":")
+    app = getattr(importlib.import_module(module), attr) if module else None
+    rounds = {"num-server-rounds": 4, **extra}
+    run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / f"full{suffix}", **rounds), 3, server_app=app)
+    crash_dir = tmp_path / f"crash{suffix}"
     crash = tiny_run_config(tiny_bert, sentiment_csv, crash_dir, **rounds)
-    proc = _run_sim(crash, hold_after=2)
+    proc = _run_sim(crash, hold_after=2, server_app=server_app)
     try:
         deadline = time.time() + 300
         while not (crash_dir / "held").exists():  # round 2 is checkpointed; rounds 3-4 are still to come
@@ -95,9 +110,11 @@ def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path)
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     assert not (crash_dir / "summary.json").exists()
-    run_inprocess(dict(crash, resume=True), 3)  # only the killed run needs a process of its own
+    run_inprocess(dict(crash, resume=True), 3, server_app=app)  # only the killed run needs a process of its own
     name = "adapter/fedsb_adapter.safetensors"
-    assert (crash_dir / name).read_bytes() == (tmp_path / "full" / name).read_bytes()
+    assert (crash_dir / name).read_bytes() == (tmp_path / f"full{suffix}" / name).read_bytes()
+    moments = [k for k in load_file(str(crash_dir / "checkpoint.safetensors")) if k.startswith("wrapper.0.")]
+    assert bool(moments) == bool(server_app)  # ServerAdam's run checkpointed its moments (and took its steps)
     rounds_logged = [(r["round"], r["phase"]) for r in _records(crash_dir)]
     assert rounds_logged.count((3, "train")) == 1 and rounds_logged.count((4, "evaluate")) == 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fedsb.config import FedSBConfig
@@ -59,3 +60,27 @@ def test_a_damaged_line_before_the_last_is_an_error(tmp_path):
     (tmp_path / METRICS).write_text('{"round": 0, "phase": "init"}\nnot json\n{"round": 1, "phase": "train"}\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         RunRecorder.resume(tmp_path, "fed-sb", 1)
+
+
+def test_server_adams_moments_ride_in_the_checkpoint_and_need_it_on_resume(tiny_bert, sentiment_csv, tmp_path):
+    from server.fedopt import ServerAdam
+    from server.run_dir import RunDirectory
+    from server.strategy import FedSB
+
+    def rundir(with_adam: bool, **extra) -> RunDirectory:
+        cfg = FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", **extra))
+        fedsb = FedSB(cfg)
+        return RunDirectory(fedsb, ServerAdam(fedsb) if with_adam else None)
+
+    saved = rundir(True)
+    adam = saved.outer
+    adam.m = {"adapter": np.array([0.1, -0.2, 3e-9], np.float32)}
+    adam.v = {"adapter": np.array([1e-3, 4e-2, 1e-17], np.float32)}
+    saved.checkpoint(1)
+    resumed = rundir(True, resume=True)
+    assert resumed.restore() == 2
+    for got, want in ((resumed.outer.m, adam.m), (resumed.outer.v, adam.v)):
+        assert got.keys() == want.keys() and got["adapter"].dtype == np.float32
+        assert got["adapter"].tobytes() == want["adapter"].tobytes()
+    with pytest.raises(ValueError, match="ServerAdam"):  # resumed without it: refused, not silently dropped
+        rundir(False, resume=True).restore()

@@ -69,3 +69,41 @@ def test_merge_keeps_an_arm_whose_run_directories_are_gone(monkeypatch, tmp_path
     assert [r for r in merged if r["method"] == "fedit"] == old
     assert [(r["method"], r["final_accuracy"]) for r in merged if r["method"] != "fedit"] == [("flora", 0.6)]
     assert "--methods flora" in (dest / "commands.txt").read_text()
+
+
+def test_every_sweep_command_is_a_valid_compare_command(monkeypatch, tmp_path):
+    """bench.sweep runs one command per (arm, rank) of each part, over the in-process backend: each must parse
+    into a Comparison with the part's keys, that one rank, and the arm's ServerApp."""
+    import shlex
+
+    from bench.frontier import PARTS
+    from bench.sweep import jobs_of
+    from lab import compare
+
+    seen = []
+
+    def fake_run(self):
+        seen.append(self)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "compare.md").write_text("")
+        return []
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare.Comparison, "run", fake_run)
+    from server.cli import main
+
+    jobs = jobs_of(list(PARTS))
+    for _, _, cmd in jobs:
+        assert main(shlex.split(cmd)[1:]) == 1
+    assert len(seen) == len(jobs) and all(c.backend == "inprocess" for c in seen)
+    assert all(len(next(iter(c.ranks.values()))) == 1 for c in seen)
+    by_dir = {c.out.parts[-2:]: c for c in seen}
+    long_w8 = [c for (part, arm), c in by_dir.items() if (part, arm) == ("frontier-long-nonprivate", "fed-sb-weights-int8")]
+    assert long_w8 and long_w8[0].overrides["init-basis"] == "weights" and long_w8[0].overrides["upload-dtype"] == "int8"
+    assert long_w8[0].rounds == 30 and long_w8[0].select_rounds == 15
+    udp = by_dir[("frontier-user-dp", "fedit")]
+    assert udp.num_supernodes == 100 and udp.server_app == "bench.compose:user_dp"
+    assert udp.overrides["min-available-nodes"] == 100 and udp.overrides["fraction-train"] == 0.1
+    adam = by_dir[("frontier-server-adam", "fed-sb-adam-1e_2")]
+    assert adam.server_app == "bench.compose:adam_1e_2" and adam.overrides == {"partitioner": "dirichlet"}
+    assert by_dir[("frontier-server-adam", "fed-sb")].server_app == ""

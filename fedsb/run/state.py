@@ -31,6 +31,8 @@ class RunState:
     fingerprint: str | None = None
     method_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     method_nodes: dict[str, Any] = field(default_factory=dict)  # the method's per-node bookkeeping (JSON)
+    # what the strategies wrapping the server's keep across rounds (a server optimizer's moments), by "depth.name"
+    wrapper_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     basis_holders: set[int] = field(default_factory=set)  # nodes that were sent the current basis
     partition_of: dict[int, int] = field(default_factory=dict)  # node id -> partition id (from hello)
     totals: dict[str, int] = field(default_factory=_totals)
@@ -43,6 +45,7 @@ class RunState:
         if self.basis is not None:
             tensors["basis"] = torch.from_numpy(np.array(self.basis, dtype=np.float32))
         tensors.update({"method." + k: v for k, v in self.method_tensors.items()})
+        tensors.update({"wrapper." + k: v for k, v in self.wrapper_tensors.items()})
         state = {
             "round": self.round, "config": self.config, "fingerprint": self.fingerprint,
             "basis_holders": sorted(self.basis_holders), "partition_of": _str_keys(self.partition_of),
@@ -61,6 +64,7 @@ class RunState:
             global_vec=tensors["global"].numpy(), basis=tensors["basis"].numpy() if "basis" in tensors else None,
             method_tensors={k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")},
             method_nodes={k: state[k] for k in method_node_keys if k in state},
+            wrapper_tensors={k[len("wrapper."):]: v for k, v in tensors.items() if k.startswith("wrapper.")},
             basis_holders=set(state["basis_holders"]), partition_of=_int_keys(state.get("partition_of", {})),
             totals=state["totals"], dp_history=_int_keys(state.get("dp_history", {})),
             dp_sigma=_int_keys(state.get("dp_sigma", {})), up_per_client_round=state["up_per_client_round"],

@@ -1,0 +1,108 @@
+"""BENCHMARKS.md sections of issue 31 (the zero-byte basis and quantized uploads on the default run) and of issue
+28 (Fed-SB inside Flower's user-level DP wrapper and inside ServerAdam). Rendered by ``bench.report`` from
+``bench/results/frontier-<part>/compare.csv`` (``bench.frontier``'s parts) and ``bench/results/weights_basis.json``."""
+
+from __future__ import annotations
+
+from bench.report_common import R, _load, _missing
+from bench.report_variants import _mean_std, _versus
+
+
+def _arms(part: str) -> dict[str, list[dict]] | None:
+    from lab.compare_report import read_rows
+
+    p = R / f"frontier-{part}" / "compare.csv"
+    if not p.exists():
+        return None
+    arms: dict[str, list[dict]] = {}
+    for r in read_rows(p):
+        if r["split"] == "test":
+            arms.setdefault(r["method"], []).append(r)
+    return arms
+
+
+def _commands(part: str) -> list[str]:
+    p = R / f"frontier-{part}" / "commands.txt"
+    return [f"- `{c}`" for c in p.read_text().splitlines() if c] if p.exists() else []
+
+
+def uploads_section() -> list[str]:
+    from bench.frontier import PARTS
+
+    out = ["## The default run with a zero-byte basis and quantized uploads", ""]
+    arms = _arms("default-uploads")
+    if not arms:
+        return out + _missing("python -m bench.frontier --part default-uploads")
+    spec = PARTS["default-uploads"]
+    out += ["The default configuration (`make run`: 10 clients, 4 a round, 10 rounds, rank 32), each arm's keys added; "
+            "the float32 arms chose their rate on a 5% validation split, the quantized ones keep their float32 arm's "
+            "rate (the rate is tuned per method and rank; the rounding is unbiased). Commands "
+            "(`python -m bench.frontier --part default-uploads`; `bench.sweep` runs them in parallel):", "",
+            *_commands("default-uploads"), "",
+            "| arm | keys | lr | held-out accuracy (mean ± std) | upload / client / round | × float32 floor | "
+            "one-time bytes / client | total bytes |", "|---|---|---|---|---|---|---|---|"]
+    for arm, rs in arms.items():
+        r0 = rs[0]
+        floor = 4 * r0["communicated_params"]  # the float32 floor: 4 bytes a communicated number
+        ratio = f"{r0['bytes_up_per_client_round'] / floor:.3f}"
+        out.append(f"| {arm} | `{spec['arms'][arm][2] or 'defaults'}` | {r0['lr']:g} | "
+                   f"{_mean_std([r['final_accuracy'] for r in rs])} | {r0['bytes_up_per_client_round']:,.0f} | {ratio} | "
+                   f"{sum(r['bytes_one_time'] for r in rs) / len(rs) / 10:,.0f} | "
+                   f"{sum(r['bytes_total'] for r in rs) / len(rs):,.0f} |")
+    ref = [r["final_accuracy"] for r in arms.get("fed-sb", [])]
+    out += ["", "Each arm against the default (`fed-sb`, the clients' gradient basis, float32 uploads):", ""]
+    out += [f"- {_versus(arm, [r['final_accuracy'] for r in rs], 'fed-sb', ref)}" for arm, rs in arms.items() if arm != "fed-sb"]
+    missing = [a for a in spec["arms"] if a not in arms or len(arms[a]) < 3]
+    if missing:
+        out += ["", f"**Incomplete:** {', '.join(missing)} (fewer than 3 seeds; "
+                f"`python -m bench.frontier --part default-uploads --arms {','.join(missing)}` resumes them)."]
+    out += [""] + agreement_lines()
+    return out + [""]
+
+
+def agreement_lines() -> list[str]:
+    wb = _load("weights_basis.json")
+    if not wb:
+        return _missing("python -m bench.weights_basis --from-runs runs/frontier-*")
+    out = ["The weights basis in the runs (`python -m bench.weights_basis --from-runs runs/frontier-*`, from each "
+           "run's summary.json): every node computes B and A from its own W0 and checks the server's fingerprint; "
+           "one that disagrees is sent the matrices (the fallback).", "",
+           "| basis, rank, basis dtype | runs | nodes in them | fallbacks | machines | fingerprints across machines |",
+           "|---|---|---|---|---|---|"]
+    for key, g in wb.items():
+        across = {None: "one machine only", True: "equal", False: f"{g['distinct_fingerprints']} different"}
+        out.append(f"| {key} | {g['runs']} | {g['nodes_in_runs']} | {g['fallback_nodes']} | {'; '.join(g['machines'])} | "
+                   f"{across[g['agree_across_machines']]} |")
+    return out + [""]
+
+
+def composition_section() -> list[str]:
+    from bench.compose import ADAM_STEPS, DELTA, NOISE_MULTIPLIER
+
+    out = ["## Fed-SB in Flower's own wrappers: user-level DP and a server optimizer", ""]
+    dp = _arms("user-dp")
+    out += [f"User-level DP: `bench/compose.py`'s `user_dp` ServerApp wraps the strategy in Flower's "
+            "`DifferentialPrivacyServerSideAdaptiveClipping` (noise multiplier "
+            f"{NOISE_MULTIPLIER:g}, adaptive clipping), ε from `server.dp.CentralDPEpsilon` (RDP, δ = {DELTA:g}); "
+            "100 clients, 10 a round, 30 rounds, the same ε for both methods.", ""]
+    if dp:
+        out += _commands("user-dp") + [""]
+        out += [f"- {arm}: {_mean_std([r['final_accuracy'] for r in rs])}" for arm, rs in dp.items()]
+        if {"fed-sb", "fedit"} <= dp.keys():
+            out.append("- " + _versus("fed-sb", [r["final_accuracy"] for r in dp["fed-sb"]], "fedit",
+                                      [r["final_accuracy"] for r in dp["fedit"]]))
+    else:
+        out += _missing("python -m bench.frontier --part user-dp")
+    adam = _arms("server-adam")
+    out += ["", "ServerAdam (`server/fedopt.py`, FedAdam's step on the aggregate) against plain averaging on the non-IID "
+            "default (`partitioner=dirichlet`, α = 0.5), server step sizes "
+            f"{', '.join(f'{v:g}' for v in ADAM_STEPS.values())} as arms, each with its client rate chosen on validation.", ""]
+    if adam:
+        out += _commands("server-adam") + [""]
+        out += [f"- {arm}: {_mean_std([r['final_accuracy'] for r in rs])}" for arm, rs in adam.items()]
+    else:
+        out += _missing("python -m bench.frontier --part server-adam")
+    return out + [""]
+
+
+__all__ = ["agreement_lines", "composition_section", "uploads_section"]
