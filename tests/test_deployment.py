@@ -137,17 +137,18 @@ def test_superlink_restarted_mid_run_resumes_from_the_last_checkpoint(tiny_bert,
     out, rounds = tmp_path / "run", 3
     cfg = tiny_run_config(tiny_bert, sentiment_csv, out, **{
         "num-server-rounds": rounds, "local-steps": 3, "init-samples": 16, "fraction-train": 1.0,
-        "min-train-nodes": 2, "min-available-nodes": 2, "round-timeout": 90.0})
+        "min-train-nodes": 2, "min-available-nodes": 2})  # round-timeout 300 s: a ClientApp may start slowly here
     try:
         fed.start_superlink()
         for i in range(2):
             assert fed.register(i).returncode == 0
             fed.start_supernode(i)
         first = fed.run(cfg)
-        deadline = time.time() + 400
+        deadline = time.time() + 600
         while checkpoint_round() < 1:  # round 1 trained and checkpointed
-            assert time.time() < deadline and not fed.status(first).startswith("finished"), fed.log("superlink")[-3000:]
-            time.sleep(0.5)
+            assert time.time() < deadline and not fed.status(first).startswith("finished"), \
+                fed.flwr("log", str(first), "fedsb-test", "--show").stdout[-3000:]  # the ServerApp's log
+            time.sleep(1)
         # With subprocess isolation the ServerApp runs under the SuperLink's executor, started with --parent-pid:
         # both end when the SuperLink dies, after the ServerApp reports its end to the next SuperLink.
         fed.kill("superlink")
