@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from fedsb import adapters
 from fedsb.run.checkpoint import check_compatible
 from fedsb.run.export import export_run, head_state
-from fedsb.run.records import CHECKPOINT, RunRecorder, prepare_run_dir, versions
+from fedsb.run.records import CHECKPOINT, RunRecorder, lock_run_dir, prepare_run_dir, versions
 from fedsb.run.state import RunState
 
 log = logging.getLogger("fedsb.server")
@@ -33,8 +33,15 @@ class RunDirectory:
         self.strategy, self.cfg = strategy, strategy.cfg
         self.outer = outer or strategy  # the strategy the rounds go through: FedSB itself or a wrapper of it
         self.path = prepare_run_dir(self.cfg)  # the strategy loaded its task first: a bad model or dataset leaves no directory
+        self.lock = lock_run_dir(self.path)  # one writer: refused while another ServerApp writes here
         self.rec = RunRecorder(self.path, self.cfg.method)
         self.t0 = time.time()  # the run's clock: a resumed run goes on from the checkpointed seconds
+
+    def close(self) -> None:
+        """Release the run directory (the process's end releases it too)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     def flush(self) -> None:
         """Write the rows the strategy reported since the last flush."""
@@ -191,37 +198,40 @@ def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: flo
         st.transport.timeout = timeout
     st.connect(grid)
     rundir = RunDirectory(st, outer)
-    start_round = 1
-    if cfg.resume:
-        start_round = rundir.restore()
-        st.nodes.hello(st.nodes.wait())  # node ids are new after a restart; partitions are not
-        st.initialized = True
-    else:
-        st.initialize(grid)
-        if st.federated_only:  # the nodes' held-out slices give the initial accuracy too
-            federated_evaluate(st, outer, 0, st.global_arrays(), evaluate_config, grid, result)
+    try:
+        start_round = 1
+        if cfg.resume:
+            start_round = rundir.restore()
+            st.nodes.hello(st.nodes.wait())  # node ids are new after a restart; partitions are not
+            st.initialized = True
         else:
-            st.evaluate(0, seconds=time.time() - t0)
-        if evaluate_fn:
-            evaluate_fn(0, st.global_arrays())
-        rundir.checkpoint(0)
-    arrays = st.global_arrays()
-    for rnd in range(start_round, num_rounds + 1):
-        new, metrics = train_round(st, outer, rnd, arrays, train_config, grid)
-        if new is not None:
-            arrays = result.arrays = new
-            if outer is not st and st.fits(new):  # a wrapper's aggregate (a ServerAdam step, DP noise), not
-                st.set_global(new)  # FedSB's own: what this round's checkpoint and the export hold, evaluated or not
-        if metrics is not None:
-            result.train_metrics_clientapp[rnd] = metrics
-        if rnd % cfg.eval_every == 0 or rnd == num_rounds:
-            if not st.federated_only:
-                result.evaluate_metrics_serverapp[rnd] = st.evaluate(rnd, arrays)
+            st.initialize(grid)
+            if st.federated_only:  # the nodes' held-out slices give the initial accuracy too
+                federated_evaluate(st, outer, 0, st.global_arrays(), evaluate_config, grid, result)
+            else:
+                st.evaluate(0, seconds=time.time() - t0)
             if evaluate_fn:
-                evaluate_fn(rnd, arrays)
-            if cfg.federated_evaluate or st.federated_only:
-                federated_evaluate(st, outer, rnd, arrays, evaluate_config, grid, result)
-        rundir.checkpoint(rnd)
-    result.arrays = arrays
-    rundir.finish(time.time() - t0)
+                evaluate_fn(0, st.global_arrays())
+            rundir.checkpoint(0)
+        arrays = st.global_arrays()
+        for rnd in range(start_round, num_rounds + 1):
+            new, metrics = train_round(st, outer, rnd, arrays, train_config, grid)
+            if new is not None:
+                arrays = result.arrays = new
+                if outer is not st and st.fits(new):  # a wrapper's aggregate (a ServerAdam step, DP noise), not
+                    st.set_global(new)  # FedSB's own: what this round's checkpoint and the export hold, evaluated or not
+            if metrics is not None:
+                result.train_metrics_clientapp[rnd] = metrics
+            if rnd % cfg.eval_every == 0 or rnd == num_rounds:
+                if not st.federated_only:
+                    result.evaluate_metrics_serverapp[rnd] = st.evaluate(rnd, arrays)
+                if evaluate_fn:
+                    evaluate_fn(rnd, arrays)
+                if cfg.federated_evaluate or st.federated_only:
+                    federated_evaluate(st, outer, rnd, arrays, evaluate_config, grid, result)
+            rundir.checkpoint(rnd)
+        result.arrays = arrays
+        rundir.finish(time.time() - t0)
+    finally:
+        rundir.close()
     return result

@@ -168,3 +168,69 @@ def test_warm_shim_runs_the_real_clientapp_without_a_warm_process(tmp_path):
     res = subprocess.run([str(SHIM), "--help"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "usage: flwr-clientapp" in res.stdout
     assert "running the real flwr-clientapp" in res.stderr
+
+
+def test_superlink_restarted_mid_run_resumes_from_the_last_checkpoint(tiny_bert, sentiment_csv, tmp_path):
+    """The SuperLink (state database on a file) is SIGKILLed after a round's checkpoint and started again on the
+    same database; the SuperNodes reconnect on their own (same keys, so the same node ids); the run submitted
+    again with resume=true is a new Flower run that continues the same output-dir from its last checkpoint:
+    each round is in metrics.jsonl once, the rounds before the kill as they were written."""
+    from fedsb.config import ConfigError
+    from fedsb.run.checkpoint import CheckpointError, load_checkpoint
+    from fedsb.run.records import CHECKPOINT, lock_run_dir
+
+    def checkpoint_round() -> int:
+        try:
+            return int(load_checkpoint(out / CHECKPOINT)[1]["round"])
+        except CheckpointError:  # none yet
+            return -1
+
+    fed = Federation(tmp_path / "fed", num_nodes=2)
+    out, rounds = tmp_path / "run", 3
+    cfg = tiny_run_config(tiny_bert, sentiment_csv, out, **{
+        "num-server-rounds": rounds, "local-steps": 3, "init-samples": 16, "fraction-train": 1.0,
+        "min-train-nodes": 2, "min-available-nodes": 2})  # round-timeout 300 s: a ClientApp may start slowly here
+    try:
+        fed.start_superlink()
+        for i in range(2):
+            assert fed.register(i).returncode == 0
+            fed.start_supernode(i)
+        first = fed.run(cfg)
+        deadline = time.time() + 600
+        while checkpoint_round() < 1:  # round 1 trained and checkpointed
+            assert time.time() < deadline and not fed.status(first).startswith("finished"), \
+                fed.flwr("log", str(first), "fedsb-test", "--show").stdout[-3000:]  # the ServerApp's log
+            time.sleep(1)
+        # With subprocess isolation the ServerApp runs under the SuperLink's executor, started with --parent-pid:
+        # both end when the SuperLink dies, after the ServerApp reports its end to the next SuperLink.
+        fed.kill("superlink")
+        fed.start_superlink()  # same port, same state.db
+        deadline = time.time() + 300
+        while not (old := fed.status(first)).startswith("finished"):
+            assert time.time() < deadline, f"run {first} still {old!r}: {fed.log('superlink')[-3000:]}"
+            time.sleep(1)
+        assert old == "finished:failed", old
+        while True:  # the old ServerApp has let go of the run directory: nobody writes there now
+            try:
+                lock_run_dir(out, wait=0).close()
+                break
+            except ConfigError:
+                assert time.time() < deadline, "the old ServerApp still holds the run directory"
+                time.sleep(0.5)
+        k = checkpoint_round()  # what the resume continues from
+        kept = [r for r in _records(out / "metrics.jsonl") if r["round"] <= k]
+        assert 1 <= k < rounds
+        second = fed.run(dict(cfg, resume=True))
+        assert second != first  # a new Flower run; fedsb's resume keys on output-dir
+        assert fed.wait(second, timeout=500) == "finished:completed"
+    finally:
+        fed.stop()
+    recs = _records(out / "metrics.jsonl")
+    assert recs[:len(kept)] == kept  # the rounds up to the checkpoint as written before the kill
+    assert [r["round"] for r in recs if r["phase"] == "train"] == list(range(1, rounds + 1))  # none lost, none twice
+    assert [r["phase"] for r in recs].count("init") == 1  # no second initialization
+    # the SuperNodes reconnected to the restarted SuperLink and both replied in every resumed round
+    assert all(r["replies"] == 2 and r["failed"] == 0 for r in recs if r["phase"] == "train" and r["round"] > k)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == rounds and summary["final_accuracy"] is not None
+    assert summary["seconds_this_session"] < summary["seconds"]  # the run's clock went on from the checkpoint

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import platform
+import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
+LOCK = "run.lock"
+LOCK_WAIT_SECONDS = 60.0  # how long a new writer waits for the one before it to end (it ends within seconds)
 PACKAGES = ("fedsb", "flwr", "torch", "transformers", "opacus", "peft", "safetensors", "numpy")
 
 
@@ -44,6 +47,52 @@ def prepare_run_dir(cfg: FedSBConfig) -> Path:
     path = check_run_dir(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def lock_run_dir(path: Path, wait: float | None = None):
+    """Hold ``path/run.lock`` while this process writes the run directory; returns the open lock file
+    (closing it releases the lock) or None where the platform has no ``flock``.
+
+    Why: one run directory must have one writer. After a SuperLink restart the run's ServerApp may still be
+    alive (its executor kept running and reconnected: the run goes on by itself), and a run submitted again
+    with ``resume=true`` would then write the same rounds a second time. The lock is an advisory ``flock``
+    that the kernel drops when its process ends, SIGKILL included, so a dead writer never leaves it held.
+    Hand-written on the standard library's ``fcntl`` because the file also names its holder (pid, host,
+    since when) for the refusal, written only once the lock is ours.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; keeping to one writer is the user's affair there
+        log.warning("no file locking on this platform: nothing stops a second ServerApp writing %s", path)
+        return None
+    fh = open(path / LOCK, "a+")
+    deadline = time.monotonic() + (LOCK_WAIT_SECONDS if wait is None else wait)
+    waited = False
+    while True:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                fh.seek(0)
+                holder = fh.read().strip() or "a process that did not say who it is"
+                fh.close()
+                raise ConfigError(
+                    "output-dir",
+                    f"{path} is being written by another ServerApp ({holder}). After a SuperLink restart the run's "
+                    "ServerApp goes on by itself when its executor kept running (`flwr ls` lists the run as "
+                    "running): let it finish, or stop it (`flwr stop RUN_ID`) and then submit again with "
+                    "resume=true; or choose another output-dir.") from None
+            if not waited:
+                log.info("waiting up to %.0f s for the ServerApp that holds %s to end", deadline - time.monotonic(),
+                         path / LOCK)
+                waited = True
+            time.sleep(0.5)
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    fh.flush()
+    return fh
 
 
 def versions() -> dict[str, str]:
