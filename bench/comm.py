@@ -21,6 +21,7 @@ from fedsb import adapters
 from fedsb.config import FedSBConfig
 from fedsb.run.export import head_state
 from fedsb.methods import make_method
+from fedsb.upload import quantize_update, rounding_generator
 from fedsb.wire import flatten
 from fedsb.tasks import SeqClsTask
 from fedsb.tasks.models import load_base_model
@@ -69,6 +70,14 @@ def measure(rank: int, lora_rank: int, clients: int) -> dict:
         row = {"method": name, "rank": r, "layers": len(shapes), "head_params": head, "numbers_up": int(vec.size),
                "floor_up_bytes": floor_up, "measured_up_bytes": up, "ratio_up": round(up / floor_up, 4),
                "measured_down_bytes": down}
+        # upload-dtype int8/int4: the client's update (here a random one: the codes' size does not depend on it)
+        # quantized as the ClientApp does, a segment per trainable tensor, in the reply it builds
+        segments = [t.numel() for t in method.trainable(model).values()]
+        update = np.random.default_rng(0).normal(0, 1e-3, vec.size).astype(np.float32)
+        for dtype in ("int8", "int4"):
+            q = quantize_update(update, segments, dtype, rounding_generator(np.random.SeedSequence(0)))
+            qb = nbytes(train_reply_content(q, {"num-examples": 100, "train-loss": 0.5, "seconds": 1.0}, "f" * 32))
+            row[f"measured_up_{dtype}_bytes"], row[f"ratio_up_{dtype}"] = qb, round(qb / floor_up, 4)
         if name == "fed-sb":
             ot = one_time_bytes(shapes, r)
             basis_vec = flatten({k: v for n, l in layers.items() for k, v in ((n + ".B", l.sb_B), (n + ".A", l.sb_A))})

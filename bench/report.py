@@ -37,6 +37,15 @@ def main() -> None:
         out += ["", f"Fed-SB's upload is {fs['ratio_up']:.4f}× its floor: **goal {'met' if fs['ratio_up'] <= 1.10 else 'not met'}** (all R matrices and the head",
                 "travel as one flat float32 array, so Flower's per-array framing is paid once). FedEx-LoRA's download",
                 "carries the dense residual (m·n per layer) every round; FLoRA's the stacked factors of all clients.", ""]
+        if "measured_up_int8_bytes" in fs:
+            out += ["Quantized uploads (`upload-dtype=int8|int4`: the update in codes with a float32 scale per trainable "
+                    "tensor, measured in the reply the ClientApp builds), against the same float32 floor (goals: int8 ≤ "
+                    "0.27×, int4 ≤ 0.14×):", "", "| method | rank | int8 up (B) | × floor | int4 up (B) | × floor |",
+                    "|---|---|---|---|---|---|"]
+            out += [f"| {r['method']} | {r['rank']} | {_b(r['measured_up_int8_bytes'])} | {r['ratio_up_int8']:.4f} | "
+                    f"{_b(r['measured_up_int4_bytes'])} | {r['ratio_up_int4']:.4f} |" for r in comm["rows"]]
+            ok = all(r["ratio_up_int8"] <= 0.27 and r["ratio_up_int4"] <= 0.14 for r in comm["rows"])
+            out += ["", f"Every method: int8 ≤ 0.27× and int4 ≤ 0.14× of its float32 floor: **{'met' if ok else 'not met'}**.", ""]
         out += ["## One-time costs", "", "Command: `python -m bench.comm`. Default model, measured vs the formula",
                 "(basis `4·r·(m+n)` per layer, init gradient `4·m·n` per layer):", "",
                 "| what | measured (B) | formula (B) |", "|---|---|---|",

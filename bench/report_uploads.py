@@ -56,7 +56,44 @@ def uploads_section() -> list[str]:
     if missing:
         out += ["", f"**Incomplete:** {', '.join(missing)} (fewer than 3 seeds; "
                 f"`python -m bench.frontier --part default-uploads --arms {','.join(missing)}` resumes them)."]
-    out += [""] + agreement_lines()
+    out += [""] + agreement_lines() + traffic_lines(arms)
+    return out + [""]
+
+
+TRAFFIC_CMD = ("fedsb compare --methods fed-sb,fedit --rank fed-sb=32,fedit=24 --lr fed-sb=1e-2 --validation-fraction 0.05 "
+               "--num-supernodes 10 --method-config fed-sb \"init-basis='weights' upload-dtype='int8' download-dtype='int8'\" "
+               "--backend inprocess --out runs/traffic-zero")
+
+
+def traffic_lines(arms: dict[str, list[dict]]) -> list[str]:
+    """Issue 31: the default run's total bytes, zero-byte basis and int8 both ways, against FedIT r=24 (float32),
+    measured in one comparison; the accuracy side over seeds comes from the default-uploads arm of the same keys."""
+    import csv
+
+    path = R / "traffic_zero_compare.csv"
+    out = ["### Total traffic with the zero-byte basis and int8 transfers against FedIT r=24", ""]
+    if not path.exists():
+        return out + _missing(TRAFFIC_CMD)
+    rows = {r["method"]: r for r in csv.DictReader(path.open()) if r["split"] == "test"}
+    out += [f"Command: `{TRAFFIC_CMD}` (then `compare.csv` copied to `bench/results/traffic_zero_compare.csv`): the "
+            "default configuration for both, seed 42, identical partitions; Fed-SB with `init-basis=weights "
+            "upload-dtype=int8 download-dtype=int8` at its default-run rate, FedIT r=24 as it is (float32).", "",
+            "| method | rank | per-round bytes (up + down, all rounds) | one-time bytes | total | held-out accuracy |",
+            "|---|---|---|---|---|---|"]
+    for r in rows.values():
+        rounds = int(r["bytes_up_total"]) + int(r["bytes_down_total"])
+        out.append(f"| {r['method']} | {r['rank']} | {rounds:,} | {int(r['bytes_one_time']):,} | {int(r['bytes_total']):,} | "
+                   f"{float(r['final_accuracy']):.3f} |")
+    if {"fed-sb", "fedit"} <= rows.keys():
+        ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
+        out += ["", f"Fed-SB's total is {ratio:.4f} of FedIT's, 1/{1 / ratio:.0f} (goal ≤ 1/50: "
+                f"{'met' if ratio <= 1 / 50 else 'unmet'})."]
+    both, ref = arms.get("fed-sb-weights-int8-both", []), arms.get("fed-sb", [])
+    accs = [r["final_accuracy"] for r in both]
+    out += ["", "Its accuracy over seeds against today's default (`fed-sb`, float32 both ways, the clients' gradient "
+            "basis), from the default-uploads arm `fed-sb-weights-int8-both` (the same keys): "
+            + (_versus("fed-sb-weights-int8-both", accs, "fed-sb", [r["final_accuracy"] for r in ref])
+               if len(accs) > 1 else f"{len(accs)} seed(s) run, no statement over seeds yet") + "."]
     return out + [""]
 
 
