@@ -52,6 +52,12 @@ def uploads_section() -> list[str]:
     ref = [r["final_accuracy"] for r in arms.get("fed-sb", [])]
     out += ["", "Each arm against the default (`fed-sb`, the clients' gradient basis, float32 uploads):", ""]
     out += [f"- {_versus(arm, [r['final_accuracy'] for r in rs], 'fed-sb', ref)}" for arm, rs in arms.items() if arm != "fed-sb"]
+    pairs = [(q, f) for q, f in (("fed-sb-int8", "fed-sb"), ("fed-sb-int4", "fed-sb"), ("fed-sb-weights-int8", "fed-sb-weights"),
+                                 ("fed-sb-weights-int8-both", "fed-sb-weights")) if q in arms and f in arms]
+    if pairs:
+        out += ["", "Each quantized arm against its float32 arm (the same basis):", ""]
+        out += [f"- {_versus(q, [r['final_accuracy'] for r in arms[q]], f, [r['final_accuracy'] for r in arms[f]])}"
+                for q, f in pairs]
     missing = [a for a in spec["arms"] if a not in arms or len(arms[a]) < 3]
     if missing:
         out += ["", f"**Incomplete:** {', '.join(missing)} (fewer than 3 seeds; "
