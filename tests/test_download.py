@@ -185,30 +185,16 @@ def test_download_dtype_errors_name_the_key():
 def test_sigkill_and_resume_with_int8_transfers_is_bit_identical(tiny_bert, sentiment_csv, tmp_path):
     """The resumed run draws each broadcast from the checkpointed aggregate with the same (seed, round) noise, so it
     sends the codes the run that was never killed sent (tests/test_resilience.py's crash, here over int8)."""
-    import os
     import signal
-    import time
 
-    from tests.test_resilience import _run_sim
+    from tests.test_resilience import _run_sim, kill_once_held
 
     extra = {"num-server-rounds": 3, "download-dtype": "int8", "upload-dtype": "int8", "local-steps": 5}
     run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "full", **extra), 3)
     crash_dir = tmp_path / "crash"
     crash = tiny_run_config(tiny_bert, sentiment_csv, crash_dir, **extra)
     proc = _run_sim(crash, 1)  # halted once round 1 is checkpointed
-    try:
-        deadline = time.time() + 600
-        while not (crash_dir / "held").exists():
-            if proc.poll() is not None:
-                pytest.fail(f"the run exited ({proc.returncode}) before round 1 was checkpointed")
-            if time.time() > deadline:
-                pytest.fail("round 1 never completed")
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_once_held(proc, crash_dir, 1, 600)
     assert proc.returncode == -signal.SIGKILL and not (crash_dir / "summary.json").exists()
     run_inprocess(dict(crash, resume=True), 3)
     name = "adapter/fedsb_adapter.safetensors"

@@ -75,6 +75,22 @@ def _run_sim(cfg: dict, hold_after: int, server_app: str = "") -> subprocess.Pop
                              server_app], env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
+def kill_once_held(proc: subprocess.Popen, crash_dir, rnd: int, timeout: float) -> None:
+    """SIGKILL ``_run_sim``'s process group once the run held after round ``rnd`` (its ``held`` file)."""
+    try:
+        deadline = time.time() + timeout
+        while not (crash_dir / "held").exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the run exited ({proc.returncode}) before round {rnd} was checkpointed")
+            if time.time() > deadline:
+                pytest.fail(f"round {rnd} never completed")
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
 
 # fedsb's own ServerApp, and FedSB wrapped in ServerAdam (tests/wrapped_app.py, for an output dir ending in
 # "adam"): its moments are in the checkpoint, so round 3 after the resume takes the same step as without a crash;
@@ -95,19 +111,7 @@ def test_sigkill_and_resume_is_bit_identical(tiny_bert, sentiment_csv, tmp_path,
     crash_dir = tmp_path / f"crash{suffix}"
     crash = tiny_run_config(tiny_bert, sentiment_csv, crash_dir, **rounds)
     proc = _run_sim(crash, hold_after=2, server_app=server_app)
-    try:
-        deadline = time.time() + 300
-        while not (crash_dir / "held").exists():  # round 2 is checkpointed; rounds 3-4 are still to come
-            if proc.poll() is not None:
-                pytest.fail(f"the run exited ({proc.returncode}) before round 2 was checkpointed")
-            if time.time() > deadline:
-                pytest.fail("round 2 never completed")
-            time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    kill_once_held(proc, crash_dir, 2, 300)  # round 2 is checkpointed; rounds 3-4 are still to come
     assert proc.returncode == -signal.SIGKILL
     assert not (crash_dir / "summary.json").exists()
     run_inprocess(dict(crash, resume=True), 3, server_app=app)  # only the killed run needs a process of its own
