@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from fedsb.aggregation.robust import TRIM_FRACTION_MAX
+from fedsb.aggregation.robust import TRIM_FRACTION_MAX, check_aggregation_keys
 from fedsb.config_data import check_data_keys
 from fedsb.config_text import ConfigError, coerce, markdown_table, readme_with_table, suggest
 from fedsb.upload import UPLOAD_DTYPES
@@ -134,8 +134,10 @@ class FedSBConfig:
     warmup_ratio: float = _f(0.0, "fraction of all rounds' local steps spent warming up (lr-schedule=linear)",
                              lo=0.0, hi=1.0, hi_open=True)
     weight_decay: float = _f(0.0, "AdamW weight decay", lo=0.0)
-    aggregation: str = _f("mean", "how R (and head) updates are combined", choices=("mean", "median", "trimmed-mean"))
+    aggregation: str = _f("mean", "how R (and head) updates are combined", choices=("mean", "median", "trimmed-mean", "krum"))
     trim_fraction: float = _f(0.1, "fraction trimmed at each end by `trimmed-mean`", lo=0.0, hi=TRIM_FRACTION_MAX, hi_open=True)
+    malicious_nodes: int = _f(0, "attackers' replies Krum tolerates in a round (its f); aggregation='krum' only", lo=0)
+    krum_select: int = _f(1, "lowest-scored replies averaged (1: Krum, more: Multi-Krum); aggregation='krum' only", lo=1)
     max_update_norm: float = _f(0.0, "reject a reply whose update norm exceeds this (0: no bound)", lo=0.0)
     max_num_examples: int = _f(0, "reject a reply claiming more examples than this as its weight (0: no bound)", lo=0)
     eval_every: int = _f(1, "centralized evaluation every this many rounds (the last round always)", lo=1, identity=False)
@@ -227,13 +229,10 @@ class FedSBConfig:
             able = ", ".join(n for n, c in REGISTRY.items() if c.supports_secagg)
             raise ConfigError("secagg", f"cannot be combined with method={self.method!r}: it needs each client's own "
                               f"A_i and B_i, which secure aggregation hides; use {able}")
-        if self.secagg and self.aggregation != "mean":
-            raise ConfigError("aggregation", f"got {self.aggregation!r}; with secagg=true only `mean` is possible")
+        check_aggregation_keys(self)
         for key, value in (("upload-dtype", self.upload_dtype), ("download-dtype", self.download_dtype)):
             if self.secagg and value != "float32":  # SecAgg+ quantizes its own way; its FitIns carry float32
                 raise ConfigError(key, f"got {value!r} with secagg=true; set {key}='float32'")
-        if self.secagg and self.max_update_norm > 0:
-            raise ConfigError("max-update-norm", "cannot be checked with secagg=true (the server sees no single update); set 0")
         if self.dp and self.federated_evaluate:
             # Local evaluation reads the clients' private data outside DP-SGD, so its loss and accuracy
             # would be released without any guarantee (there is no silent non-private path).

@@ -248,8 +248,8 @@ class FedSB(Strategy):
         return self.method.aggregate(self.model, tally.vectors, tally.weights, self.combine)
 
     def combine(self, vectors: list[np.ndarray], weights: list[float]) -> np.ndarray:
-        if self.cfg.aggregation != "mean":  # Flower's FedMedian / FedTrimmedAvg
-            return robust_combine(self.cfg.aggregation, vectors, self.cfg.trim_fraction)
+        if (c := self.cfg).aggregation != "mean":  # Flower's FedMedian / FedTrimmedAvg / MultiKrum
+            return robust_combine(c.aggregation, vectors, c.trim_fraction, c.malicious_nodes, c.krum_select)
         return robust.weighted_mean(vectors, weights)
 
     def finish_round(self, updated: bool, **extra) -> dict:

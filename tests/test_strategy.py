@@ -177,9 +177,13 @@ def test_server_adam_steps_along_the_pseudo_gradient_as_fedadam_does():
         x = got
 
 
-def test_flowers_fedmedian_aggregates_a_run_and_resists_a_poisoned_node(tiny_bert, sentiment_csv, tmp_path):
-    # aggregation=median is Flower's FedMedian over the round's replies (server/robust.py), inside a real
-    # ServerApp run: one node of three shifts its R and head by 1e3 every round; the mean would follow it
+@pytest.mark.parametrize("aggregation,nodes,keys", [
+    ("median", 3, {}),
+    ("krum", 5, {"malicious-nodes": 1, "min-train-nodes": 5, "min-available-nodes": 5})])
+def test_flowers_robust_rules_aggregate_a_run_and_resist_a_poisoned_node(aggregation, nodes, keys, tiny_bert,
+                                                                         sentiment_csv, tmp_path):
+    # aggregation=median|krum is Flower's FedMedian|MultiKrum over the round's replies (server/robust.py), inside a
+    # real ServerApp run: one node shifts its R and head by 1e3 every round; the mean would follow it
     from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
@@ -197,9 +201,9 @@ def test_flowers_fedmedian_aggregates_a_run_and_resists_a_poisoned_node(tiny_ber
             reply.content["adapter"] = ArrayRecord({"adapter": Array(vec)})
         return reply
 
-    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", aggregation="median",
-                                        **{"num-server-rounds": 2}), 3, client_app=app)
+    run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", aggregation=aggregation,
+                                        **{"num-server-rounds": 2, **keys}), nodes, client_app=app)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["replies"] == 3 and r["rejected_count"] == 0 for r in rows if r.get("phase") == "train"), rows
+    assert all(r["replies"] == nodes and r["rejected_count"] == 0 for r in rows if r.get("phase") == "train"), rows
     s = json.loads((run / "summary.json").read_text())
     assert s["final_accuracy"] >= 0.9, s

@@ -253,6 +253,52 @@ def test_robust_rules_resist_an_outlier_and_agree_on_equal_inputs():
         assert agg.dtype == np.float32
 
 
+def _krum_by_definition(vs, f, m):
+    """Blanchard et al.'s Krum (m = 1) and Multi-Krum: score = summed squared distance to the n-f-2 nearest
+    others; the mean of the m lowest-scored vectors (ties: the first)."""
+    x = np.stack(vs).astype(np.float64)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    k = max(1, len(vs) - f - 2)
+    scores = [np.sort(np.delete(d[i], i))[:k].sum() for i in range(len(vs))]
+    return x[np.argsort(scores, kind="stable")[:m]].mean(axis=0)
+
+
+def test_flowers_krum_is_krum_by_its_definition_and_resists_attackers():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        n, d = int(rng.integers(3, 12)), int(rng.integers(1, 200))
+        f = int(rng.integers(0, (n - 3) // 2 + 1))  # n >= 2f + 3, what the config demands
+        m = int(rng.integers(1, n - f + 1))
+        vs = [rng.standard_normal(d).astype(np.float32) for _ in range(n)]
+        got = robust_combine("krum", vs, malicious_nodes=f, krum_select=m)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, _krum_by_definition(vs, f, m), rtol=1e-5, atol=1e-6)
+    # two attackers among seven far off in different directions: Krum keeps an honest reply as it is
+    honest = [np.full(5, 1.0, np.float32) + rng.normal(0, 0.01, 5).astype(np.float32) for _ in range(5)]
+    attackers = [np.full(5, 1e4, np.float32), np.full(5, -1e4, np.float32)]
+    picked = robust_combine("krum", honest[:3] + attackers + honest[3:], malicious_nodes=2)
+    assert any(np.array_equal(picked, h) for h in honest)
+    assert np.allclose(robust_combine("krum", honest + attackers, malicious_nodes=2, krum_select=3), 1.0, atol=0.02)
+
+
+def test_krum_keys_are_checked_against_the_round_size():
+    from fedsb.config import ConfigError, FedSBConfig
+
+    for rc, key, words in (({"aggregation": "krum"}, "min-train-nodes", "2*0+3 = 3"),
+                           ({"aggregation": "krum", "malicious-nodes": 2, "min-train-nodes": 6, "min-available-nodes": 6},
+                            "min-train-nodes", "2*2+3 = 7"),
+                           ({"aggregation": "krum", "min-train-nodes": 5, "min-available-nodes": 5, "malicious-nodes": 1,
+                             "krum-select": 5}, "krum-select", "at most min-train-nodes - malicious-nodes = 4"),
+                           ({"malicious-nodes": 1}, "malicious-nodes", "set aggregation='krum'"),
+                           ({"aggregation": "median", "krum-select": 2}, "krum-select", "only aggregation='krum' uses")):
+        with pytest.raises(ConfigError) as e:
+            FedSBConfig.from_run_config(rc)
+        assert e.value.key == key and words in str(e.value), e.value
+    ok = FedSBConfig.from_run_config({"aggregation": "krum", "malicious-nodes": 1, "krum-select": 4,
+                                      "min-train-nodes": 5, "min-available-nodes": 5})
+    assert (ok.malicious_nodes, ok.krum_select) == (1, 4)
+
+
 def test_robust_rule_details():
     vs = [np.array([1.0, 10.0], np.float32), np.array([2.0, 20.0], np.float32),
           np.array([3.0, 30.0], np.float32), np.array([4.0, -1e9], np.float32)]

@@ -1,7 +1,7 @@
 """The weighted mean of flat update vectors (streaming or all at once), and the trim-fraction bound.
 
-The robust rules (``aggregation = "median" | "trimmed-mean"``) are Flower's, applied on the server
-(``server/robust.py``); ``TRIM_FRACTION_MAX`` stays here because the config checks it without Flower.
+The robust rules (``aggregation = "median" | "trimmed-mean" | "krum"``) are Flower's, applied on the server
+(``server/robust.py``); ``TRIM_FRACTION_MAX`` and the aggregation keys' checks stay here because the config checks them without Flower.
 
 The mean accumulates in float64 and returns float32 (the wire dtype). Inputs are expected to have passed
 :func:`fedsb.aggregation.validation.check_reply` (same shape, finite); shapes are still checked here, with a clear
@@ -20,6 +20,33 @@ import numpy as np
 
 # At least one value per coordinate must remain after trimming both ends (Flower's FedTrimmedAvg: beta < 0.5).
 TRIM_FRACTION_MAX = 0.5
+
+
+def check_aggregation_keys(cfg) -> None:
+    """``aggregation`` and ``max-update-norm`` against ``secagg``, and ``malicious-nodes`` and ``krum-select`` against ``aggregation`` and
+    the round's size (a FedSBConfig; here
+    because the config checks it without Flower). Krum tolerates f attackers among n replies only if n > 2f + 2
+    (Blanchard et al. 2017), and Multi-Krum averages at most the n − f replies that may be honest; a round holds
+    at least ``min-train-nodes`` valid replies, so that is the n checked."""
+    from fedsb.config_text import ConfigError
+
+    if cfg.secagg and cfg.aggregation != "mean":
+        raise ConfigError("aggregation", f"got {cfg.aggregation!r}; with secagg=true only `mean` is possible")
+    if cfg.secagg and cfg.max_update_norm > 0:
+        raise ConfigError("max-update-norm", "cannot be checked with secagg=true (the server sees no single update); set 0")
+    if cfg.aggregation != "krum":
+        for key, value, default in (("malicious-nodes", cfg.malicious_nodes, 0), ("krum-select", cfg.krum_select, 1)):
+            if value != default:
+                raise ConfigError(key, f"got {value}, which only aggregation='krum' uses (aggregation={cfg.aggregation!r});"
+                                  f" set aggregation='krum' or leave {key}={default}")
+        return
+    f, n = cfg.malicious_nodes, cfg.min_train_nodes
+    if n < 2 * f + 3:
+        raise ConfigError("min-train-nodes", f"got {n}; Krum with malicious-nodes={f} needs at least 2*{f}+3 = {2 * f + 3} "
+                          "replies a round; raise min-train-nodes (and the sample, fraction-train) or lower malicious-nodes")
+    if cfg.krum_select > n - f:
+        raise ConfigError("krum-select", f"got {cfg.krum_select}; at most min-train-nodes - malicious-nodes = {n - f} "
+                          "replies can be averaged; lower it")
 
 
 class BlockWeightedMean:
