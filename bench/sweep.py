@@ -1,6 +1,6 @@
 """Several parts of ``bench.frontier`` at once, on a machine with more cores than one comparison uses.
 
-    python -m bench.sweep --parts long-nonprivate,long-private-eps1 --jobs 14 [--archive runs.tgz]
+    python -m bench.sweep --parts long-nonprivate,long-private-eps1 --jobs 14 [--arms fed-sb,fedit] [--archive runs.tgz]
 
 Each (arm, rank) of each part is one ``fedsb compare`` command (``bench.frontier.command`` with that rank
 alone and ``--backend inprocess``: clients one after another in the compare's own process, no Ray), and up
@@ -29,11 +29,13 @@ log = logging.getLogger("fedsb.sweep")
 RUN = "import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def jobs_of(parts: list[str], extra: str = "") -> list[tuple[str, str, str]]:
-    """(part, log name, command) for each arm and rank, in the parts' order."""
+def jobs_of(parts: list[str], extra: str = "", arms: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """(part, log name, command) for each arm (of ``arms`` only, if given) and rank, in the parts' order."""
     out = []
     for part in parts:
         for arm, (_, ranks, *_rest) in PARTS[part]["arms"].items():
+            if arms and arm not in arms:
+                continue
             for rank in ranks.split("|"):
                 out.append((part, f"{arm}-r{rank}", command(part, arm, extra, rank=rank, backend="inprocess")))
     return out
@@ -57,6 +59,7 @@ def main() -> None:
     p.add_argument("--parts", required=True, help=f"comma-separated parts of bench.frontier ({', '.join(PARTS)})")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="commands at once")
     p.add_argument("--extra", default="", help="more run-config keys for every run")
+    p.add_argument("--arms", default="", help="comma-separated arms to run (default: every arm of the parts)")
     p.add_argument("--archive", default="", help="tar.gz of the results, rewritten as commands finish")
     p.add_argument("--deadline", type=float, default=0, help="seconds after which running commands are stopped and "
                    "what finished is merged and archived (0: none); a later sweep resumes them")
@@ -65,7 +68,10 @@ def main() -> None:
     bad = [x for x in parts if x not in PARTS]
     if bad:
         raise SystemExit(f"--parts: {bad} unknown; known: {', '.join(PARTS)}")
-    pending, running, failed = jobs_of(parts, args.extra), [], []
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    pending, running, failed = jobs_of(parts, args.extra, arms), [], []
+    if not pending:
+        raise SystemExit(f"--arms: none of {list(arms)} is an arm of {', '.join(parts)}")
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", FEDSB_CLIENT_THREADS="1")
     start = time.time()
     while pending or running:

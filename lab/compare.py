@@ -77,10 +77,12 @@ class RunSpec:
     lr: float
     seed: int
     split: str
+    server_app: str = ""  # "module:attr" when --server-app names several to choose among (else "": the name is as before)
 
     @property
     def name(self) -> str:
-        return f"{self.method}-r{self.rank}-lr{self.lr:g}-s{self.seed}"
+        app = f"-{self.server_app.rpartition(':')[2]}" if self.server_app else ""
+        return f"{self.method}-r{self.rank}-lr{self.lr:g}{app}-s{self.seed}"
 
     def run_dir(self, out: Path) -> Path:
         return out / ("select" if self.split == "validation" else "runs") / self.name
@@ -104,7 +106,9 @@ class Comparison:
     # lab.inprocess_grid (the same ServerApp and ClientApp, clients one after another in this process: no Ray,
     # so several comparisons can share a machine, one process each)
     backend: str = "ray"
-    server_app: str = ""  # "module:attr" of another ServerApp (e.g. a strategy wrapped in Flower's DP wrapper)
+    # "module:attr" of another ServerApp (e.g. a strategy wrapped in Flower's DP wrapper); "a|b|c": several, chosen
+    # on validation like the rate (e.g. a server optimizer's step size, one ServerApp each)
+    server_app: str = ""
     # --method-config: run-config keys of one method only, on top of the shared overrides (e.g. Fed-SB with
     # quantized uploads and downloads beside a float32 baseline)
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -119,8 +123,13 @@ class Comparison:
             raise ValueError(f"--seeds: got {self.seeds}; give the number of seeds, 1 or more")
         if self.backend not in ("ray", "inprocess"):
             raise ValueError(f"--backend: got {self.backend!r}; use 'ray' or 'inprocess'")
-        if self.server_app and ":" not in self.server_app:
-            raise ValueError(f"--server-app: got {self.server_app!r}; give module:attribute, e.g. bench.user_dp:app")
+        self.server_apps = [a.strip() for a in self.server_app.split("|") if a.strip()]
+        if any(":" not in a for a in self.server_apps):
+            raise ValueError(f"--server-app: got {self.server_app!r}; give module:attribute (or several joined by |), "
+                             "e.g. bench.compose:user_dp")
+        if len(self.server_apps) > 1 and self.validation_fraction == 0:
+            raise ValueError("--server-app: choosing among several ServerApps needs a validation split; set "
+                             "--validation-fraction > 0 (e.g. 0.1) or give one")
         if self.select_rounds < 0 or self.max_extend < 0:
             raise ValueError("--select-rounds and --max-extend must be >= 0")
         if not 0 <= self.validation_fraction < 0.5:
@@ -172,8 +181,8 @@ class Comparison:
             return have
         log.info("=== compare: %s on %s ===", spec.name, spec.split)
         server_app = None
-        if self.server_app:
-            module, attr = self.server_app.split(":", 1)
+        if spec.server_app or self.server_apps:
+            module, attr = (spec.server_app or self.server_apps[0]).split(":", 1)
             server_app = getattr(importlib.import_module(module), attr)
         if self.backend == "inprocess":
             from lab.inprocess_grid import run_inprocess
@@ -183,28 +192,44 @@ class Comparison:
             simulate(cfg, self.num_supernodes, server_app=server_app)
         return json.loads(summary.read_text())
 
-    def choose_lr(self, method: str, rank: int) -> float:
-        """The rate with the best validation accuracy, the grid extended until it is not at an edge."""
+    def choose_lr(self, method: str, rank: int, server_app: str = "", always: bool = False) -> float:
+        """The rate with the best validation accuracy, the grid extended until it is not at an edge (with
+        ``always``, a single rate runs its validation run too: ``choose`` compares ServerApps by it)."""
+        lr, _ = self._choose_lr(method, rank, server_app, always)
+        return lr
+
+    def _choose_lr(self, method: str, rank: int, server_app: str, always: bool) -> tuple[float, float]:
         lrs = sorted(self.lrs.get(method, [self.default_lr]))
-        if len(lrs) == 1:
-            return lrs[0]
+        if len(lrs) == 1 and not always:
+            return lrs[0], math.nan
         acc = {}
         for extension in range(self.max_extend + 1):
             for lr in lrs:
                 if lr not in acc:
-                    s = self.execute(RunSpec(method, rank, lr, self.base_seed, "validation"))
+                    s = self.execute(RunSpec(method, rank, lr, self.base_seed, "validation", server_app))
                     a = s.get("final_accuracy")
                     acc[lr] = a if isinstance(a, (int, float)) and math.isfinite(a) else -math.inf
             best = max(lrs, key=lambda x: (acc[x], -x))  # ties: the smaller rate
-            if lrs[0] < best < lrs[-1] or extension == self.max_extend:
+            if len(lrs) == 1 or lrs[0] < best < lrs[-1] or extension == self.max_extend:
                 break
             new = best * 2 if best == lrs[-1] else best / 2
             log.info("compare: %s r=%d best lr %g is at the grid's edge; trying %g", method, rank, best, new)
             lrs = sorted([*lrs, new])
-        if best in (lrs[0], lrs[-1]):
+        if len(lrs) > 1 and best in (lrs[0], lrs[-1]):
             log.warning("compare: %s r=%d best lr %g is still at the edge of %s after %d extensions",
                         method, rank, best, lrs, self.max_extend)
-        return best
+        return best, acc[best]
+
+    def choose(self, method: str, rank: int) -> tuple[float, str]:
+        """(rate, ServerApp) for the final runs: with several ServerApps, each chooses its rate and the one with
+        the best validation accuracy is kept (ties: the first given); with one or none, the app is not in the
+        runs' names."""
+        if len(self.server_apps) < 2:
+            return self.choose_lr(method, rank), ""
+        scored = [(*self._choose_lr(method, rank, app, always=True), app) for app in self.server_apps]
+        lr, acc, app = max(scored, key=lambda t: (t[1], -self.server_apps.index(t[2])))
+        log.info("compare: %s r=%d chose %s at lr %g (validation accuracy %.4f)", method, rank, app, lr, acc)
+        return lr, app
 
     def run(self) -> list[dict]:
         from lab.compare_report import summarize
@@ -212,9 +237,9 @@ class Comparison:
         self.out.mkdir(parents=True, exist_ok=True)
         for method in self.methods:
             for rank in self.ranks.get(method, [self.default_rank]):
-                lr = self.choose_lr(method, rank)
+                lr, app = self.choose(method, rank)
                 for k in range(self.seeds):
-                    self.execute(RunSpec(method, rank, lr, self.base_seed + k, "test"))
+                    self.execute(RunSpec(method, rank, lr, self.base_seed + k, "test", app))
         return summarize(self.out)
 
 

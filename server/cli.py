@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    "in parallel; inprocess: the same apps, clients one after another in this process, no Ray (several "
                    "compare commands can then share a machine)")
     m.add_argument("--server-app", default="", help="module:attr of another ServerApp to run instead of fedsb's (e.g. "
-                   "bench.user_dp:app, FedSB wrapped in Flower's DP wrapper)")
+                   "bench.compose:user_dp, FedSB wrapped in Flower's DP wrapper); several joined by | are chosen among on validation "
+                   "like the rate (e.g. a server optimizer's step sizes)")
     m.set_defaults(func=_cmd_compare)
 
     cc = command("check-config", help="check a run config (files, columns, model, target modules, output-dir) "

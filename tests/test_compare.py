@@ -127,6 +127,30 @@ def test_lr_grid_grows_at_its_edge_until_the_best_is_inside(tmp_path):
     assert one.choose_lr("fed-sb", 32) == 0.01  # a single rate: nothing to choose, nothing run
 
 
+def test_several_server_apps_are_chosen_among_on_validation(tmp_path):
+    """--server-app 'a|b': each app runs its validation run (one rate: one run each), the better one on
+    validation is the one the seeds run with, and its name is in the runs' directories; with one app the names
+    stay as they were."""
+    from lab.compare import Comparison, RunSpec
+
+    ran = []
+
+    def execute(self, spec):
+        ran.append(spec)
+        return {"final_accuracy": {"m:adam_a": 0.6, "m:adam_b": 0.7}.get(spec.server_app, 0.5)}
+
+    c = Comparison(["fed-sb"], 3, tmp_path, {}, {}, {"fed-sb": [0.01]}, seeds=2, server_app="m:adam_a|m:adam_b")
+    c.execute = execute.__get__(c)
+    assert c.choose("fed-sb", 32) == (0.01, "m:adam_b")
+    assert [(s.server_app, s.split) for s in ran] == [("m:adam_a", "validation"), ("m:adam_b", "validation")]
+    assert RunSpec("fed-sb", 32, 0.01, 42, "test", "m:adam_b").name == "fed-sb-r32-lr0.01-adam_b-s42"
+    assert RunSpec("fed-sb", 32, 0.01, 42, "test").name == "fed-sb-r32-lr0.01-s42"
+    one = Comparison(["fed-sb"], 3, tmp_path, {}, {}, {"fed-sb": [0.01]}, server_app="m:adam_a")
+    assert one.choose("fed-sb", 32) == (0.01, "")  # one app: nothing to choose, names unchanged
+    with pytest.raises(ValueError, match="--server-app.*validation split"):
+        Comparison(["fed-sb"], 3, tmp_path, {}, {}, {}, validation_fraction=0.0, server_app="m:a|m:b")
+
+
 # ---------------------------------------------------------------- the validation split
 def test_validation_split_is_disjoint_from_held_out_and_every_partition(tiny_bert, sentiment_csv, tmp_path):
     from fedsb.config import FedSBConfig
