@@ -119,6 +119,17 @@ def agreement_lines() -> list[str]:
     return out + [""]
 
 
+def _eps(rows: list[dict]) -> str:
+    eps = sorted({round(float(r["epsilon"]), 3) for r in rows if r.get("epsilon") not in (None, "")})
+    return ", ".join(f"{e:g}" for e in eps) or "not reported"
+
+
+def _server_app(row: dict) -> str:
+    """The ServerApp a run chose on validation, from its directory's name (``...-lr0.01-adam_1e_2-s42``)."""
+    name = str(row["run_dir"]).rstrip("/").rsplit("/", 1)[-1]
+    return next((p for p in name.split("-") if p.startswith("adam_")), "")
+
+
 def composition_section() -> list[str]:
     from bench.compose import ADAM_STEPS, DELTA, NOISE_MULTIPLIER
 
@@ -127,22 +138,40 @@ def composition_section() -> list[str]:
     out += [f"User-level DP: `bench/compose.py`'s `user_dp` ServerApp wraps the strategy in Flower's "
             "`DifferentialPrivacyServerSideAdaptiveClipping` (noise multiplier "
             f"{NOISE_MULTIPLIER:g}, adaptive clipping), ε from `server.dp.CentralDPEpsilon` (RDP, δ = {DELTA:g}); "
-            "100 clients, 10 a round, 30 rounds, the same ε for both methods.", ""]
+            "100 clients, 10 a round, 30 rounds, the same noise, sample and rounds (so the same ε) for both methods; "
+            "each method's client rate chosen on a 5% validation split (15-round selection runs), then 3 seeds.", ""]
     if dp:
-        out += _commands("user-dp") + [""]
-        out += [f"- {arm}: {_mean_std([r['final_accuracy'] for r in rs])}" for arm, rs in dp.items()]
+        out += _commands("user-dp") + ["", "| arm | rank | lr | held-out accuracy (mean ± std) | ε (δ = 1e-5) | "
+                                       "upload / client / round |", "|---|---|---|---|---|---|"]
+        out += [f"| {arm} | {rs[0]['rank']} | {rs[0]['lr']:g} | {_mean_std([r['final_accuracy'] for r in rs])} | "
+                f"{_eps(rs)} | {rs[0]['bytes_up_per_client_round']:,.0f} |" for arm, rs in dp.items()]
         if {"fed-sb", "fedit"} <= dp.keys():
-            out.append("- " + _versus("fed-sb", [r["final_accuracy"] for r in dp["fed-sb"]], "fedit",
-                                      [r["final_accuracy"] for r in dp["fedit"]]))
+            out += ["", "- " + _versus("fed-sb", [r["final_accuracy"] for r in dp["fed-sb"]], "fedit",
+                                       [r["final_accuracy"] for r in dp["fedit"]])]
+        short = [a for a in ("fed-sb", "fedit") if len(dp.get(a, [])) < 3]
+        if short:
+            out += ["", f"**Incomplete:** {', '.join(short)} (fewer than 3 seeds; `python -m bench.frontier --part user-dp` "
+                    "resumes them)."]
     else:
         out += _missing("python -m bench.frontier --part user-dp")
     adam = _arms("server-adam")
-    out += ["", "ServerAdam (`server/fedopt.py`, FedAdam's step on the aggregate) against plain averaging on the non-IID "
-            "default (`partitioner=dirichlet`, α = 0.5), server step sizes "
-            f"{', '.join(f'{v:g}' for v in ADAM_STEPS.values())} as arms, each with its client rate chosen on validation.", ""]
+    out += ["", "ServerAdam (`server/fedopt.py`, FedAdam's step on the aggregate) against plain averaging, on the "
+            "frontier's task (10 clients, 2 a round, 10 rounds) split non-IID (`partitioner=dirichlet`, α = 0.5). The "
+            "plain arms choose their client rate on validation; each ServerAdam arm keeps its plain arm's rate and "
+            f"chooses the server step size among {', '.join(f'{v:g}' for v in ADAM_STEPS.values())} on validation "
+            "(`fedsb compare --server-app 'a|b|c'`), then 3 seeds.", ""]
     if adam:
-        out += _commands("server-adam") + [""]
-        out += [f"- {arm}: {_mean_std([r['final_accuracy'] for r in rs])}" for arm, rs in adam.items()]
+        out += _commands("server-adam") + ["", "| arm | rank | client lr | server step (chosen) | held-out accuracy "
+                                           "(mean ± std) |", "|---|---|---|---|---|"]
+        out += [f"| {arm} | {rs[0]['rank']} | {rs[0]['lr']:g} | "
+                f"{ADAM_STEPS[_server_app(rs[0]).removeprefix('adam_')] if _server_app(rs[0]) else 'none (averaging)'} | "
+                f"{_mean_std([r['final_accuracy'] for r in rs])} |" for arm, rs in adam.items()]
+        out += [""] + [f"- {_versus(f'{m}-adam', [r['final_accuracy'] for r in adam[f'{m}-adam']], m, [r['final_accuracy'] for r in adam[m]])}"
+                       for m in ("fed-sb", "fedit") if {m, f"{m}-adam"} <= adam.keys()]
+        short = [a for a in ("fed-sb", "fed-sb-adam", "fedit", "fedit-adam") if len(adam.get(a, [])) < 3]
+        if short:
+            out += ["", f"**Incomplete:** {', '.join(short)} (fewer than 3 seeds; `python -m bench.frontier --part "
+                    f"server-adam --arms {','.join(short)}` resumes them)."]
     else:
         out += _missing("python -m bench.frontier --part server-adam")
     return out + [""]
