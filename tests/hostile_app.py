@@ -47,14 +47,17 @@ def _corrupt(reply: Message, kind: str) -> Message:
     return reply
 
 
-def _make(mode: str) -> ClientApp:
+def real_query_with(train, mods=()) -> ClientApp:
+    """A ClientApp with fedsb's own query handler (hello, init gradient, basis) and the test's ``train`` handler
+    (which usually calls ``real.train`` and bends the message or the reply): what every misbehaving node of the
+    tests is."""
     app = ClientApp()
+    app.query()(real.query)
+    app.train(mods=list(mods))(train)
+    return app
 
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return real.query(msg, context)
 
-    @app.train()
+def _make(mode: str) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
         rnd = int(msg.content["config"]["round"])
@@ -67,7 +70,7 @@ def _make(mode: str) -> ClientApp:
             return reply
         return _corrupt(reply, kind_for(pid, rnd))
 
-    return app
+    return real_query_with(train)
 
 
 hostile = _make("hostile")
@@ -78,12 +81,6 @@ def _make_recording(drop_partition: int | None) -> ClientApp:
     """The real ClientApp (with SecAgg+), which also saves each client's plain vector for the test to
     compare with what the server computed, and can drop out after sharing its keys."""
     import os
-
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return real.query(msg, context)
 
     def record(msg: Message, context: Context) -> Message:
         pid = int(context.node_config["partition-id"])
@@ -98,8 +95,7 @@ def _make_recording(drop_partition: int | None) -> ClientApp:
             return plain_to_legacy(plain, msg)
         return real.fedsb_client.train(msg, context)
 
-    app.train(mods=[secagg_if_asked])(record)
-    return app
+    return real_query_with(record, mods=[secagg_if_asked])
 
 
 recording = _make_recording(None)

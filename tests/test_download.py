@@ -88,17 +88,10 @@ def _recording_app(seen: list, corrupt: str | None = None):
     """The real ClientApp, recording each train message's decoded vector and its reply (or corrupting the
     broadcast partition 2 receives)."""
     from flwr.app import Array, ArrayRecord, Context, Message
-    from flwr.clientapp import ClientApp
 
     from client import app as real
+    from tests.hostile_app import real_query_with
 
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return real.query(msg, context)
-
-    @app.train()
     def train(msg: Message, context: Context) -> Message:
         got = {k: v.numpy().copy() for k, v in msg.content["adapter"].items()}
         if corrupt and int(context.node_config["partition-id"]) == 2:
@@ -113,7 +106,7 @@ def _recording_app(seen: list, corrupt: str | None = None):
             seen.append((int(msg.content["config"]["round"]), got, up, int(reply.content["metrics"]["num-examples"])))
         return reply
 
-    return app
+    return real_query_with(train)
 
 
 def _segments(run_config: dict) -> list[int]:

@@ -21,6 +21,7 @@ from fedsb.config import ConfigError, FedSBConfig
 from fedsb.methods import method_for
 from fedsb.tasks import get_task
 from fedsb.wire import MESSAGE_CONFIG_DEFAULTS, basis_tensors, flatten, layers_fingerprint
+from lab.tiny import copy_with_changed_weight
 from tests.conftest import tiny_run_config
 
 
@@ -67,24 +68,12 @@ def _train_message(task, rnd: int = 1) -> Message:
     return Message(content, dst_node_id=7, message_type="train")
 
 
-def _changed_copy(src: Path, dst: Path, layer: str) -> Path:
-    """``src`` saved again at ``dst`` with one weight of ``layer`` changed."""
-    from transformers import AutoModelForSequenceClassification
-
-    shutil.copytree(src, dst)
-    model = AutoModelForSequenceClassification.from_pretrained(dst)
-    with torch.no_grad():
-        model.get_submodule(layer).weight[0, 0] += 1e-3
-    model.save_pretrained(dst)
-    return dst
-
-
 # -- 4. the content fingerprint ------------------------------------------------------------------
 def test_fingerprint_ignores_the_path_and_catches_a_changed_weight(tiny_bert, sentiment_csv, tmp_path):
     rc = _run_config(tiny_bert, sentiment_csv, tmp_path)
     server = get_task(FedSBConfig.from_run_config(rc))
     moved = get_task(FedSBConfig.from_run_config(dict(rc, model=str(shutil.copytree(tiny_bert, tmp_path / "elsewhere")))))
-    changed = get_task(FedSBConfig.from_run_config(dict(rc, model=str(_changed_copy(tiny_bert, tmp_path / "changed",
+    changed = get_task(FedSBConfig.from_run_config(dict(rc, model=str(copy_with_changed_weight(tiny_bert, tmp_path / "changed",
                                                                                       server.layer_names[0])))))
     assert moved.model_path != server.model_path and moved.model_id == server.model_id
     assert changed.model_id != server.model_id

@@ -185,15 +185,11 @@ def test_flowers_robust_rules_aggregate_a_run_and_resist_a_poisoned_node(aggrega
     # aggregation=median|krum is Flower's FedMedian|MultiKrum over the round's replies (server/robust.py), inside a
     # real ServerApp run: one node shifts its R and head by 1e3 every round; the mean would follow it
     from flwr.app import Array, ArrayRecord, Context, Message
-    from flwr.clientapp import ClientApp
 
     from client import app as real
     from lab.inprocess_grid import run_inprocess
+    from tests.hostile_app import real_query_with
 
-    app = ClientApp()
-    app.query()(real.query)
-
-    @app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = real.train(msg, context)
         if int(context.node_config["partition-id"]) == 0 and reply.content["config"].get("status") == "ok":
@@ -202,7 +198,7 @@ def test_flowers_robust_rules_aggregate_a_run_and_resist_a_poisoned_node(aggrega
         return reply
 
     run = run_inprocess(tiny_run_config(tiny_bert, sentiment_csv, tmp_path / "run", aggregation=aggregation,
-                                        **{"num-server-rounds": 2, **keys}), nodes, client_app=app)
+                                        **{"num-server-rounds": 2, **keys}), nodes, client_app=real_query_with(train))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["replies"] == nodes and r["rejected_count"] == 0 for r in rows if r.get("phase") == "train"), rows
     s = json.loads((run / "summary.json").read_text())

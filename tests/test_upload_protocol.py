@@ -119,17 +119,10 @@ CORRUPTIONS = {1: ("negative-scale", "quantization"), 2: ("truncated-codes", "sh
 
 def _corrupting_app():
     from flwr.app import Array, ArrayRecord, Context, Message
-    from flwr.clientapp import ClientApp
 
     from client import app as real
+    from tests.hostile_app import real_query_with
 
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return real.query(msg, context)
-
-    @app.train()
     def train(msg: Message, context: Context) -> Message:
         reply = real.train(msg, context)
         if int(context.node_config["partition-id"]) != 2 or reply.content["config"].get("status") != "ok":
@@ -149,7 +142,7 @@ def _corrupting_app():
         reply.content["adapter"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in got.items()})
         return reply
 
-    return app
+    return real_query_with(train)
 
 
 def test_corrupt_quantized_replies_are_refused_with_their_reason(tiny_bert, sentiment_csv, tmp_path):
