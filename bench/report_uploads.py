@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from bench.report_common import R, _load, _missing
-from bench.report_variants import _mean_std, _versus
+from bench.report_variants import _mean_std, _versus, traffic_table
 
 
 def _arms(part: str) -> dict[str, list[dict]] | None:
@@ -84,12 +84,7 @@ def traffic_lines(arms: dict[str, list[dict]]) -> list[str]:
     out += [f"Command: `{TRAFFIC_CMD}` (then `compare.csv` copied to `bench/results/traffic_zero_compare.csv`): the "
             "default configuration for both, seed 42, identical partitions; Fed-SB with `init-basis=weights "
             "upload-dtype=int8 download-dtype=int8` at its default-run rate, FedIT r=24 as it is (float32).", "",
-            "| method | rank | per-round bytes (up + down, all rounds) | one-time bytes | total | held-out accuracy |",
-            "|---|---|---|---|---|---|"]
-    for r in rows.values():
-        rounds = int(r["bytes_up_total"]) + int(r["bytes_down_total"])
-        out.append(f"| {r['method']} | {r['rank']} | {rounds:,} | {int(r['bytes_one_time']):,} | {int(r['bytes_total']):,} | "
-                   f"{float(r['final_accuracy']):.3f} |")
+            *traffic_table(rows.values())]
     if {"fed-sb", "fedit"} <= rows.keys():
         ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
         out += ["", f"Fed-SB's total is {ratio:.4f} of FedIT's, 1/{1 / ratio:.0f} (goal ≤ 1/50: "

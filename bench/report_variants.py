@@ -297,6 +297,17 @@ def deploy_section() -> list[str]:
     return out + [""]
 
 
+def traffic_table(rows) -> list[str]:
+    """The per-method traffic table of a comparison's compare.csv rows (as csv.DictReader gives them)."""
+    out = ["| method | rank | per-round bytes (up + down, all rounds) | one-time bytes | total | held-out accuracy |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        rounds = int(r["bytes_up_total"]) + int(r["bytes_down_total"])
+        out.append(f"| {r['method']} | {r['rank']} | {_b(rounds)} | {_b(int(r['bytes_one_time']))} | "
+                   f"{_b(int(r['bytes_total']))} | {float(r['final_accuracy']):.3f} |")
+    return out
+
+
 def traffic_section() -> list[str]:
     """Issue 14: total traffic (one-time + all rounds) of the default run against FedIT r=24, one comparison."""
     import csv
@@ -313,12 +324,7 @@ def traffic_section() -> list[str]:
     ran = "".join(f" Fed-SB's initialization: `{n.split('ran with', 1)[1].strip()}`." for n in notes if "ran with" in n)
     out += [f"Command: `{cmd}` (then `compare.csv` copied to `bench/results/traffic_compare.csv`). Both runs: the "
             "default configuration, 10 clients, 4 sampled per round, 10 rounds, identical partitions and seed." + ran, "",
-            "| method | rank | per-round bytes (up + down, all rounds) | one-time bytes | total | held-out accuracy |",
-            "|---|---|---|---|---|---|"]
-    for r in rows.values():
-        rounds = int(r["bytes_up_total"]) + int(r["bytes_down_total"])
-        out.append(f"| {r['method']} | {r['rank']} | {_b(rounds)} | {_b(int(r['bytes_one_time']))} | "
-                   f"{_b(int(r['bytes_total']))} | {float(r['final_accuracy']):.3f} |")
+            *traffic_table(rows.values())]
     if "fed-sb" in rows and "fedit" in rows:
         ratio = int(rows["fed-sb"]["bytes_total"]) / int(rows["fedit"]["bytes_total"])
         out += ["", f"Fed-SB's total is {ratio:.3f} of FedIT's (goal ≤ 0.1: {'met' if ratio <= 0.1 else 'unmet'})."]

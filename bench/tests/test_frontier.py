@@ -44,7 +44,7 @@ def test_merge_keeps_an_arm_whose_run_directories_are_gone(monkeypatch, tmp_path
         return {"method": arm, "rank": 4, "lr": 5e-3, "seed": seed, "split": split, "final_accuracy": acc,
                 "final_loss": 0.5, "bytes_up_total": 100, "bytes_down_total": 200, "bytes_one_time": 0,
                 "bytes_total": 300, "bytes_up_per_client_round": 10.0, "trainable_params": 7,
-                "communicated_params": 7, "rounds": 10, "seconds": 1.5, "run_dir": f"runs/gone/{arm}-{seed}"}
+                "communicated_params": 7, "rounds": 10, "seconds": 1.5, "epsilon": "", "run_dir": f"runs/gone/{arm}-{seed}"}
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(frontier, "RESULTS", tmp_path / "results")
@@ -104,6 +104,10 @@ def test_every_sweep_command_is_a_valid_compare_command(monkeypatch, tmp_path):
     udp = by_dir[("frontier-user-dp", "fedit")]
     assert udp.num_supernodes == 100 and udp.server_app == "bench.compose:user_dp"
     assert udp.overrides["min-available-nodes"] == 100 and udp.overrides["fraction-train"] == 0.1
-    adam = by_dir[("frontier-server-adam", "fed-sb-adam-1e_2")]
-    assert adam.server_app == "bench.compose:adam_1e_2" and adam.overrides == {"partitioner": "dirichlet"}
+    adam = by_dir[("frontier-server-adam", "fed-sb-adam")]  # the step size chosen among the apps on validation
+    assert adam.server_apps == [f"bench.compose:adam_{eta}" for eta in ("3e_3", "1e_2", "3e_2")]
+    assert adam.overrides["partitioner"] == "dirichlet" and adam.lrs == {"fed-sb": [0.01]}
     assert by_dir[("frontier-server-adam", "fed-sb")].server_app == ""
+    import bench.compose as compose  # every app the part names exists
+
+    assert all(hasattr(compose, a.split(":")[1]) for a in adam.server_apps)
