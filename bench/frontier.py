@@ -81,7 +81,9 @@ PARTS = {
     "server-adam": {"keys": {"partitioner": "'dirichlet'"}, "selection": {"select-rounds": 0}, "arms": {
         **{m: (m, r, "") for m, r in (("fed-sb", "32"), ("fedit", "8"))},
         **{f"{m}-adam": (m, r, "", ADAM_APPS) for m, r in (("fed-sb", "32"), ("fedit", "8"))}},
-        "arm_lrs": {"fed-sb-adam": "1e-2", "fedit-adam": "2.5e-3"}},
+        # fed-sb's plain arm chose 5e-3 (runs/frontier-server-adam/fed-sb/select); fedit's plain arm has not run yet:
+        # set fedit-adam's rate to its choice before running that arm
+        "arm_lrs": {"fed-sb-adam": "5e-3", "fedit-adam": "2.5e-3"}},
 }
 RESULTS = Path("bench/results")
 
