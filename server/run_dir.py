@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import (DifferentialPrivacyServerSideAdaptiveClipping,
+                                     DifferentialPrivacyServerSideFixedClipping, Result, Strategy)
 
 from fedsb import adapters
+from fedsb.config import ConfigError
 from fedsb.run.checkpoint import check_compatible
 from fedsb.run.export import export_run, head_state
 from fedsb.run.records import CHECKPOINT, RunRecorder, lock_run_dir, prepare_run_dir, versions
@@ -191,8 +193,22 @@ def federated_evaluate(st: Strategy, outer: Strategy, rnd: int, arrays: ArrayRec
         result.evaluate_metrics_clientapp[rnd] = metrics
 
 
+def check_wrappers(st: Strategy, outer: Strategy) -> None:
+    """Flower's server-side DP wrappers clip each reply's arrays against the global arrays before the strategy
+    sees them; an int8/int4 upload (codes and scales, decoded by FedSB) is not such an array, and clipping codes
+    would not clip the update: refused before anything starts, naming the key."""
+    s = outer
+    while s is not st and s is not None:
+        clips = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
+        if isinstance(s, clips) and st.cfg.upload_dtype != "float32":
+            raise ConfigError("upload-dtype", f"got {st.cfg.upload_dtype!r} inside Flower's {type(s).__name__}, "
+                              "which clips each reply's arrays as they arrive; set upload-dtype='float32'")
+        s = getattr(s, "strategy", None)
+
+
 def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: float | None, train_config: ConfigRecord,
         evaluate_config: ConfigRecord, evaluate_fn) -> Result:
+    check_wrappers(st, outer)
     cfg, t0, result = st.cfg, time.time(), Result()
     if timeout is not None:
         st.transport.timeout = timeout

@@ -97,6 +97,23 @@ def test_flowers_adaptive_clipping_wraps_fedsb_noise_and_epsilon(tiny_bert, sent
     assert summary["central_dp"]["rounds"] == 1
 
 
+def test_quantized_uploads_inside_flowers_clipping_wrapper_are_refused_before_anything_starts(tiny_bert, sentiment_csv,
+                                                                                               tmp_path):
+    # the wrapper would clip int8 codes and scales as if they were the model's arrays (and fail mid-round on their
+    # count): refused at start, naming the key, with no run directory made
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    from fedsb.config import ConfigError, FedSBConfig
+    from server.strategy import FedSB
+
+    out = tmp_path / "never"
+    fedsb = FedSB(FedSBConfig.from_run_config(tiny_run_config(tiny_bert, sentiment_csv, out, **{"upload-dtype": "int8"})))
+    wrapper = DifferentialPrivacyServerSideAdaptiveClipping(fedsb, noise_multiplier=0.1, num_sampled_clients=3)
+    with pytest.raises(ConfigError, match="upload-dtype.*DifferentialPrivacyServerSideAdaptiveClipping.*'float32'"):
+        fedsb.start(grid=None, outer=wrapper)
+    assert not out.exists()
+
+
 def test_flowers_own_loop_runs_fedsb_wrapped(tiny_bert, sentiment_csv, tmp_path):
     # Strategy.start of Flower's wrapper: the init query runs in FedSB's first configure_train
     with pytest.raises(RuntimeError, match="summary.json"):  # Flower's loop keeps no run directory
