@@ -8,6 +8,9 @@ because the best rate moves with the rank. Then the chosen rate runs on ``--seed
 …: partitions, sampling and initialization change with it), evaluated on the held-out set. Every run
 has its own directory under ``--out`` (``select/`` and ``runs/``); a run whose directory already holds a
 summary with the same settings is reused, so an interrupted comparison continues where it stopped.
+``--server-app 'a|b'`` (several ServerApps, e.g. a server optimizer at several step sizes) is chosen the same
+way: each app chooses its rate, the app with the best validation accuracy runs the seeds, and its name joins
+the runs' directory names.
 ``lab.compare_report`` turns the run directories into ``compare.csv``, ``compare.md`` and the plots.
 """
 
