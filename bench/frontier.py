@@ -35,7 +35,7 @@ LONG = {"num-server-rounds": 30, "eval-every": 30}
 LONG_SELECTION = {"select-rounds": 15}
 UPLOADS = (("", ""), ("-int8", "upload-dtype='int8'"))
 # bench/compose.py's ServerAdam apps, one per step size (its ADAM_STEPS), chosen among on validation by compare
-ADAM_APPS = "|".join(f"bench.compose:adam_{eta}" for eta in ("3e_3", "1e_2", "3e_2", "1e_1"))
+ADAM_APPS = "|".join(f"bench.compose:adam_{eta}" for eta in ("3e_3", "1e_2", "3e_2", "1e_1", "3e_1"))
 # A part is a set of arms, each one ``fedsb compare`` of one method over its ranks with its own keys; an arm's
 # name labels its rows in the merged table (Fed-SB's initializations are arms of the same method).
 PARTS = {

@@ -105,7 +105,7 @@ def test_every_sweep_command_is_a_valid_compare_command(monkeypatch, tmp_path):
     assert udp.num_supernodes == 100 and udp.server_app == "bench.compose:user_dp"
     assert udp.overrides["min-available-nodes"] == 100 and udp.overrides["fraction-train"] == 0.1
     adam = by_dir[("frontier-server-adam", "fed-sb-adam")]  # the step size chosen among the apps on validation
-    assert adam.server_apps == [f"bench.compose:adam_{eta}" for eta in ("3e_3", "1e_2", "3e_2", "1e_1")]
+    assert adam.server_apps == [f"bench.compose:adam_{eta}" for eta in ("3e_3", "1e_2", "3e_2", "1e_1", "3e_1")]
     assert adam.overrides["partitioner"] == "dirichlet" and adam.lrs == {"fed-sb": [0.005]}
     assert by_dir[("frontier-server-adam", "fed-sb")].server_app == ""
     import bench.compose as compose  # every app the part names exists
