@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from bench.report_common import R, _load
-from bench.report_variants import _difference, _paired, _versus
+from bench.report_variants import _difference, _mean_std, _paired, _versus
 
 
 def one_time() -> str:
@@ -133,7 +133,32 @@ def _by_method(groups: list[dict], key: str) -> dict[str, list[float]]:
     return out
 
 
-BLOCKS = {"one-time": one_time, "frontier": frontier}
+def composition() -> str:
+    """User-level DP (Flower's adaptive-clipping wrapper) Fed-SB against FedIT, and ServerAdam against averaging:
+    each arm's mean ± std over its seeds and whether the difference exceeds two standard errors."""
+    from bench.report_uploads import _arms, _eps
+
+    out = []
+    for part, what, pairs in (("user-dp", "User-level DP (Flower's `DifferentialPrivacyServerSideAdaptiveClipping`, "
+                               "100 clients, 10 a round, 30 rounds)", (("fed-sb", "fedit"),)),
+                              ("server-adam", "ServerAdam against plain averaging (non-IID split, server step chosen "
+                               "on validation)", (("fed-sb-adam", "fed-sb"), ("fedit-adam", "fedit")))):
+        arms = _arms(part) or {}
+        if not arms:
+            out.append(f"- **{what}**: not measured yet (`python -m bench.frontier --part {part}`).")
+            continue
+        text = f"- **{what}**: " + "; ".join(
+            f"{arm} r={rs[0]['rank']} {_mean_std([r['final_accuracy'] for r in rs])}" for arm, rs in arms.items())
+        eps = _eps([r for rs in arms.values() for r in rs])
+        text += (f" at ε = {eps} (δ = 1e-5)" if eps != "not reported" else "") + "."
+        verdicts = [_versus(a, [r["final_accuracy"] for r in arms[a]], b, [r["final_accuracy"] for r in arms[b]])
+                    for a, b in pairs if a in arms and b in arms]
+        text += "".join(f" {v}." for v in verdicts)
+        out.append(text)
+    return "\n".join(out)
+
+
+BLOCKS = {"one-time": one_time, "frontier": frontier, "composition": composition}
 
 
 def render(readme: str) -> str:
