@@ -125,6 +125,24 @@ def _server_app(row: dict) -> str:
     return next((p for p in name.split("-") if p.startswith("adam_")), "")
 
 
+def _adam_selection() -> list[str]:
+    """Each ServerAdam arm's validation runs: the accuracy of every step size tried, the plain arm's at its rate."""
+    from lab.compare_report import read_rows
+
+    rows = [r for r in read_rows(R / "frontier-server-adam" / "compare.csv") if r["split"] == "validation"]
+    out = []
+    for m in ("fed-sb", "fedit"):
+        tried = sorted((float(_server_app(r).removeprefix("adam_").replace("_", "-")), r["final_accuracy"])
+                       for r in rows if r["method"] == f"{m}-adam")
+        if tried:
+            lr = next(r["lr"] for r in rows if r["method"] == f"{m}-adam")
+            plain = [r["final_accuracy"] for r in rows if r["method"] == m and r["lr"] == lr]
+            out.append(f"- {m}-adam's validation accuracy by server step (seed 42, client lr {lr:g}): "
+                       + ", ".join(f"{eta:g}: {a:.3f}" for eta, a in tried)
+                       + (f"; plain averaging at that rate: {plain[0]:.3f}" if plain else "") + ".")
+    return out
+
+
 def composition_section() -> list[str]:
     from bench.compose import ADAM_STEPS, DELTA, NOISE_MULTIPLIER
 
@@ -163,6 +181,7 @@ def composition_section() -> list[str]:
                 f"{_mean_std([r['final_accuracy'] for r in rs])} |" for arm, rs in adam.items()]
         out += [""] + [f"- {_versus(f'{m}-adam', [r['final_accuracy'] for r in adam[f'{m}-adam']], m, [r['final_accuracy'] for r in adam[m]])}"
                        for m in ("fed-sb", "fedit") if {m, f"{m}-adam"} <= adam.keys()]
+        out += _adam_selection()
         short = [a for a in ("fed-sb", "fed-sb-adam", "fedit", "fedit-adam") if len(adam.get(a, [])) < 3]
         if short:
             out += ["", f"**Incomplete:** {', '.join(short)} (fewer than 3 seeds; `python -m bench.frontier --part "
