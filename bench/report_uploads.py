@@ -125,6 +125,16 @@ def _server_app(row: dict) -> str:
     return next((p for p in name.split("-") if p.startswith("adam_")), "")
 
 
+def _majority(arms: dict[str, list[dict]]) -> list[str]:
+    """The held-out set's majority-class share over the arms' runs (the split moves with the seed)."""
+    m = [float(r["majority_rate"]) for rs in arms.values() for r in rs if r.get("majority_rate") not in (None, "")]
+    if not m:
+        return []
+    share = f"{min(m):.3f}" + (f"–{max(m):.3f}" if max(m) > min(m) else "")
+    return ["", f"The held-out set's majority class is {share} of it over these runs (the split moves with the seed): "
+            "the accuracy of a model that learned nothing."]
+
+
 def _adam_selection() -> list[str]:
     """Each ServerAdam arm's validation runs: the accuracy of every step size tried, the plain arm's at its rate."""
     from lab.compare_report import read_rows
@@ -152,12 +162,15 @@ def composition_section() -> list[str]:
             "`DifferentialPrivacyServerSideAdaptiveClipping` (noise multiplier "
             f"{NOISE_MULTIPLIER:g}, adaptive clipping), ε from `server.dp.CentralDPEpsilon` (RDP, δ = {DELTA:g}); "
             "100 clients, 10 a round, 30 rounds, the same noise, sample and rounds (so the same ε) for both methods; "
-            "each method's client rate chosen on a 5% validation split (15-round selection runs), then 3 seeds.", ""]
+            "each method's client rate chosen on a 5% validation split (15-round selection runs), then 3 seeds. The "
+            "first selection runs ran on an NVIDIA H200 over the in-process backend, the rest on this 2-core machine "
+            "(each run's summary.json names its versions).", ""]
     if dp:
         out += _commands("user-dp") + ["", "| arm | rank | lr | held-out accuracy (mean ± std) | ε (δ = 1e-5) | "
                                        "upload / client / round |", "|---|---|---|---|---|---|"]
         out += [f"| {arm} | {rs[0]['rank']} | {rs[0]['lr']:g} | {_mean_std([r['final_accuracy'] for r in rs])} | "
                 f"{_eps(rs)} | {rs[0]['bytes_up_per_client_round']:,.0f} |" for arm, rs in dp.items()]
+        out += _majority(dp)
         if {"fed-sb", "fedit"} <= dp.keys():
             out += ["", "- " + _versus("fed-sb", [r["final_accuracy"] for r in dp["fed-sb"]], "fedit",
                                        [r["final_accuracy"] for r in dp["fedit"]])]
@@ -181,11 +194,16 @@ def composition_section() -> list[str]:
                 f"{_mean_std([r['final_accuracy'] for r in rs])} |" for arm, rs in adam.items()]
         out += [""] + [f"- {_versus(f'{m}-adam', [r['final_accuracy'] for r in adam[f'{m}-adam']], m, [r['final_accuracy'] for r in adam[m]])}"
                        for m in ("fed-sb", "fedit") if {m, f"{m}-adam"} <= adam.keys()]
-        out += _adam_selection()
-        short = [a for a in ("fed-sb", "fed-sb-adam", "fedit", "fedit-adam") if len(adam.get(a, [])) < 3]
+        out += _adam_selection() + _majority(adam)
+        short = [a for a in ("fed-sb", "fed-sb-adam", "fedit", "fedit-adam") if 0 < len(adam.get(a, [])) < 3]
+        unrun = [a for a in ("fed-sb", "fed-sb-adam", "fedit", "fedit-adam") if not adam.get(a)]
         if short:
             out += ["", f"**Incomplete:** {', '.join(short)} (fewer than 3 seeds; `python -m bench.frontier --part "
                     f"server-adam --arms {','.join(short)}` resumes them)."]
+        if unrun:
+            out += ["", f"**Not run yet:** {', '.join(unrun)} (the same comparison for FedIT, whose pseudo-gradient is "
+                    f"not the exact mean of the clients' products; `python -m bench.frontier --part server-adam --arms "
+                    f"{','.join(unrun)}`)."]
     else:
         out += _missing("python -m bench.frontier --part server-adam")
     return out + [""]

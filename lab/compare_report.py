@@ -23,7 +23,7 @@ log = logging.getLogger("fedsb.compare")
 
 COLUMNS = ["method", "rank", "lr", "seed", "split", "final_accuracy", "final_loss", "bytes_up_total", "bytes_down_total",
            "bytes_one_time", "bytes_total", "bytes_up_per_client_round", "trainable_params", "communicated_params",
-           "rounds", "seconds", "epsilon", "run_dir"]
+           "rounds", "seconds", "epsilon", "majority_rate", "run_dir"]
 GROUP_COLUMNS = ["method", "rank", "lr", "lr_at_edge", "seeds", "accuracy_mean", "accuracy_std", "bytes_up_per_client_round",
                  "bytes_one_time", "bytes_rounds", "bytes_total"]
 
@@ -40,7 +40,9 @@ def run_row(run_dir: Path) -> dict[str, Any]:
             "bytes_up_per_client_round": s["bytes_up_per_client_round"], "trainable_params": s["trainable_params"],
             "communicated_params": s["communicated_params"], "rounds": s["rounds"], "seconds": s["seconds"],
             # user-level DP's ε when a wrapper reported one (bench/compose.py's user_dp); empty otherwise
-            "epsilon": (s.get("central_dp") or {}).get("epsilon", ""), "run_dir": str(run_dir)}
+            "epsilon": (s.get("central_dp") or {}).get("epsilon", ""),
+            # the evaluated split's majority-class share: the accuracy of a model that learned nothing
+            "majority_rate": s.get("majority_rate", ""), "run_dir": str(run_dir)}
 
 
 _TYPES = {"rank": int, "seed": int, "lr": float, "final_accuracy": float, "final_loss": float, "rounds": int,

@@ -44,7 +44,7 @@ def test_merge_keeps_an_arm_whose_run_directories_are_gone(monkeypatch, tmp_path
         return {"method": arm, "rank": 4, "lr": 5e-3, "seed": seed, "split": split, "final_accuracy": acc,
                 "final_loss": 0.5, "bytes_up_total": 100, "bytes_down_total": 200, "bytes_one_time": 0,
                 "bytes_total": 300, "bytes_up_per_client_round": 10.0, "trainable_params": 7,
-                "communicated_params": 7, "rounds": 10, "seconds": 1.5, "epsilon": "", "run_dir": f"runs/gone/{arm}-{seed}"}
+                "communicated_params": 7, "rounds": 10, "seconds": 1.5, "epsilon": "", "majority_rate": "", "run_dir": f"runs/gone/{arm}-{seed}"}
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(frontier, "RESULTS", tmp_path / "results")
