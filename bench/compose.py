@@ -20,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
 
+from bench.frontier import ADAM_STEPS
 from fedsb.config import FedSBConfig
 from fedsb.logs import configure as configure_logging
 from server.app import strategy_for
@@ -28,9 +29,6 @@ from server.fedopt import ServerAdam
 
 NOISE_MULTIPLIER = 1.0  # of the aggregate's noise, relative to the clipping norm (Flower's wrapper's z)
 DELTA = 1e-5
-# ServerAdam's eta: one ServerApp each, chosen on validation (1e-1, Flower's FedAdam default, and then 3e-1 were added
-# when the largest step so far came out best, at the grid's edge)
-ADAM_STEPS = {"3e_3": 3e-3, "1e_2": 1e-2, "3e_2": 3e-2, "1e_1": 1e-1, "3e_1": 3e-1}
 
 
 def _strategy(context: Context):

@@ -154,7 +154,8 @@ def _adam_selection() -> list[str]:
 
 
 def composition_section() -> list[str]:
-    from bench.compose import ADAM_STEPS, DELTA, NOISE_MULTIPLIER
+    from bench.compose import DELTA, NOISE_MULTIPLIER
+    from bench.frontier import ADAM_STEPS
 
     out = ["## Fed-SB in Flower's own wrappers: user-level DP and a server optimizer", ""]
     dp = _arms("user-dp")

@@ -66,12 +66,7 @@ class RunDirectory:
     def wrappers(self) -> list[tuple[int, Strategy]]:
         """The wrappers between ``outer`` and FedSB (outermost is depth 0) that keep state across rounds
         (``server_state``/``load_server_state``, e.g. ``server.fedopt.ServerAdam``'s moments)."""
-        out, s, depth = [], self.outer, 0
-        while s is not self.strategy and s is not None:
-            if hasattr(s, "server_state"):
-                out.append((depth, s))
-            s, depth = getattr(s, "strategy", None), depth + 1  # Flower's wrappers hold theirs in .strategy too
-        return out
+        return [(depth, s) for depth, s in wrapper_chain(self.strategy, self.outer) if hasattr(s, "server_state")]
 
     def restore(self) -> int:
         """Load the checkpoint into the strategy's state (the parts share that one object); returns the
@@ -193,17 +188,23 @@ def federated_evaluate(st: Strategy, outer: Strategy, rnd: int, arrays: ArrayRec
         result.evaluate_metrics_clientapp[rnd] = metrics
 
 
+def wrapper_chain(st: Strategy, outer: Strategy):
+    """(depth, wrapper) for each strategy between ``outer`` (depth 0) and FedSB ``st``, outermost first."""
+    s, depth = outer, 0
+    while s is not st and s is not None:
+        yield depth, s
+        s, depth = getattr(s, "strategy", None), depth + 1  # Flower's wrappers hold theirs in .strategy too
+
+
 def check_wrappers(st: Strategy, outer: Strategy) -> None:
     """Flower's server-side DP wrappers clip each reply's arrays against the global arrays before the strategy
     sees them; an int8/int4 upload (codes and scales, decoded by FedSB) is not such an array, and clipping codes
     would not clip the update: refused before anything starts, naming the key."""
-    s = outer
-    while s is not st and s is not None:
-        clips = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
+    clips = (DifferentialPrivacyServerSideFixedClipping, DifferentialPrivacyServerSideAdaptiveClipping)
+    for _, s in wrapper_chain(st, outer):
         if isinstance(s, clips) and st.cfg.upload_dtype != "float32":
             raise ConfigError("upload-dtype", f"got {st.cfg.upload_dtype!r} inside Flower's {type(s).__name__}, "
                               "which clips each reply's arrays as they arrive; set upload-dtype='float32'")
-        s = getattr(s, "strategy", None)
 
 
 def run(st: Strategy, outer: Strategy, grid: Grid, num_rounds: int, timeout: float | None, train_config: ConfigRecord,
