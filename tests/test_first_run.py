@@ -43,6 +43,20 @@ def test_fedsb_logs_without_turning_on_other_loggers():
     assert "FEDSB-INFO" in p.stderr and "ALEMBIC-INFO" not in p.stderr and "FLOWER-DEBUG" not in p.stderr, p.stderr
 
 
+@pytest.mark.parametrize("first_import", [
+    "from fedsb.privacy.dp import make_accountant; make_accountant('rdp')",  # a DP client's first use of Opacus
+    "from client.warm_start import preload; preload(('opacus',))",  # a deployed node's warm start
+])
+def test_a_private_client_prints_each_fedsb_line_once(first_import):
+    """Opacus calls logging.basicConfig when imported; its root handler would print every fedsb line a second
+    time in each DP client and in a deployed node whose warm start preloads Opacus."""
+    code = (f"import logging; from fedsb.logs import configure; configure(); {first_import}; "
+            "import opacus; logging.getLogger('fedsb.x').info('FEDSB-ONCE')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=user_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count("FEDSB-ONCE") == 1, p.stderr
+
+
 @pytest.fixture(scope="module")
 def cli_run(ray_run):
     """`fedsb simulate` as a user runs it, its whole output captured (the suite's Ray run: tests/conftest.py)."""

@@ -47,7 +47,21 @@ def poisson_indices(n: int, q: float, generator: torch.Generator) -> list[int]:
     return torch.nonzero(torch.rand(n, generator=generator) < q).flatten().tolist()
 
 
+@functools.cache
+def _import_opacus() -> None:
+    """Import Opacus without its side effect on logging: ``opacus.utils.module_utils`` calls
+    ``logging.basicConfig`` when imported, which gives the root logger a handler of its own, and every fedsb
+    record (they propagate to the root) then prints twice. A root handler the application set up is kept."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    import opacus  # noqa: F401
+
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+
+
 def make_accountant(name: str, history: History | None = None):
+    _import_opacus()
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     acc = {"prv": PRVAccountant, "rdp": RDPAccountant}[name]()
@@ -132,6 +146,7 @@ def private_train(model: nn.Module, dataset, collate_fn, *, steps: int, batch_si
     ``sampling_generator`` draws the Poisson masks; leave it ``None`` (OS entropy) outside tests: masks the
     server could reproduce would void the amplification by subsampling that the accountant counts.
     """
+    _import_opacus()
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from tqdm.auto import tqdm
