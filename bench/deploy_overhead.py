@@ -53,7 +53,7 @@ def deployment(tmp: Path, name: str, cfg: dict, cache: bool, warm: bool = False)
             fed.register(i)
             fed.start_supernode(i)
         t0 = time.time()
-        run_id = fed.run(dict(cfg, **{"output-dir": str(tmp / name / "run")}))
+        run_id = fed.start_run(dict(cfg, **{"output-dir": str(tmp / name / "run")}))
         status = fed.wait(run_id, timeout=1800)
         wall = time.time() - t0
     finally:

@@ -9,31 +9,23 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsb.ops.certs import make_certificates
 from fedsb.ops.deploy import EXECUTOR_ENV, Security, connection_toml, superexec_args, supernode_args, superlink_args
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from lab.flwr_cli import BIN, ROOT, FlwrCli, free_port
 
 
 @dataclass
-class Federation:
+class Federation(FlwrCli):
     workdir: Path
     num_nodes: int = 3
     isolation: str = "subprocess"
     warm: bool = False  # each SuperNode's ClientApp processes forked by a warm-start process (client/warm_start.py)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    federation = "fedsb-test"
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -49,6 +41,7 @@ class Federation:
         self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FEDSB_PROGRESS="0",
                         PYTHONPATH=str(ROOT), **EXECUTOR_ENV)  # as the compose files set it
+        self.flwr_env = self.env
 
     # -- processes ------------------------------------------------------------------------------
     def _start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -71,10 +64,6 @@ class Federation:
             except OSError:
                 time.sleep(0.5)
         raise RuntimeError(f"SuperLink did not open port {self.port}: {self.log('superlink')[-2000:]}")
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
 
     def register(self, i: int) -> subprocess.CompletedProcess:
         return self.flwr("supernode", "register", str(self.certs / "keys" / f"sn{i}.pub"), "fedsb-test")
@@ -146,20 +135,6 @@ class Federation:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # -- runs -----------------------------------------------------------------------------------
-    def run(self, run_config: dict) -> int:
-        """``flwr run . fedsb-test``; returns the run id."""
-        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        res = self.flwr("run", ".", "fedsb-test", "--run-config", rc, "--format", "json", timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {res.stdout}\n{res.stderr}")
-        return int(json.loads(res.stdout)["run-id"])
-
-    def status(self, run_id: int) -> str:
-        res = self.flwr("ls", "fedsb-test", "--run-id", str(run_id), "--format", "json")
-        data = json.loads(res.stdout)
-        runs = data.get("runs", [data])
-        return str(runs[0].get("status", "")) if runs else ""
-
     def wait(self, run_id: int, timeout: float, until: Path | None = None) -> str:
         """The run's final status. With ``until`` (a file the run writes when it ends, e.g. its summary.json)
         the status is asked for every 15 s until that file exists, then every 0.5 s: each ``flwr ls`` is a

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsb.ops.deploy import APP_IMAGE, APP_UID, FLWR_VERSION, connection_toml, supernode_args
+from lab.flwr_cli import BIN, ROOT, FlwrCli, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DOCKER_DIR = ROOT / "docker"
 CACHE = Path(os.environ.get("FEDSB_DOCKER_CACHE", Path.home() / ".cache" / "fedsb-docker"))
 LABEL = "org.fedsb.test.inputs"
@@ -253,14 +251,8 @@ def build_images() -> dict[str, float]:
 
 
 # -- a federation in containers --------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
-class ComposeFederation:
+class ComposeFederation(FlwrCli):
     """``docker-compose -f docker/compose.yml -f docker/compose.tls.yml`` in a project directory of its own.
 
     The SuperLink's port is published on 127.0.0.1 only; the containers talk over the project's own
@@ -270,6 +262,7 @@ class ComposeFederation:
     workdir: Path
     num_nodes: int = 3
     project: str = field(default_factory=lambda: f"fedsb-test-{os.getpid()}")
+    federation = "fedsb-docker"
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -289,10 +282,6 @@ class ComposeFederation:
         return run(["docker-compose", "--project-directory", str(self.workdir), "-p", self.project,
                     "-f", str(DOCKER_DIR / "compose.yml"), "-f", str(DOCKER_DIR / "compose.tls.yml"), *args],
                    check=check, timeout=timeout, env=self.env)
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.flwr_env, capture_output=True,
-                              text=True, timeout=timeout)
 
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service).stdout.decode().strip()
@@ -347,22 +336,6 @@ class ComposeFederation:
 
     def up(self) -> None:
         self.compose("up", "-d")
-
-    def start_run(self, run_config: dict) -> int:
-        rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-        res = self.flwr("run", ".", "fedsb-docker", "--run-config", rc, "--format", "json", timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"flwr run failed: {res.stdout}\n{res.stderr}")
-        return int(json.loads(res.stdout)["run-id"])
-
-    def status(self, run_id: int) -> str:
-        res = self.flwr("ls", "fedsb-docker", "--run-id", str(run_id), "--format", "json")
-        try:
-            data = json.loads(res.stdout)
-        except json.JSONDecodeError:
-            return ""
-        runs = data.get("runs", [data])
-        return str(runs[0].get("status", "")) if runs else ""
 
     def records(self, run_dir: str) -> list[dict]:
         res = self.exec("superexec-serverapp", "cat", f"{run_dir}/metrics.jsonl", check=False)

@@ -72,7 +72,7 @@ def test_parties_with_own_data_survive_a_lost_node_and_refuse_another_model(fede
         "dataset": "none", "labels": "neg,pos", "eval-dataset": str(make_sentiment_csv(tmp_path / "server-eval.csv", n=40)),
         "num-server-rounds": 3, "local-steps": 5, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
         "min-available-nodes": 4, "round-timeout": 300.0})  # nothing waits it out: a bound for a loaded machine
-    run_id = fed.run(run_config)
+    run_id = fed.start_run(run_config)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 600  # a bound, not a measurement: four parties' start-ups on a busy machine
     # lost mid-round: node 2 leaves once it holds its round-2 train message (its second), so round 2 counts
@@ -129,7 +129,7 @@ def test_warm_start_forks_every_clientapp_process(tiny_bert, sentiment_csv, tmp_
         for i in range(2):
             assert fed.register(i).returncode == 0
             fed.start_supernode(i)
-        run_id = fed.run(tiny_run_config(tiny_bert, sentiment_csv, out, **{
+        run_id = fed.start_run(tiny_run_config(tiny_bert, sentiment_csv, out, **{
             "num-server-rounds": 2, "local-steps": 3, "init-samples": 16, "fraction-train": 1.0, "min-train-nodes": 2,
             "min-available-nodes": 2, "round-timeout": 90.0}))
         assert fed.wait(run_id, timeout=300) == "finished:completed"
@@ -195,7 +195,7 @@ def test_superlink_restarted_mid_run_resumes_from_the_last_checkpoint(tiny_bert,
         for i in range(2):
             assert fed.register(i).returncode == 0
             fed.start_supernode(i)
-        first = fed.run(cfg)
+        first = fed.start_run(cfg)
         deadline = time.time() + 600
         while checkpoint_round() < 1:  # round 1 trained and checkpointed
             assert time.time() < deadline and not fed.status(first).startswith("finished"), \
@@ -220,7 +220,7 @@ def test_superlink_restarted_mid_run_resumes_from_the_last_checkpoint(tiny_bert,
         k = checkpoint_round()  # what the resume continues from
         kept = [r for r in _records(out / "metrics.jsonl") if r["round"] <= k]
         assert 1 <= k < rounds
-        second = fed.run(dict(cfg, resume=True))
+        second = fed.start_run(dict(cfg, resume=True))
         assert second != first  # a new Flower run; fedsb's resume keys on output-dir
         assert fed.wait(second, timeout=500) == "finished:completed"
     finally:

@@ -4,28 +4,22 @@ starts) completes, prints no deprecation warning, and leaves no SuperLink of its
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from lab.flwr_cli import free_port
 from server import local_superlink
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.deployment
 def test_make_run_completes_and_stops_the_superlink_it_started(tiny_bert, sentiment_csv, tmp_path, monkeypatch):
     home, run_dir = tmp_path / "flwr-home", tmp_path / "run"
-    env = dict(os.environ, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()))
+    env = dict(os.environ, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+               FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     run_config = (f"model='{tiny_bert}' dataset='{sentiment_csv}' text-column='text' label-column='label' "
                   "max-length=16 rank=4 init-samples=16 num-server-rounds=1 local-steps=2 eval-max-samples=50 "
                   "fraction-train=1.0")
