@@ -81,7 +81,7 @@ def frontier() -> str:
     """One bullet per part of ``bench.frontier``: best mean, what is resolved by total bytes and by per-round
     traffic, each method's bytes per run, Fed-SB's one-time share, and the rates left at a grid edge."""
     from bench.frontier import PARTS
-    from bench.report_frontier import FRONTIER_PARTS, one_time_shares
+    from bench.report_frontier import FRONTIER_PARTS, long_goal, one_time_shares
     from lab.compare_report import budget_leaders, group_rows, read_rows
 
     bullets = []
@@ -119,6 +119,8 @@ def frontier() -> str:
                 if m.startswith("fed-sb-") and ("fed-sb", k) in runs]
         if arms:
             text += " Fed-SB's other bases against its client-gradient basis: " + "; ".join(arms) + "."
+        if part.startswith("long-"):  # issue 31's goal for the part, its verdict alone (BENCHMARKS has the margins)
+            text += " " + long_goal(part, rows)[0].split(".**")[0].replace("**", "") + "."
         edge = [f"{_label(g)} ({g['lr']:g})" for g in groups if g["lr_at_edge"]]
         if edge:
             text += " Rate still at its grid's edge: " + ", ".join(edge) + "."

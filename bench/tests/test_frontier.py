@@ -111,3 +111,45 @@ def test_every_sweep_command_is_a_valid_compare_command(monkeypatch, tmp_path):
     import bench.compose as compose  # every app the part names exists
 
     assert all(hasattr(compose, a.split(":")[1]) for a in adam.server_apps)
+
+
+def _rows(method: str, rank: int, accs: list[float], total: int, val: float | None = None) -> list[dict]:
+    """Held-out rows of one (method, rank), the bytes alike, and one selection run at the same rate."""
+    rows = [{"method": method, "rank": rank, "lr": 1e-2, "split": "test", "seed": 42 + i, "final_accuracy": a,
+             "bytes_up_per_client_round": 1, "bytes_one_time": 0, "bytes_up_total": total * 10**6, "bytes_down_total": 0,
+             "bytes_total": total * 10**6} for i, a in enumerate(accs)]
+    if val is not None:
+        rows.append({**rows[0], "split": "validation", "final_accuracy": val})
+    return rows
+
+
+def test_long_goal_is_judged_beyond_two_standard_errors():
+    """Issue 31's goal lines: Fed-SB wins where its margin exceeds 2 SE, is beaten where another method's does;
+    a budget where Fed-SB alone fits is no accuracy win."""
+    from bench.report_frontier import long_goal
+
+    cheap = _rows("fed-sb-weights-int8", 32, [0.70, 0.71, 0.72], 10)
+    win = cheap + _rows("fed-sb-int8", 64, [0.80, 0.81, 0.80], 30) + _rows("ffa-lora-int8", 4, [0.70, 0.71, 0.70], 20)
+    text = long_goal("long-nonprivate", win)[0]
+    assert "): met.**" in text and "≤ 30.0 MB: fed-sb-int8 r=64 over ffa-lora-int8 r=4" in text, text
+    assert "only method that fits" in text and "Beaten beyond 2 SE at: no budget where it fits" in text, text
+    assert "Why" not in text, text
+    lose = cheap + _rows("ffa-lora-int8", 4, [0.80, 0.81, 0.80], 20)
+    text = long_goal("long-nonprivate", lose)[0]
+    assert "): unmet.**" in text and "Beaten beyond 2 SE at: ≤ 20.0 MB: ffa-lora-int8 r=4 over fed-sb-weights-int8" in text
+    tie = cheap + _rows("ffa-lora-int8", 4, [0.70, 0.72, 0.71], 20)
+    text = long_goal("long-nonprivate", tie)[0]
+    assert "): unmet.**" in text and "no budget where it fits" in text and "lie within 0.000 of each other" in text, text
+
+
+def test_private_goal_takes_the_basis_validation_chose_not_the_best_held_out_one():
+    """At ε = 1 the basis is a hyperparameter: the goal compares the one whose selection run scored best, even
+    where another basis has the better held-out mean."""
+    from bench.report_frontier import long_goal
+
+    rows = (_rows("fed-sb-random", 32, [0.60, 0.61, 0.60], 10, val=0.70)
+            + _rows("fed-sb-weights", 32, [0.90, 0.91, 0.90], 10, val=0.50)
+            + _rows("ffa-lora", 8, [0.70, 0.71, 0.70], 10, val=0.6))
+    text = long_goal("long-private-eps1", rows)[0]
+    assert "): unmet.**" in text and "is fed-sb-random: held-out 0.603" in text, text
+    assert "not measured yet" in long_goal("long-private-eps1", rows[:4])[0]
