@@ -82,3 +82,16 @@ def tiny_run_config(tiny_bert: Path, csv_path: Path, out: Path, **extra) -> dict
     }
     cfg.update(extra)
     return cfg
+
+
+def set_random_bases(layers: dict, rank: int, seed: int, r_scale: float = 1.0) -> torch.Generator:
+    """Give each Fed-SB layer a random orthonormal basis (B, A from the QR of Gaussian matrices) and a random R
+    times ``r_scale``, in the layers' order from one generator seeded ``seed``; returns that generator, so a
+    test can go on drawing from it."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            B, _ = torch.linalg.qr(torch.randn(layer.out_features, rank, generator=g))
+            A, _ = torch.linalg.qr(torch.randn(layer.in_features, rank, generator=g))
+            layer.set_basis(B, A.t(), r_scale * torch.randn(rank, rank, generator=g))
+    return g

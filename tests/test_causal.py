@@ -15,6 +15,7 @@ from fedsb.tasks.causal import (PromptAnswer, causal_per_example_loss, exact_mat
                           load_chatterbot, load_gsm, load_jsonl_prompt_answer, tokenize_prompt_answer)
 from fedsb.tasks.data import pad_collate
 from fedsb.tasks.models import load_base_model, load_tokenizer
+from lab.tiny import set_random_bases
 from tests.conftest import minilm_dir, tiny_run_config
 
 
@@ -128,11 +129,7 @@ def test_peft_export_of_llama_generates_the_same_tokens(tiny_llama, tmp_path):
 
     model = load_base_model(str(tiny_llama), "causal-lm", 0, 0)
     layers = make_method("fed-sb", 4, 2.0, 8.0, 0).build(model, adapters.find_targets(model, None))
-    g = torch.Generator().manual_seed(0)
-    for l in layers.values():
-        B, _ = torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))
-        A, _ = torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))
-        l.set_basis(B, A.t(), 3 * torch.randn(4, 4, generator=g))
+    set_random_bases(layers, 4, seed=0, r_scale=3.0)
     export_peft(tmp_path / "peft", model, str(tiny_llama), "CAUSAL_LM")
     peft_model = PeftModel.from_pretrained(load_base_model(str(tiny_llama), "causal-lm", 0, 0), str(tmp_path / "peft"))
     tok = load_tokenizer(str(tiny_llama))

@@ -9,18 +9,15 @@ from fedsb import adapters
 from fedsb.run.export import export_merged, export_peft, load_fedsb_adapter, save_fedsb_adapter
 from fedsb.methods import FedSB, method_for
 from fedsb.tasks.models import load_base_model
+from lab.tiny import set_random_bases
 
 
 def _trained_sb_model(tiny_bert, seed=0):
     model = load_base_model(str(tiny_bert), "seq-cls", 3, 0)
     names = adapters.find_targets(model, None)
     layers = FedSB("fed-sb", 4, 0.5).build(model, names)
-    g = torch.Generator().manual_seed(seed)
+    g = set_random_bases(layers, 4, seed)
     with torch.no_grad():
-        for l in layers.values():
-            B, _ = torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))
-            A, _ = torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))
-            l.set_basis(B, A.t(), torch.randn(4, 4, generator=g))
         model.classifier.weight.add_(torch.randn(model.classifier.weight.shape, generator=g))
     return model.eval()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from fedsb import adapters
 from fedsb.adapters import SBLinear
 from fedsb.adapters.sb_init import accumulate_gradients, random_bases, truncated_svd, update_approximation
 from fedsb.wire import basis_fingerprint, flatten, unflatten_into
+from lab.tiny import set_random_bases
 
 
 
@@ -28,12 +28,8 @@ def float64_default():
 
 
 def _sb(base: nn.Module, r: int, s: float, seed: int) -> SBLinear:
-    g = torch.Generator().manual_seed(seed)
     layer = SBLinear(base, r, s)
-    m, n = layer.out_features, layer.in_features
-    B, _ = torch.linalg.qr(torch.randn(m, r, generator=g))
-    A, _ = torch.linalg.qr(torch.randn(n, r, generator=g))
-    layer.set_basis(B, A.t(), torch.randn(r, r, generator=g))
+    set_random_bases({"layer": layer}, r, seed)
     return layer
 
 

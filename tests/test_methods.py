@@ -12,6 +12,7 @@ from fedsb import adapters
 from fedsb.aggregation import robust
 from fedsb.methods import FLoRA, make_method
 from fedsb.tasks.models import load_base_model
+from lab.tiny import set_random_bases
 
 
 def _effective(model) -> dict[str, torch.Tensor]:
@@ -25,11 +26,7 @@ def _setup(tiny_bert, name, rank=4):
     method = make_method(name, rank, 1.0, 8.0, seed=0)
     layers = method.build(model, names)
     if name == "fed-sb":  # a real orthonormal basis
-        g = torch.Generator().manual_seed(0)
-        for l in layers.values():
-            B, _ = torch.linalg.qr(torch.randn(l.out_features, rank, generator=g))
-            A, _ = torch.linalg.qr(torch.randn(l.in_features, rank, generator=g))
-            l.set_basis(B, A.t(), torch.randn(rank, rank, generator=g))
+        set_random_bases(layers, rank, seed=0)
     return model, method
 
 

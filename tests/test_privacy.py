@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from fedsb.methods import make_method
 from fedsb.tasks.models import load_base_model
 from fedsb.tasks.seq_cls import seq_cls_per_example_loss
 from fedsb.tasks.training import train_steps
+from lab.tiny import set_random_bases
 from tests.conftest import tiny_run_config
 
 
@@ -33,11 +33,7 @@ def _dataset(n=12, seed=0):
 def _sb_model(tiny_bert):
     model = load_base_model(str(tiny_bert), "seq-cls", 2, 0)
     layers = make_method("fed-sb", 4, 1.0, 8.0, 0).build(model, adapters.find_targets(model, None))
-    g = torch.Generator().manual_seed(1)
-    for l in layers.values():
-        B, _ = torch.linalg.qr(torch.randn(l.out_features, 4, generator=g))
-        A, _ = torch.linalg.qr(torch.randn(l.in_features, 4, generator=g))
-        l.set_basis(B, A.t(), torch.randn(4, 4, generator=g))
+    set_random_bases(layers, 4, seed=1)
     return model
 
 
