@@ -62,19 +62,14 @@ def _label(g: dict) -> str:
 
 def _wins(leaders: list[dict]) -> str:
     """The budgets a method won beyond 2 SE, consecutive budgets with the same pair written as one range."""
-    spans: list[list] = []  # [(leader, runner-up), first budget, last budget, index of the last]
-    for i, v in enumerate(leaders):
-        if not v["wins"]:
-            continue
-        pair = (_label(v["leader"]), _label(v["runner_up"]))
-        if spans and spans[-1][0] == pair and spans[-1][3] == i - 1:
-            spans[-1][2:] = [v["budget"], i]
-        else:
-            spans.append([pair, v["budget"], v["budget"], i])
+    from lab.compare_report import budget_spans
+
+    spans = budget_spans([(i, v["budget"], (_label(v["leader"]), _label(v["runner_up"])))
+                          for i, v in enumerate(leaders) if v["wins"]])
     if not spans:
         return "none"
     return "; ".join(f"{a} over {b} at ≤ {lo / 1e6:.1f}" + (f"–{hi / 1e6:.1f}" if hi != lo else "") + " MB"
-                     for (a, b), lo, hi, _ in spans)
+                     for lo, hi, (a, b) in spans)
 
 
 def frontier() -> str:

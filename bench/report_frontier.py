@@ -158,33 +158,34 @@ def long_goal(part: str, rows: list[dict]) -> list[str]:
 
 
 def _nonprivate_goal(groups: list[dict], family, leaders: list[dict]) -> list[str]:
-    wins, beaten, close = [], [], []  # (budget, the pair and margin) per budget where Fed-SB and another method fit
-    for v in leaders:
-        within = [g for g in groups if g["bytes_total"] <= v["budget"]]
-        sb = max((g for g in within if family(g["method"]) == "fed-sb"), key=lambda g: g["accuracy_mean"], default=None)
+    from lab.compare_report import budget_spans, family_best, group_difference
+
+    wins, beaten, close = [], [], []  # (index, budget, the pair and margin) where Fed-SB and another method fit
+    for i, v in enumerate(leaders):
+        sb = family_best(groups, family, budget=v["budget"]).get("fed-sb")
         if sb is None or v["runner_up"] is None:
             continue  # Fed-SB does not fit, or it alone fits: a win by bytes, not by accuracy
         a, b = (v["leader"], v["runner_up"]) if family(v["leader"]["method"]) == "fed-sb" else (v["leader"], sb)
-        d, se = _difference_groups(a, b)
+        d, se = group_difference(a, b)
         text = (f"{a['method']} r={a['rank']} over {b['method']} r={b['rank']} by {d:.4f} "
                 + (f"{'>' if d > 2 * se else '≤'} 2 SE = {2 * se:.4f}" if se is not None else "(one seed)"))
         resolved = se is not None and d > 2 * se
-        (wins if resolved and family(a["method"]) == "fed-sb" else beaten if resolved else close).append((v["budget"], text))
+        (wins if resolved and family(a["method"]) == "fed-sb" else beaten if resolved else close).append((i, v["budget"], text))
+    def spans(items: list[tuple[int, float, str]]) -> str:
+        return "; ".join(f"≤ {lo / 1e6:.1f}" + (f"–{hi / 1e6:.1f}" if hi != lo else "") + f" MB: {t}"
+                         for lo, hi, t in budget_spans(items))
+
     only = [v for v in leaders if v["runner_up"] is None and family(v["leader"]["method"]) == "fed-sb"]
     out = (f"**Goal (Fed-SB wins beyond 2 SE at ≥ 1 total-bytes budget; beaten beyond 2 SE at none where it fits): "
-           f"{'met' if wins and not beaten else 'unmet'}.** Fed-SB wins beyond 2 SE at: {_spans(wins) or 'no budget'}. "
-           f"Beaten beyond 2 SE at: {_spans(beaten) or 'no budget where it fits'}.")
+           f"{'met' if wins and not beaten else 'unmet'}.** Fed-SB wins beyond 2 SE at: {spans(wins) or 'no budget'}. "
+           f"Beaten beyond 2 SE at: {spans(beaten) or 'no budget where it fits'}.")
     if only:
         out += (f" At ≤ {max(v['budget'] for v in only) / 1e6:.1f} MB Fed-SB is the only method that fits (a win by "
                 "bytes, not by accuracy).")
     if close:
-        out += " Where Fed-SB and another method both fit, the leader's margin stays within the seed spread: " + _spans(close) + "."
+        out += " Where Fed-SB and another method both fit, the leader's margin stays within the seed spread: " + spans(close) + "."
     if not wins and not beaten:  # why the goal is unmet when nothing is resolved either way: the seeds' spread
-        best: dict[str, dict] = {}
-        for g in groups:
-            if family(g["method"]) not in best or g["accuracy_mean"] > best[family(g["method"])]["accuracy_mean"]:
-                best[family(g["method"])] = g
-        means = sorted(best.values(), key=lambda g: -g["accuracy_mean"])
+        means = sorted(family_best(groups, family).values(), key=lambda g: -g["accuracy_mean"])
         listed = ", ".join(f"{g['method']} r={g['rank']} {g['accuracy_mean']:.3f}" for g in means)
         out += (f" Why, from the runs: the methods' best held-out means lie within "
                 f"{means[0]['accuracy_mean'] - means[-1]['accuracy_mean']:.3f} of each other ({listed}), while one "
@@ -193,18 +194,9 @@ def _nonprivate_goal(groups: list[dict], family, leaders: list[dict]) -> list[st
     return [out]
 
 
-def _spans(items: list[tuple[float, str]]) -> str:
-    """Consecutive budgets with the same text as one range: "≤ 25.3–40.4 MB: text"."""
-    spans: list[list] = []
-    for budget, text in items:
-        if spans and spans[-1][2] == text:
-            spans[-1][1] = budget
-        else:
-            spans.append([budget, budget, text])
-    return "; ".join(f"≤ {lo / 1e6:.1f}" + (f"–{hi / 1e6:.1f}" if hi != lo else "") + f" MB: {t}" for lo, hi, t in spans)
-
-
 def _private_goal(groups: list[dict], rows: list[dict], family) -> list[str]:
+    from lab.compare_report import family_best, group_difference
+
     # the basis is a hyperparameter like the rate: it is chosen on the validation runs (each arm's best selection
     # run, at the rate it chose), never on the held-out accuracy the goal is judged by
     val: dict[str, float] = {}
@@ -217,23 +209,15 @@ def _private_goal(groups: list[dict], rows: list[dict], family) -> list[str]:
     chosen = max(val, key=val.get)
     bases = ", ".join(f"{m} {v:.3f}" for m, v in sorted(val.items(), key=lambda kv: -kv[1]))
     sb = next((g for g in groups if g["method"] == chosen), None)
-    ffa = max((g for g in groups if family(g["method"]) == "ffa-lora"), key=lambda g: g["accuracy_mean"], default=None)
+    ffa = family_best(groups, family).get("ffa-lora")
     if sb is None or ffa is None or min(sb["seeds"], ffa["seeds"]) < 2:
         return [goal + f"not measured yet** (the basis chosen on validation, {chosen} among {bases}, and FFA-LoRA need "
                 "2 held-out seeds or more each)."]
-    d, se = _difference_groups(sb, ffa)
+    d, se = group_difference(sb, ffa)
     return [goal + f"{'met' if d > 2 * se else 'unmet'}.** The basis chosen on validation (each arm's best selection "
             f"run: {bases}) is {chosen}: held-out {sb['accuracy_mean']:.3f} ± {sb['accuracy_std']:.3f} ({sb['seeds']} "
             f"seeds) against {ffa['method']} r={ffa['rank']} {ffa['accuracy_mean']:.3f} ± {ffa['accuracy_std']:.3f} "
             f"({ffa['seeds']} seeds): {d:+.3f}, 2 SE = {2 * se:.3f}."]
-
-
-def _difference_groups(a: dict, b: dict) -> tuple[float, float | None]:
-    """Difference of two (method, rank) groups' means and its standard error (None with fewer than 2 seeds a side)."""
-    d = a["accuracy_mean"] - b["accuracy_mean"]
-    if min(a["seeds"], b["seeds"]) < 2:
-        return d, None
-    return d, (a["accuracy_std"] ** 2 / a["seeds"] + b["accuracy_std"] ** 2 / b["seeds"]) ** 0.5
 
 
 __all__ = ["frontier_section", "long_goal", "one_time_shares", "pooler_section"]

@@ -91,24 +91,48 @@ def budget_leaders(groups: list[dict], key: str = "bytes_total", family: Callabl
     and whether the leader ``wins`` (d > 2 SE). ``runner_up`` is None where one method fits. ``family`` names
     the method a row's label belongs to (variants of one method, e.g. its bases or upload dtypes, compete as
     one: the best of them within the budget)."""
-    family = family or (lambda m: m)
     out = []
     for budget in sorted({g[key] for g in groups}):
-        best: dict[str, dict] = {}
-        for g in groups:
-            f = family(g["method"])
-            if g[key] <= budget and (f not in best or g["accuracy_mean"] > best[f]["accuracy_mean"]):
-                best[f] = g
-        ranked = sorted(best.values(), key=lambda g: -g["accuracy_mean"])
+        ranked = sorted(family_best(groups, family, key, budget).values(), key=lambda g: -g["accuracy_mean"])
         a, b = ranked[0], (ranked[1] if len(ranked) > 1 else None)
-        d = se = None
-        if b is not None:
-            d = a["accuracy_mean"] - b["accuracy_mean"]
-            if min(a["seeds"], b["seeds"]) >= 2:
-                se = math.sqrt(a["accuracy_std"] ** 2 / a["seeds"] + b["accuracy_std"] ** 2 / b["seeds"])
+        d, se = group_difference(a, b) if b is not None else (None, None)
         out.append({"budget": budget, "key": key, "leader": a, "runner_up": b, "d": d, "se": se,
                     "wins": se is not None and d > 2 * se})
     return out
+
+
+def family_best(groups: list[dict], family: Callable[[str], str] | None = None, key: str = "bytes_total",
+                budget: float = math.inf) -> dict[str, dict]:
+    """Each method's (``family``'s) best (method, rank) by mean accuracy among the groups whose ``key`` bytes fit
+    in ``budget``."""
+    family = family or (lambda m: m)
+    best: dict[str, dict] = {}
+    for g in groups:
+        f = family(g["method"])
+        if g[key] <= budget and (f not in best or g["accuracy_mean"] > best[f]["accuracy_mean"]):
+            best[f] = g
+    return best
+
+
+def group_difference(a: dict, b: dict) -> tuple[float, float | None]:
+    """Two (method, rank) groups: the difference of their means and its standard error (None with fewer than 2
+    seeds a side)."""
+    d = a["accuracy_mean"] - b["accuracy_mean"]
+    if min(a["seeds"], b["seeds"]) < 2:
+        return d, None
+    return d, math.sqrt(a["accuracy_std"] ** 2 / a["seeds"] + b["accuracy_std"] ** 2 / b["seeds"])
+
+
+def budget_spans(items: list[tuple[int, float, Any]]) -> list[tuple[float, float, Any]]:
+    """``(index, budget, what)`` items, ``index`` the budget's place in ``budget_leaders``: runs of consecutive
+    budgets with the same ``what`` as one ``(first budget, last budget, what)``."""
+    spans: list[list] = []  # [first budget, last budget, what, index of the last]
+    for i, budget, what in items:
+        if spans and spans[-1][2] == what and spans[-1][3] == i - 1:
+            spans[-1][1], spans[-1][3] = budget, i
+        else:
+            spans.append([budget, budget, what, i])
+    return [(lo, hi, what) for lo, hi, what, _ in spans]
 
 
 def verdicts(groups: list[dict], key: str = "bytes_total", family: Callable[[str], str] | None = None) -> list[str]:
