@@ -58,17 +58,17 @@ def forget_app_modules() -> list[str]:
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> dict[str, float]:
     """Import ``modules``; returns the seconds each took (a module that fails is logged and skipped)."""
-    took, root = {}, logging.getLogger()
+    from fedsb.logs import root_unconfigured
+
+    took = {}
     for name in modules:
-        t0, before = time.time(), list(root.handlers)
+        t0 = time.time()
         try:
-            importlib.import_module(name)
+            with root_unconfigured():  # opacus's import would give the root logger a handler: fedsb's lines twice
+                importlib.import_module(name)
         except Exception as e:  # an optional extra (opacus) may be absent: the child imports what it needs
             log.warning("warm start: not preloading %s (%s)", name, e)
             continue
-        finally:  # opacus calls logging.basicConfig when imported: its root handler would print fedsb's lines twice
-            for handler in [h for h in root.handlers if h not in before]:
-                root.removeHandler(handler)
         took[name] = round(time.time() - t0, 3)
     return took
 

@@ -7,9 +7,11 @@ for one). The apps and the ``fedsb`` command call ``configure`` instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from typing import Iterator
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -24,6 +26,20 @@ def configure(level: int = logging.INFO) -> logging.Logger:
         handler.fedsb_console = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     return logger
+
+
+@contextlib.contextmanager
+def root_unconfigured() -> Iterator[None]:
+    """Undo a root handler that an import inside adds: Opacus (``opacus.utils.module_utils``) calls
+    ``logging.basicConfig`` when imported, and every fedsb record, which propagates to the root, would then
+    print twice. A root handler the application set up before is kept."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
 
 
 def progress_bars() -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedsb.logs import root_unconfigured
 from fedsb.tasks.training import step_lrs
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,9 @@ def poisson_indices(n: int, q: float, generator: torch.Generator) -> list[int]:
 
 @functools.cache
 def _import_opacus() -> None:
-    """Import Opacus without its side effect on logging: ``opacus.utils.module_utils`` calls
-    ``logging.basicConfig`` when imported, which gives the root logger a handler of its own, and every fedsb
-    record (they propagate to the root) then prints twice. A root handler the application set up is kept."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    import opacus  # noqa: F401
-
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
+    """Import Opacus without the root log handler its import sets up (``fedsb.logs.root_unconfigured``)."""
+    with root_unconfigured():
+        import opacus  # noqa: F401
 
 
 def make_accountant(name: str, history: History | None = None):
