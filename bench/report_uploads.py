@@ -8,7 +8,8 @@ from bench.report_common import R, _load, _missing
 from bench.report_variants import _mean_std, _versus, traffic_table
 
 
-def _arms(part: str) -> dict[str, list[dict]] | None:
+def _arms(part: str, split: str = "test") -> dict[str, list[dict]] | None:
+    """The part's merged runs on ``split`` (held-out "test", or the selection runs' "validation"), by arm."""
     from lab.compare_report import read_rows
 
     p = R / f"frontier-{part}" / "compare.csv"
@@ -16,7 +17,7 @@ def _arms(part: str) -> dict[str, list[dict]] | None:
         return None
     arms: dict[str, list[dict]] = {}
     for r in read_rows(p):
-        if r["split"] == "test":
+        if r["split"] == split:
             arms.setdefault(r["method"], []).append(r)
     return arms
 
@@ -137,16 +138,14 @@ def _majority(arms: dict[str, list[dict]]) -> list[str]:
 
 def _adam_selection() -> list[str]:
     """Each ServerAdam arm's validation runs: the accuracy of every step size tried, the plain arm's at its rate."""
-    from lab.compare_report import read_rows
-
-    rows = [r for r in read_rows(R / "frontier-server-adam" / "compare.csv") if r["split"] == "validation"]
+    arms = _arms("server-adam", "validation") or {}
     out = []
     for m in ("fed-sb", "fedit"):
         tried = sorted((float(_server_app(r).removeprefix("adam_").replace("_", "-")), r["final_accuracy"])
-                       for r in rows if r["method"] == f"{m}-adam")
+                       for r in arms.get(f"{m}-adam", []))
         if tried:
-            lr = next(r["lr"] for r in rows if r["method"] == f"{m}-adam")
-            plain = [r["final_accuracy"] for r in rows if r["method"] == m and r["lr"] == lr]
+            lr = arms[f"{m}-adam"][0]["lr"]
+            plain = [r["final_accuracy"] for r in arms.get(m, []) if r["lr"] == lr]
             out.append(f"- {m}-adam's validation accuracy by server step (seed 42, client lr {lr:g}): "
                        + ", ".join(f"{eta:g}: {a:.3f}" for eta, a in tried)
                        + (f"; plain averaging at that rate: {plain[0]:.3f}" if plain else "") + ".")
