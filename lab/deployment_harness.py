@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsb.ops.certs import make_certificates
-from fedsb.ops.deploy import EXECUTOR_ENV, Security, connection_toml, superexec_args, supernode_args, superlink_args
+from fedsb.ops.deploy import EXECUTOR_ENV, Security, superexec_args, supernode_args, superlink_args
 from lab.flwr_cli import BIN, ROOT, FlwrCli, free_port
 
 
@@ -34,10 +34,7 @@ class Federation(FlwrCli):
         self.sec = Security(tls=True, auth=True, certs_dir=str(self.certs))
         self.port = free_port()
         self.node_ports = [free_port() for _ in range(self.num_nodes + 1)]
-        self.flwr_home = self.workdir / "flwr-home"
-        self.flwr_home.mkdir(exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            '[superlink]\ndefault = "fedsb-test"\n\n' + connection_toml("fedsb-test", f"127.0.0.1:{self.port}", str(self.certs / "ca.crt")))
+        self.flwr_home = self.make_flwr_home(self.workdir / "flwr-home", self.port, self.certs / "ca.crt")
         self.env = dict(os.environ, FLWR_HOME=str(self.flwr_home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FEDSB_PROGRESS="0",
                         PYTHONPATH=str(ROOT), **EXECUTOR_ENV)  # as the compose files set it
@@ -66,7 +63,7 @@ class Federation(FlwrCli):
         raise RuntimeError(f"SuperLink did not open port {self.port}: {self.log('superlink')[-2000:]}")
 
     def register(self, i: int) -> subprocess.CompletedProcess:
-        return self.flwr("supernode", "register", str(self.certs / "keys" / f"sn{i}.pub"), "fedsb-test")
+        return self.flwr("supernode", "register", str(self.certs / "keys" / f"sn{i}.pub"), self.federation)
 
     def start_warm(self, i: int, env: dict) -> dict:
         """Node i's warm-start process, once; returns the environment its SuperNode needs to use it."""

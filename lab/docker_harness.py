@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedsb.ops.deploy import APP_IMAGE, APP_UID, FLWR_VERSION, connection_toml, supernode_args
+from fedsb.ops.deploy import APP_IMAGE, APP_UID, FLWR_VERSION, supernode_args
 from lab.flwr_cli import BIN, ROOT, FlwrCli, free_port
 
 DOCKER_DIR = ROOT / "docker"
@@ -268,11 +268,7 @@ class ComposeFederation(FlwrCli):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.env = dict(os.environ, FEDSB_SUPERLINK_PORT=f"127.0.0.1:{self.port}", COMPOSE_PROJECT_NAME=self.project)
-        self.flwr_home = self.workdir / "flwr-home"
-        self.flwr_home.mkdir(exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(
-            '[superlink]\ndefault = "fedsb-docker"\n\n'
-            + connection_toml("fedsb-docker", f"127.0.0.1:{self.port}", str(self.workdir / "certs" / "ca.crt")))
+        self.flwr_home = self.make_flwr_home(self.workdir / "flwr-home", self.port, self.workdir / "certs" / "ca.crt")
         self.flwr_env = dict(os.environ, FLWR_HOME=str(self.flwr_home), PYTHONPATH=str(ROOT),
                              PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
         self.intruder = f"{self.project}-intruder"
@@ -300,7 +296,7 @@ class ComposeFederation(FlwrCli):
         self.compose("up", "-d", "superlink")
         deadline = time.time() + 120
         while True:
-            res = self.flwr("ls", "fedsb-docker", "--format", "json", timeout=60)
+            res = self.flwr("ls", self.federation, "--format", "json", timeout=60)
             try:  # `flwr ls` exits 0 either way; its JSON says whether the SuperLink answered (over TLS)
                 if json.loads(res.stdout).get("success"):
                     return
@@ -312,7 +308,7 @@ class ComposeFederation(FlwrCli):
 
     def register(self, i: int) -> subprocess.CompletedProcess:
         """``flwr supernode register`` of node i's public key; its node id goes to ``self.node_ids[i]``."""
-        res = self.flwr("supernode", "register", str(self.workdir / "certs" / "keys" / f"sn{i}.pub"), "fedsb-docker",
+        res = self.flwr("supernode", "register", str(self.workdir / "certs" / "keys" / f"sn{i}.pub"), self.federation,
                         "--format", "json")
         self.node_ids[i] = str(json.loads(res.stdout)["node-id"]) if res.returncode == 0 else ""
         return res

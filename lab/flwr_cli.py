@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fedsb.ops.deploy import connection_toml
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -27,6 +29,14 @@ class FlwrCli:
 
     flwr_env: dict
     federation: str
+
+    def make_flwr_home(self, home: Path, port: int, ca: Path) -> Path:
+        """``home`` as FLWR_HOME: its config.toml names this federation, on 127.0.0.1:``port`` over TLS with ``ca``,
+        as the default connection."""
+        home.mkdir(exist_ok=True)
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "{self.federation}"\n\n'
+                                          + connection_toml(self.federation, f"127.0.0.1:{port}", str(ca)))
+        return home
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=self.flwr_env, capture_output=True, text=True,
